@@ -1,0 +1,229 @@
+"""Decode a video once, streaming frames at a bounded working resolution: decord first, PyAV as the fallback.
+
+Every later stage (shots, motion, keyframes, clip encoding) consumes the frames this module yields, so a video is
+decoded exactly once per run. Frames are yielded one at a time; nothing here holds the whole video in memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from curation.config import DecodeConfig
+
+
+class VideoRejected(Exception):
+    """The input is not a video we accept; `reason` is a short machine-readable class for the videos table."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass
+class VideoInfo:
+    """What the container says about the video stream, after rotation is applied to width and height."""
+
+    width: int
+    height: int
+    fps: float  # average rate: frames / duration; VFR streams only have an average
+    num_frames: int  # declared by the container; 0 when unknown
+    duration_s: float | None
+    rotation: int  # degrees clockwise the stored picture must be turned for display
+    codec: str
+    start_time_s: float  # presentation time of the stream's first frame; frame times are relative to it
+    work_width: int = 0  # size frames are yielded at
+    work_height: int = 0
+    backend: str = ""
+
+
+@dataclass
+class Frame:
+    index: int  # 0-based position in decode (presentation) order
+    time_s: float  # presentation time relative to the stream's first frame
+    rgb: np.ndarray = field(repr=False)  # (H, W, 3) uint8 at the working resolution
+
+
+def work_size(width: int, height: int, short_side: int) -> tuple[int, int]:
+    """Scale so the short side is at most `short_side` (never upscale); even sizes for the encoders."""
+    if short_side <= 0 or min(width, height) <= short_side:
+        w, h = width, height
+    else:
+        scale = short_side / min(width, height)
+        w, h = round(width * scale), round(height * scale)
+    return max(2, w - w % 2), max(2, h - h % 2)
+
+
+@contextlib.contextmanager
+def local_path(uri: str, max_bytes: int) -> Iterator[str]:
+    """A local file path for `uri`: the path itself for local files, a temporary copy for remote ones."""
+    import pyarrow.fs as pafs
+
+    filesystem, path = pafs.FileSystem.from_uri(uri) if "://" in uri else (pafs.LocalFileSystem(), uri)
+    info = filesystem.get_file_info(path)
+    if info.type == pafs.FileType.NotFound:
+        raise VideoRejected("not_found", f"{uri} does not exist")
+    if info.size is not None and info.size > max_bytes:
+        raise VideoRejected("too_large", f"file is {info.size} bytes, above decode.max_file_bytes={max_bytes}")
+    if info.size == 0:
+        raise VideoRejected("empty_file", "file is 0 bytes")
+    if isinstance(filesystem, pafs.LocalFileSystem):
+        yield os.path.abspath(path)
+        return
+    suffix = os.path.splitext(path)[1]
+    with tempfile.NamedTemporaryFile(suffix=suffix) as tmp:
+        with filesystem.open_input_stream(path) as src:
+            shutil.copyfileobj(src, tmp, length=8 << 20)
+        tmp.flush()
+        yield tmp.name
+
+
+def _rotation_of(stream, first_frame=None) -> int:
+    """Clockwise display rotation in degrees, from the display matrix PyAV exposes on frames."""
+    rotation = getattr(first_frame, "rotation", 0) if first_frame is not None else 0
+    # PyAV reports the display-matrix angle counter-clockwise; we store the clockwise turn needed for display.
+    return int(-rotation) % 360
+
+
+def probe(path: str, config: DecodeConfig) -> VideoInfo:
+    """Read the container header (no full decode) and enforce the limits that protect against hostile files."""
+    import av
+
+    try:
+        container = av.open(path, metadata_errors="ignore")
+    except av.error.InvalidDataError as err:
+        raise VideoRejected("not_a_video", f"not a readable container: {err}") from err
+    except av.error.FFmpegError as err:
+        raise VideoRejected("unreadable", f"cannot open: {err}") from err
+    with container:
+        if not container.streams.video:
+            raise VideoRejected("no_video_stream", "the container has no video stream")
+        stream = container.streams.video[0]
+        ctx = stream.codec_context
+        width, height = int(ctx.width or 0), int(ctx.height or 0)
+        first = None
+        with contextlib.suppress(av.error.FFmpegError, StopIteration):
+            first = next(container.decode(stream))
+        if first is None:
+            raise VideoRejected("no_decodable_frames", "no frame of the video stream could be decoded")
+        if not width or not height:
+            width, height = first.width, first.height
+        rotation = _rotation_of(stream, first)
+        if rotation in (90, 270):
+            width, height = height, width
+        time_base = stream.time_base
+        start = float(stream.start_time * time_base) if stream.start_time is not None else 0.0
+        duration = None
+        if stream.duration is not None and time_base is not None:
+            duration = float(stream.duration * time_base)
+        elif container.duration is not None:
+            duration = container.duration / 1e6
+        rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+        fps = float(rate) if rate else 0.0
+        num_frames = int(stream.frames or 0)
+        if duration and num_frames > 1:
+            fps = num_frames / duration
+        codec = ctx.name or ""
+
+    if min(width, height) < config.min_side:
+        raise VideoRejected("resolution_too_small", f"{width}x{height} is below decode.min_side={config.min_side}")
+    if max(width, height) > config.max_side:
+        raise VideoRejected("resolution_too_large", f"{width}x{height} is above decode.max_side={config.max_side}")
+    if duration is not None and duration > config.max_duration_s:
+        raise VideoRejected("too_long", f"duration {duration:.1f}s is above decode.max_duration_s={config.max_duration_s}")
+    if num_frames > config.max_frames:
+        raise VideoRejected("too_many_frames", f"{num_frames} frames declared, above decode.max_frames={config.max_frames}")
+    if fps <= 0 or fps > config.max_fps:
+        raise VideoRejected("bad_frame_rate", f"frame rate {fps:.3f} is outside (0, decode.max_fps={config.max_fps}]")
+    return VideoInfo(width=width, height=height, fps=fps, num_frames=num_frames, duration_s=duration,
+                     rotation=rotation, codec=codec, start_time_s=start)
+
+
+class DecodeFailed(Exception):
+    """A backend failed part-way; the caller may try the next backend."""
+
+
+def _check_running_limits(index: int, time_s: float, config: DecodeConfig) -> None:
+    # Declared values can lie: enforce the limits on what is actually decoded too.
+    if index >= config.max_frames:
+        raise VideoRejected("too_many_frames", f"more than decode.max_frames={config.max_frames} frames decoded")
+    if time_s > config.max_duration_s:
+        raise VideoRejected("too_long", f"frames past decode.max_duration_s={config.max_duration_s}s")
+
+
+def _frames_decord(path: str, info: VideoInfo, config: DecodeConfig) -> Iterator[Frame]:
+    import decord
+
+    # decord applies the rotation itself and takes the output size after rotation.
+    try:
+        reader = decord.VideoReader(path, ctx=decord.cpu(0), width=info.work_width, height=info.work_height,
+                                    num_threads=config.threads)
+        count = len(reader)
+        times = reader.get_frame_timestamp(range(count))[:, 0] if count else np.zeros(0)
+    except decord.DECORDError as err:
+        raise DecodeFailed(f"decord cannot open the stream: {str(err).splitlines()[-1][:200]}") from err
+    for start in range(0, count, config.chunk_frames):
+        stop = min(count, start + config.chunk_frames)
+        try:
+            batch = reader.get_batch(range(start, stop)).asnumpy()
+        except decord.DECORDError as err:
+            raise DecodeFailed(f"decord failed at frames {start}-{stop - 1}: {str(err).splitlines()[-1][:200]}") from err
+        if batch.ndim != 4 or batch.shape[-1] != 3:
+            raise DecodeFailed(f"decord returned frames of shape {batch.shape}")
+        for offset in range(batch.shape[0]):
+            index = start + offset
+            time_s = float(times[index])
+            _check_running_limits(index, time_s, config)
+            yield Frame(index=index, time_s=time_s, rgb=batch[offset])
+
+
+def _frames_pyav(path: str, info: VideoInfo, config: DecodeConfig) -> Iterator[Frame]:
+    import av
+
+    turns = {0: 0, 90: -1, 180: 2, 270: 1}[info.rotation]  # np.rot90 turns counter-clockwise
+    # The scaler works on the stored (unrotated) picture.
+    out_w, out_h = (info.work_height, info.work_width) if info.rotation in (90, 270) else (
+        info.work_width, info.work_height)
+    try:
+        container = av.open(path, metadata_errors="ignore")
+    except av.error.FFmpegError as err:
+        raise DecodeFailed(f"PyAV cannot open: {err}") from err
+    with container:
+        stream = container.streams.video[0]
+        stream.thread_count = config.threads
+        first_pts = None
+        index = 0
+        try:
+            for frame in container.decode(stream):
+                if frame.pts is None:
+                    continue
+                if first_pts is None:
+                    first_pts = frame.pts
+                time_s = float((frame.pts - first_pts) * frame.time_base)
+                _check_running_limits(index, time_s, config)
+                rgb = frame.to_ndarray(format="rgb24", width=out_w, height=out_h, interpolation="AREA")
+                if turns:
+                    rgb = np.ascontiguousarray(np.rot90(rgb, turns))
+                yield Frame(index=index, time_s=time_s, rgb=rgb)
+                index += 1
+        except av.error.FFmpegError as err:
+            raise DecodeFailed(f"PyAV failed after {index} frames: {err}") from err
+        if index == 0:
+            raise DecodeFailed("PyAV decoded no frames")
+
+
+BACKENDS = {"decord": _frames_decord, "pyav": _frames_pyav}
+
+
+def decode_frames(path: str, info: VideoInfo, backend: str, config: DecodeConfig) -> Iterator[Frame]:
+    """Stream the frames of a probed video with one backend; raises DecodeFailed if that backend breaks."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown decode backend {backend!r}; choose from {sorted(BACKENDS)}")
+    info.backend = backend
+    return BACKENDS[backend](path, info, config)

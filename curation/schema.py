@@ -1,0 +1,60 @@
+"""The curation tables (videos, clips, shards) as versioned Arrow schemas: the contract with training."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+SCHEMA_VERSION = 1
+
+TRANSITION = pa.struct([("start_frame", pa.int64()), ("end_frame", pa.int64()), ("kind", pa.string())])
+
+VIDEOS = pa.schema([
+    ("video_id", pa.string()),
+    ("uri", pa.string()),
+    ("size_bytes", pa.int64()),
+    ("status", pa.string()),  # "ok" | "quarantined"
+    ("error_class", pa.string()),
+    ("error_message", pa.string()),
+    ("backend", pa.string()),
+    ("duration_s", pa.float64()),
+    ("fps", pa.float64()),
+    ("width", pa.int64()),
+    ("height", pa.int64()),
+    ("rotation", pa.int64()),
+    ("start_time_s", pa.float64()),
+    ("num_frames", pa.int64()),
+    ("cut_frames", pa.list_(pa.int64())),
+    ("transitions", pa.list_(TRANSITION)),
+    ("motion_mean", pa.float64()),
+])
+
+CLIP_FIELDS = [
+    ("clip_id", pa.string()),
+    ("video_id", pa.string()),
+    ("start_frame", pa.int64()),
+    ("end_frame", pa.int64()),  # inclusive
+    ("start_s", pa.float64()),
+    ("end_s", pa.float64()),  # presentation time of the frame after the clip's last one
+    ("num_frames", pa.int64()),
+    ("motion_mean", pa.float64()),
+    ("motion_median", pa.float64()),
+    ("motion_p90", pa.float64()),
+    ("is_static", pa.bool_()),
+    ("keyframes", pa.list_(pa.binary())),  # JPEG: first, middle, last frame
+    ("kept", pa.bool_()),
+    ("drop_reason", pa.string()),
+]
+CLIPS = pa.schema(CLIP_FIELDS)
+
+SHARDS = pa.schema(CLIP_FIELDS + [
+    ("uri", pa.string()),
+    ("fps", pa.float64()),
+    ("width", pa.int64()),
+    ("height", pa.int64()),
+    ("video_bytes", pa.binary()),  # H.264 in MP4 at the encode resolution
+])
+
+# What one video's pass produces: its videos row plus every clip, with the encoded bytes of kept clips.
+STAGED = pa.schema(list(VIDEOS) + [("clips", pa.list_(pa.struct(CLIP_FIELDS + [("video_bytes", pa.binary()),
+                                                                                 ("width", pa.int64()),
+                                                                                 ("height", pa.int64())])))])

@@ -1,0 +1,174 @@
+"""Cascaded shot-boundary detection fed with already-decoded frames (no second decode).
+
+The cascade, in the spirit of Stable Video Diffusion's curation, runs PySceneDetect detectors side by side on frames
+downscaled to `analysis_width`:
+1. AdaptiveDetector on the HSV content score: clear hard cuts, robust to fast motion because the score must stand
+   out against its neighbours (the cockatoo clip's motion blur is not a cut);
+2. AdaptiveDetector on luma only with a low floor: cuts that are small in absolute terms but huge against a static
+   context (slide changes, cuts between similar shots);
+3. ThresholdDetector: fades to and from black;
+4. a stride test for gradual transitions (dissolves, fades): frames `stride` apart differ a lot, yet the frame in
+   the middle is their average, which fast motion and hard cuts never are.
+Boundaries become final `lag_frames` behind the newest frame, so a consumer can stream clips out with bounded memory.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+import cv2
+import numpy as np
+from scenedetect import AdaptiveDetector, ContentDetector, FrameTimecode, ThresholdDetector
+
+from curation.config import ShotsConfig
+
+
+@dataclass
+class Transition:
+    start_frame: int
+    end_frame: int  # inclusive
+    kind: str  # "fade" | "dissolve"
+
+
+@dataclass
+class ShotBoundaries:
+    cuts: list[int] = field(default_factory=list)  # first frame of each new shot
+    transitions: list[Transition] = field(default_factory=list)
+
+
+def _analysis_size(width: int, height: int, analysis_width: int) -> tuple[int, int]:
+    if width <= analysis_width:
+        return width, height
+    return analysis_width, max(1, round(height * analysis_width / width))
+
+
+class ShotDetector:
+    """Push frames in order with `push`, call `finish` at the end; read `cuts` and `transitions`."""
+
+    def __init__(self, config: ShotsConfig, fps: float):
+        self.config = config
+        self.fps = fps if fps > 0 else 25.0
+        min_frames = max(1, round(config.min_shot_seconds * self.fps))
+        self._min_shot_frames = min_frames
+        self._content = AdaptiveDetector(adaptive_threshold=config.adaptive_threshold,
+                                         min_content_val=config.content_threshold,
+                                         window_width=config.adaptive_window, min_scene_len=min_frames)
+        luma = ContentDetector.LUMA_ONLY_WEIGHTS
+        self._luma = AdaptiveDetector(adaptive_threshold=config.luma_adaptive_threshold,
+                                      min_content_val=config.adaptive_min_content, window_width=config.adaptive_window,
+                                      min_scene_len=min_frames, weights=luma)
+        self._fade = ThresholdDetector(threshold=config.fade_threshold, fade_bias=1.0, min_scene_len=min_frames)
+        self._stride = max(1, config.gradual_stride)
+        self._grey: deque[tuple[int, np.ndarray]] = deque(maxlen=2 * self._stride + 1)
+        self._gradual_run: list[int] = []  # centres of the current run of gradual-looking frames
+        self._brightness: deque[tuple[int, float]] = deque(maxlen=self.lag_frames + 4 * self._stride + 8)
+        self._raw_cuts: list[int] = []
+        self._raw_fade_cuts: list[int] = []
+        self._raw_transitions: list[Transition] = []
+        self._size: tuple[int, int] | None = None
+        self._last_index = -1
+        self._finished = False
+        self.scores: list[tuple[int, float, float]] = []  # (index, span, linearity) for diagnostics
+
+    @property
+    def lag_frames(self) -> int:
+        """How far behind the newest frame boundaries are final: detector windows plus the longest transition."""
+        window = self.config.adaptive_window + 1
+        return window + 2 * max(1, self.config.gradual_stride) + round(self.config.max_transition_seconds * self.fps)
+
+    @property
+    def finalized_until(self) -> int:
+        """Frames with index below this have their boundary status settled."""
+        if self._finished:
+            return self._last_index + 1
+        return max(0, self._last_index + 1 - self.lag_frames)
+
+    def push(self, index: int, rgb: np.ndarray) -> None:
+        if self._size is None:
+            self._size = _analysis_size(rgb.shape[1], rgb.shape[0], self.config.analysis_width)
+        small = rgb if (rgb.shape[1], rgb.shape[0]) == self._size else cv2.resize(rgb, self._size,
+                                                                                 interpolation=cv2.INTER_AREA)
+        bgr = cv2.cvtColor(small, cv2.COLOR_RGB2BGR)
+        timecode = FrameTimecode(index, self.fps)
+        for tc in self._content.process_frame(timecode, bgr):
+            self._raw_cuts.append(tc.frame_num)
+        for tc in self._luma.process_frame(timecode, bgr):
+            self._raw_cuts.append(tc.frame_num)
+        for tc in self._fade.process_frame(timecode, bgr):
+            self._raw_fade_cuts.append(tc.frame_num)
+        grey = cv2.cvtColor(small, cv2.COLOR_RGB2GRAY).astype(np.float32)
+        self._brightness.append((index, float(grey.mean())))
+        self._push_gradual(index, grey)
+        self._last_index = index
+
+    def _push_gradual(self, index: int, grey: np.ndarray) -> None:
+        self._grey.append((index, grey))
+        if len(self._grey) < self._grey.maxlen:
+            return
+        (_, before), (centre, middle), (_, after) = self._grey[0], self._grey[self._stride], self._grey[-1]
+        span = float(np.abs(after - before).mean())
+        linearity = float(np.abs(middle - 0.5 * (before + after)).mean())
+        self.scores.append((centre, span, linearity))
+        gradual = span >= self.config.gradual_threshold and linearity <= self.config.gradual_linearity * span
+        if gradual:
+            self._gradual_run.append(centre)
+        elif self._gradual_run:
+            self._close_gradual_run()
+
+    def _close_gradual_run(self) -> None:
+        run = self._gradual_run
+        self._gradual_run = []
+        if len(run) < self.config.gradual_min_run:
+            return
+        start, end = run[0] - self._stride, run[-1] + self._stride
+        # A ramp from or to black is a fade; ThresholdDetector places its cut. Anything else is a dissolve.
+        brightness = dict(self._brightness)
+        dark = [brightness.get(i) for i in (start, end)]
+        kind = "fade" if any(b is not None and b <= self.config.fade_threshold for b in dark) else "dissolve"
+        self._raw_transitions.append(Transition(start, end, kind))
+
+    def finish(self) -> None:
+        end = FrameTimecode(max(0, self._last_index), self.fps)
+        for detector, sink in ((self._content, self._raw_cuts), (self._luma, self._raw_cuts),
+                               (self._fade, self._raw_fade_cuts)):
+            for tc in detector.post_process(end):
+                sink.append(tc.frame_num)
+        if self._gradual_run:
+            self._close_gradual_run()
+        self._finished = True
+
+    def boundaries(self) -> ShotBoundaries:
+        """The boundaries found so far, merged: transitions unioned, one cut per shot change, flashes dropped."""
+        last = self._last_index
+        transitions: list[Transition] = []
+        for t in sorted(self._raw_transitions, key=lambda t: t.start_frame):
+            start, end = max(0, t.start_frame), min(last, t.end_frame)
+            if transitions and start <= transitions[-1].end_frame + 2:
+                prev = transitions[-1]
+                prev.end_frame = max(prev.end_frame, end)
+                prev.kind = "fade" if "fade" in (prev.kind, t.kind) else prev.kind
+            else:
+                transitions.append(Transition(start, end, t.kind))
+        fade_cuts = set(self._raw_fade_cuts)
+        cuts = set(self._raw_cuts) | fade_cuts
+        for t in transitions:
+            if any(t.start_frame - 2 * self._stride <= c <= t.end_frame + 2 * self._stride for c in fade_cuts):
+                t.kind = "fade"
+            if t.kind == "fade":
+                continue
+            inside = sorted(c for c in cuts if t.start_frame <= c <= t.end_frame)
+            if inside:
+                # Several detector hits inside one dissolve are one shot change.
+                cuts -= set(inside[1:])
+            elif t.start_frame > self._stride and t.end_frame < last - self._stride:
+                # A dissolve between two shots; one that touches either end of the video has only one shot.
+                cuts.add((t.start_frame + t.end_frame + 1) // 2)
+        merged: list[int] = []
+        for cut in sorted(cuts):
+            if cut <= 0:
+                continue
+            if merged and cut - merged[-1] < self._min_shot_frames:
+                continue
+            merged.append(cut)
+        return ShotBoundaries(cuts=merged, transitions=transitions)

@@ -1,0 +1,232 @@
+"""The single pass over one video: decode once and feed shots, motion, keyframes and the clip encoder.
+
+Clips stream out as shot boundaries become final (a fixed lag behind the newest frame), so a worker's memory is
+bounded by the longest clip window, not by the video's length.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+
+from curation import schema
+from curation.config import CurateConfig
+from curation.decode import DecodeFailed, Frame, VideoInfo, VideoRejected, decode_frames, local_path, probe, work_size
+from curation.encode import ClipEncoder, jpeg_bytes
+from curation.filters import ClipFilter
+from curation.motion import MotionScorer
+from curation.shots import ShotDetector
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _OpenClip:
+    start: Frame
+    encoder: ClipEncoder | None
+    first_jpeg: bytes
+    last: Frame
+    num_frames: int = 1
+    tail: deque = field(default_factory=deque)  # frames from the current middle to the newest one
+
+
+class ClipAssembler:
+    """Turns finalized frames into clips: shots minus transitions, trimmed at cuts, split into windows."""
+
+    def __init__(self, config: CurateConfig, info: VideoInfo, video_id: str, motion: MotionScorer):
+        self.config = config
+        self.info = info
+        self.video_id = video_id
+        self.motion = motion
+        self.filter = ClipFilter(config.filters)
+        fps = info.fps
+        self.trim = max(0, round(config.shots.trim_seconds * fps))
+        self.clips: list[dict] = []
+        self._open: _OpenClip | None = None
+        self._segment: int = -1  # index of the last cut at or before the current frame
+
+    def _next_time(self, frame: Frame) -> float:
+        return frame.time_s + 1.0 / self.info.fps
+
+    def _close(self) -> None:
+        clip, self._open = self._open, None
+        if clip is None:
+            return
+        start, last = clip.start, clip.last
+        end_s = self._next_time(last)
+        duration = end_s - start.time_s
+        stats = self.motion.stats(start.index, last.index)
+        reason = self.filter.reason(duration, stats.median, stats.is_static)
+        video_bytes = None
+        if clip.encoder is not None:
+            if reason is None:
+                video_bytes = clip.encoder.close()
+            else:
+                clip.encoder.abort()
+        middle = clip.tail[0] if clip.tail else last
+        keyframes = [clip.first_jpeg, jpeg_bytes(middle.rgb, self.config.keyframes.jpeg_quality),
+                     jpeg_bytes(last.rgb, self.config.keyframes.jpeg_quality)]
+        self.clips.append({
+            "clip_id": f"{self.video_id}-{start.index:07d}",
+            "video_id": self.video_id,
+            "start_frame": start.index,
+            "end_frame": last.index,
+            "start_s": round(start.time_s, 6),
+            "end_s": round(end_s, 6),
+            "num_frames": clip.num_frames,
+            "motion_mean": stats.mean,
+            "motion_median": stats.median,
+            "motion_p90": stats.p90,
+            "is_static": stats.is_static,
+            "keyframes": keyframes,
+            "kept": reason is None,
+            "drop_reason": reason,
+            "video_bytes": video_bytes,
+            "width": clip.encoder.width if clip.encoder else last.rgb.shape[1],
+            "height": clip.encoder.height if clip.encoder else last.rgb.shape[0],
+        })
+        self.motion.forget_before(last.index)
+
+    def _open_clip(self, frame: Frame) -> None:
+        encoder = None
+        if self.config.encode.short_side >= 0:
+            encoder = ClipEncoder(self.config.encode, frame.rgb.shape[1], frame.rgb.shape[0], self.info.fps)
+            encoder.add(frame.time_s, frame.rgb)
+        self._open = _OpenClip(start=frame, encoder=encoder, last=frame,
+                               first_jpeg=jpeg_bytes(frame.rgb, self.config.keyframes.jpeg_quality))
+        self._open.tail.append(frame)
+
+    def _extend(self, frame: Frame) -> None:
+        clip = self._open
+        if clip.encoder is not None:
+            clip.encoder.add(frame.time_s, frame.rgb)
+        clip.last = frame
+        clip.num_frames += 1
+        clip.tail.append(frame)
+        # Keep only the frames from the middle of the clip on: the middle keyframe is known when the clip closes.
+        while len(clip.tail) > clip.num_frames - (clip.num_frames - 1) // 2:
+            clip.tail.popleft()
+
+    def add(self, frame: Frame, cuts: list[int], transitions: list, next_boundary: int) -> None:
+        """Place one finalized frame. `next_boundary`: the first cut or transition start after it, if known."""
+        segment = max((c for c in cuts if c <= frame.index), default=0)
+        in_transition = any(t.start_frame <= frame.index <= t.end_frame for t in transitions)
+        last_boundary = max([segment] + [t.end_frame + 1 for t in transitions if t.end_frame < frame.index])
+        near_cut = (segment > 0 and frame.index - last_boundary < self.trim) or (next_boundary - frame.index <= self.trim)
+        if segment != self._segment:
+            self._close()
+            self._segment = segment
+        if in_transition or near_cut:
+            self._close()
+            return
+        if self._open is not None and frame.time_s - self._open.start.time_s >= self.config.shots.max_seconds:
+            self._close()
+        if self._open is None:
+            self._open_clip(frame)
+        else:
+            self._extend(frame)
+
+    def finish(self) -> None:
+        self._close()
+
+
+def _video_row(video_id: str, uri: str, size: int) -> dict:
+    row = {name: None for name in schema.VIDEOS.names}
+    row.update(video_id=video_id, uri=uri, size_bytes=size, cut_frames=[], transitions=[], clips=[])
+    return row
+
+
+class VideoStage:
+    """Ray Data stage: one row per discovered video in, its videos row with all its clips out."""
+
+    def __init__(self, config: CurateConfig):
+        self.config = config
+
+    def setup(self) -> None:
+        import cv2
+
+        cv2.setNumThreads(1)  # parallelism comes from running one video per CPU
+
+    def process(self, video_id: str, uri: str, size: int) -> dict:
+        row = _video_row(video_id, uri, size)
+        try:
+            with local_path(uri, self.config.decode.max_file_bytes) as path:
+                info = probe(path, self.config.decode)
+                self._decode(path, info, row)
+            row["status"] = "ok"
+        except VideoRejected as err:
+            row.update(status="quarantined", error_class=err.reason, error_message=str(err), clips=[])
+        except Exception as err:  # noqa: BLE001 - one bad file must not stop the run; the reason is recorded
+            log.exception("unexpected error on %s", uri)
+            row.update(status="quarantined", error_class="internal_error",
+                       error_message=f"{type(err).__name__}: {err}", clips=[])
+        return row
+
+    def _decode(self, path: str, info: VideoInfo, row: dict) -> None:
+        config = self.config
+        short_side = 0 if config.motion.mode == "video2dataset" else config.decode.work_short_side
+        info.work_width, info.work_height = work_size(info.width, info.height, short_side)
+        failures = []
+        for backend in config.decode.backends:
+            try:
+                self._run_backend(path, info, backend, row)
+                return
+            except DecodeFailed as err:
+                failures.append(f"{backend}: {err}")
+        raise VideoRejected("decode_error", "; ".join(failures))
+
+    def _run_backend(self, path: str, info: VideoInfo, backend: str, row: dict) -> None:
+        config = self.config
+        shots = ShotDetector(config.shots, info.fps)
+        motion = MotionScorer(config.motion, info.fps)
+        assembler = ClipAssembler(config, info, row["video_id"], motion)
+        pending: deque[Frame] = deque()
+        count = 0
+        last_time = 0.0
+
+        def drain(limit: int) -> None:
+            if not pending or pending[0].index >= limit:
+                return
+            bounds = shots.boundaries()
+            starts = sorted(bounds.cuts + [t.start_frame for t in bounds.transitions])
+            while pending and pending[0].index < limit:
+                frame = pending.popleft()
+                following = [s for s in starts if s > frame.index]
+                next_boundary = following[0] if following else math.inf
+                assembler.add(frame, bounds.cuts, bounds.transitions, next_boundary)
+
+        for frame in decode_frames(path, info, backend, config.decode):
+            if motion.wants(frame.index, frame.time_s):
+                motion.push(frame.index, frame.time_s, frame.rgb)
+            shots.push(frame.index, frame.rgb)
+            pending.append(Frame(frame.index, frame.time_s, frame.rgb.copy()))
+            count += 1
+            last_time = frame.time_s
+            # A frame is placed once its boundary status and the trim window after it are final.
+            drain(shots.finalized_until - assembler.trim)
+        shots.finish()
+        drain(math.inf)
+        assembler.finish()
+        bounds = shots.boundaries()
+        row.update(
+            backend=backend, fps=info.fps, width=info.width, height=info.height, rotation=info.rotation,
+            start_time_s=info.start_time_s, num_frames=count,
+            duration_s=(last_time + 1.0 / info.fps) if count else 0.0,
+            cut_frames=bounds.cuts,
+            transitions=[{"start_frame": t.start_frame, "end_frame": t.end_frame, "kind": t.kind}
+                         for t in bounds.transitions],
+            motion_mean=motion.mean_magnitude() if config.motion.mode == "video2dataset" else (
+                float(np.mean([c["motion_mean"] for c in assembler.clips if not math.isnan(c["motion_mean"])]))
+                if any(not math.isnan(c["motion_mean"]) for c in assembler.clips) else float("nan")),
+            clips=assembler.clips,
+        )
+
+    def __call__(self, batch: pa.Table | dict) -> pa.Table:
+        batch = pa.table(batch) if isinstance(batch, dict) else batch
+        rows = [self.process(r["video_id"], r["uri"], int(r["size_bytes"])) for r in batch.to_pylist()]
+        return pa.Table.from_pylist(rows, schema=schema.STAGED)
