@@ -1,0 +1,42 @@
+"""Shared fixtures: the real videos of ../shared (skipped when absent), a generated sample dump, one Ray cluster."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_VIDEOS = Path(os.environ.get("REELFORGE_SHARED", ROOT.parent / "shared")) / "videos"
+
+
+@pytest.fixture(scope="session")
+def shared_videos() -> Path:
+    if not (SHARED_VIDEOS / "GROUND_TRUTH.json").is_file():
+        pytest.skip(f"{SHARED_VIDEOS} is not present (a user's clone has no ../shared)")
+    return SHARED_VIDEOS
+
+
+@pytest.fixture(scope="session")
+def ground_truth(shared_videos: Path) -> dict:
+    return json.loads((shared_videos / "GROUND_TRUTH.json").read_text())["videos"]
+
+
+@pytest.fixture(scope="session")
+def sample_dump(tmp_path_factory) -> tuple[Path, dict]:
+    from curation.sample_dump import make_sample_dump
+
+    root = tmp_path_factory.mktemp("sample-dump")
+    truth = make_sample_dump(root, num_videos=12, seed=0)
+    return root, truth
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()

@@ -1,0 +1,91 @@
+"""Decoding real files: rotation, timestamps, variable frame rate, bad inputs; and generated files with known answers."""
+
+import numpy as np
+import pytest
+
+from curation.config import DecodeConfig
+from curation.decode import VideoRejected, decode_frames, probe, work_size
+
+
+def _decode_all(path, backend, short_side=256):
+    config = DecodeConfig(work_short_side=short_side)
+    info = probe(str(path), config)
+    info.work_width, info.work_height = work_size(info.width, info.height, short_side)
+    return info, list(decode_frames(str(path), info, backend, config))
+
+
+def test_work_size_bounds_the_short_side_and_never_upscales():
+    assert work_size(1920, 1080, 256) == (454, 256)
+    assert work_size(1080, 1920, 256) == (256, 454)
+    assert work_size(320, 240, 256) == (320, 240)
+    assert work_size(1920, 1080, 0) == (1920, 1080)
+
+
+@pytest.mark.parametrize("backend", ["decord", "pyav"])
+def test_generated_video_frame_count_and_timestamps(sample_dump, backend):
+    root, truth = sample_dump
+    name, video = next((k, v) for k, v in truth["videos"].items() if "single" in k)
+    info, frames = _decode_all(root / name, backend)
+    assert len(frames) == video["num_frames"]
+    times = np.array([f.time_s for f in frames])
+    assert np.allclose(np.diff(times), 1 / truth["fps"], atol=2e-3)
+    assert frames[0].rgb.shape == (info.work_height, info.work_width, 3)
+
+
+@pytest.mark.parametrize("backend", ["decord", "pyav"])
+@pytest.mark.parametrize("name", ["video_0.mov", "video_90.mov", "video_180.mov", "video_270.mov"])
+def test_rotation_metadata_is_honoured(shared_videos, ground_truth, backend, name):
+    expected_h, expected_w, _ = ground_truth[f"decord/{name}"]["decoded_hwc"]
+    info, frames = _decode_all(shared_videos / "decord" / name, backend, short_side=0)
+    assert (info.height, info.width) == (expected_h, expected_w)
+    assert frames[0].rgb.shape[:2] == (expected_h, expected_w)
+
+
+def test_both_backends_agree_on_rotated_pixels(shared_videos):
+    _, a = _decode_all(shared_videos / "moviepy" / "fire2.mp4", "decord")
+    _, b = _decode_all(shared_videos / "moviepy" / "fire2.mp4", "pyav")
+    assert a[0].rgb.shape == b[0].rgb.shape
+    # Same picture, same orientation: a wrong rotation would differ by far more than scaler differences.
+    assert np.abs(a[0].rgb.astype(int) - b[0].rgb).mean() < 12
+
+
+@pytest.mark.parametrize("backend", ["decord", "pyav"])
+def test_variable_frame_rate_timestamps_come_from_the_stream(shared_videos, ground_truth, backend):
+    truth = ground_truth["pyscenedetect/goldeneye-vfr-drop3.mp4"]
+    info, frames = _decode_all(shared_videos / "pyscenedetect" / "goldeneye-vfr-drop3.mp4", backend)
+    assert len(frames) == truth["frames"]
+    for cut, seconds in zip(truth["hard_cuts"], truth["hard_cuts_seconds"], strict=True):
+        assert frames[cut].time_s == pytest.approx(seconds, abs=0.05)
+    assert info.fps == pytest.approx(truth["fps_avg"], rel=0.02)
+
+
+@pytest.mark.parametrize("backend", ["decord", "pyav"])
+def test_delayed_start_and_unordered_frames(shared_videos, ground_truth, backend):
+    info, frames = _decode_all(shared_videos / "pyscenedetect" / "delayed_start.mp4", backend)
+    assert info.start_time_s == pytest.approx(1.075, abs=1e-3)
+    assert frames[0].time_s == 0.0 and len(frames) == ground_truth["pyscenedetect/delayed_start.mp4"]["frames"]
+    _, frames = _decode_all(shared_videos / "decord" / "unordered.mov", backend)
+    expected = ground_truth["decord/unordered.mov"]["timestamps_s"]
+    assert [f.time_s for f in frames] == pytest.approx(expected, abs=2e-3)
+
+
+def test_degenerate_and_broken_metadata_files(shared_videos):
+    with pytest.raises(VideoRejected) as err:
+        probe(str(shared_videos / "moviepy" / "bitmap.mp4"), DecodeConfig())
+    assert err.value.reason == "resolution_too_small"
+    # No container duration: decord refuses it, PyAV decodes every frame.
+    _, frames = _decode_all(shared_videos / "moviepy" / "no_duration.webm", "pyav")
+    assert len(frames) == 74
+
+
+def test_limits_reject_hostile_files(sample_dump):
+    root, truth = sample_dump
+    name = next(k for k in truth["videos"] if "single" in k)
+    with pytest.raises(VideoRejected) as err:
+        probe(str(root / name), DecodeConfig(max_duration_s=1.0))
+    assert err.value.reason == "too_long"
+    config = DecodeConfig(max_frames=10)
+    info = probe(str(root / name), DecodeConfig())
+    info.work_width, info.work_height = work_size(info.width, info.height, 256)
+    with pytest.raises(VideoRejected, match="max_frames"):
+        list(decode_frames(str(root / name), info, "pyav", config))
