@@ -136,9 +136,11 @@ def probe(path: str, config: DecodeConfig) -> VideoInfo:
     if max(width, height) > config.max_side:
         raise VideoRejected("resolution_too_large", f"{width}x{height} is above decode.max_side={config.max_side}")
     if duration is not None and duration > config.max_duration_s:
-        raise VideoRejected("too_long", f"duration {duration:.1f}s is above decode.max_duration_s={config.max_duration_s}")
+        raise VideoRejected("too_long",
+                            f"duration {duration:.1f}s is above decode.max_duration_s={config.max_duration_s}")
     if num_frames > config.max_frames:
-        raise VideoRejected("too_many_frames", f"{num_frames} frames declared, above decode.max_frames={config.max_frames}")
+        raise VideoRejected("too_many_frames",
+                            f"{num_frames} frames declared, above decode.max_frames={config.max_frames}")
     if fps <= 0 or fps > config.max_fps:
         raise VideoRejected("bad_frame_rate", f"frame rate {fps:.3f} is outside (0, decode.max_fps={config.max_fps}]")
     return VideoInfo(width=width, height=height, fps=fps, num_frames=num_frames, duration_s=duration,
@@ -173,7 +175,8 @@ def _frames_decord(path: str, info: VideoInfo, config: DecodeConfig) -> Iterator
         try:
             batch = reader.get_batch(range(start, stop)).asnumpy()
         except decord.DECORDError as err:
-            raise DecodeFailed(f"decord failed at frames {start}-{stop - 1}: {str(err).splitlines()[-1][:200]}") from err
+            detail = str(err).splitlines()[-1][:200]
+            raise DecodeFailed(f"decord failed at frames {start}-{stop - 1}: {detail}") from err
         if batch.ndim != 4 or batch.shape[-1] != 3:
             raise DecodeFailed(f"decord returned frames of shape {batch.shape}")
         for offset in range(batch.shape[0]):

@@ -117,7 +117,8 @@ class ClipAssembler:
         segment = max((c for c in cuts if c <= frame.index), default=0)
         in_transition = any(t.start_frame <= frame.index <= t.end_frame for t in transitions)
         last_boundary = max([segment] + [t.end_frame + 1 for t in transitions if t.end_frame < frame.index])
-        near_cut = (segment > 0 and frame.index - last_boundary < self.trim) or (next_boundary - frame.index <= self.trim)
+        after_cut = segment > 0 and frame.index - last_boundary < self.trim
+        near_cut = after_cut or next_boundary - frame.index <= self.trim
         if segment != self._segment:
             self._close()
             self._segment = segment

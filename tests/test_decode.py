@@ -1,4 +1,4 @@
-"""Decoding real files: rotation, timestamps, variable frame rate, bad inputs; and generated files with known answers."""
+"""Decoding real files (rotation, timestamps, VFR, bad inputs) and generated files with known answers."""
 
 import numpy as np
 import pytest
