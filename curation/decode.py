@@ -84,9 +84,9 @@ def local_path(uri: str, max_bytes: int) -> Iterator[str]:
         yield tmp.name
 
 
-def _rotation_of(stream, first_frame=None) -> int:
+def _rotation_of(first_frame) -> int:
     """Clockwise display rotation in degrees, from the display matrix PyAV exposes on frames."""
-    rotation = getattr(first_frame, "rotation", 0) if first_frame is not None else 0
+    rotation = getattr(first_frame, "rotation", 0) or 0
     # PyAV reports the display-matrix angle counter-clockwise; we store the clockwise turn needed for display.
     return int(-rotation) % 360
 
@@ -114,7 +114,7 @@ def probe(path: str, config: DecodeConfig) -> VideoInfo:
             raise VideoRejected("no_decodable_frames", "no frame of the video stream could be decoded")
         if not width or not height:
             width, height = first.width, first.height
-        rotation = _rotation_of(stream, first)
+        rotation = _rotation_of(first)
         if rotation in (90, 270):
             width, height = height, width
         time_base = stream.time_base

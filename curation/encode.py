@@ -42,11 +42,11 @@ class ClipEncoder:
         self._stream.width, self._stream.height = self.width, self.height
         self._stream.pix_fmt = "yuv420p"
         self._stream.codec_context.time_base = self.TIME_BASE
-        # One thread: Ray parallelism is across videos, and threaded x264 output differs run to run, which would
-        # make a resumed run's shards differ from an uninterrupted run's.
+        # Deterministic output, so a resumed run's shards equal an uninterrupted run's: one thread (Ray parallelism
+        # is across videos) and no macroblock-tree rate control, whose output varied between processes.
         self._stream.codec_context.thread_count = 1
         self._stream.options = {"crf": str(config.crf), "preset": config.preset, "threads": "1",
-                                "x264-params": "threads=1:lookahead-threads=1:sliced-threads=0"}
+                                "x264-params": "threads=1:lookahead-threads=1:sliced-threads=0:mbtree=0"}
         self._first_time: float | None = None
         self._last_pts = -1
         self.num_frames = 0

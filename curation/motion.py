@@ -35,6 +35,7 @@ class MotionScorer:
         self.config = config
         self.fps = fps
         self.samples: list[FlowSample] = []
+        self._total, self._count = 0.0, 0  # over the whole video, unaffected by forget_before
         self._prev: tuple[int, float, np.ndarray] | None = None
         self._next_time = 0.0
         # video2dataset's test keeps every int(native_fps / fps)-th of the first `upstream_frames` frames.
@@ -74,11 +75,13 @@ class MotionScorer:
             if self.config.mode == "reelforge":
                 magnitude /= max(time_s - prev_time, 1e-3)
             self.samples.append(FlowSample(prev_index, index, magnitude))
+            self._total += magnitude
+            self._count += 1
         self._prev = (index, time_s, grey)
 
     def mean_magnitude(self) -> float:
         """The video-level score: mean over sampled pairs of the per-pair mean flow magnitude."""
-        return float(np.mean([s.magnitude for s in self.samples])) if self.samples else float("nan")
+        return self._total / self._count if self._count else float("nan")
 
     def stats(self, start_frame: int, end_frame: int) -> MotionStats:
         """Statistics over the flow samples that lie inside frames [start_frame, end_frame]."""

@@ -69,7 +69,6 @@ class ShotDetector:
         self._size: tuple[int, int] | None = None
         self._last_index = -1
         self._finished = False
-        self.scores: list[tuple[int, float, float]] = []  # (index, span, linearity) for diagnostics
 
     @property
     def lag_frames(self) -> int:
@@ -109,7 +108,6 @@ class ShotDetector:
         (_, before), (centre, middle), (_, after) = self._grey[0], self._grey[self._stride], self._grey[-1]
         span = float(np.abs(after - before).mean())
         linearity = float(np.abs(middle - 0.5 * (before + after)).mean())
-        self.scores.append((centre, span, linearity))
         gradual = span >= self.config.gradual_threshold and linearity <= self.config.gradual_linearity * span
         if gradual:
             self._gradual_run.append(centre)

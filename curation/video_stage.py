@@ -11,7 +11,6 @@ import math
 from collections import deque
 from dataclasses import dataclass, field
 
-import numpy as np
 import pyarrow as pa
 
 from curation import schema
@@ -221,9 +220,7 @@ class VideoStage:
             cut_frames=bounds.cuts,
             transitions=[{"start_frame": t.start_frame, "end_frame": t.end_frame, "kind": t.kind}
                          for t in bounds.transitions],
-            motion_mean=motion.mean_magnitude() if config.motion.mode == "video2dataset" else (
-                float(np.mean([c["motion_mean"] for c in assembler.clips if not math.isnan(c["motion_mean"])]))
-                if any(not math.isnan(c["motion_mean"]) for c in assembler.clips) else float("nan")),
+            motion_mean=motion.mean_magnitude(),
             clips=assembler.clips,
         )
 
