@@ -1,4 +1,4 @@
-"""Decode a video once, streaming frames at a bounded working resolution: decord first, PyAV as the fallback.
+"""Decode a video once, streaming frames at a bounded working resolution: PyAV first, decord as the fallback.
 
 Every later stage (shots, motion, keyframes, clip encoding) consumes the frames this module yields, so a video is
 decoded exactly once per run. Frames are yielded one at a time; nothing here holds the whole video in memory.

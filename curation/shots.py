@@ -86,8 +86,13 @@ class ShotDetector:
     def push(self, index: int, rgb: np.ndarray) -> None:
         if self._size is None:
             self._size = _analysis_size(rgb.shape[1], rgb.shape[0], self.config.analysis_width)
-        small = rgb if (rgb.shape[1], rgb.shape[0]) == self._size else cv2.resize(rgb, self._size,
-                                                                                 interpolation=cv2.INTER_AREA)
+        if (rgb.shape[1], rgb.shape[0]) == self._size:
+            small = rgb
+        else:
+            # Working-size frames are under 2x the analysis size, where bilinear is enough and several times
+            # cheaper than INTER_AREA; full-resolution frames (motion.mode=video2dataset) need the area filter.
+            interpolation = cv2.INTER_LINEAR if rgb.shape[1] <= 2 * self._size[0] else cv2.INTER_AREA
+            small = cv2.resize(rgb, self._size, interpolation=interpolation)
         bgr = cv2.cvtColor(small, cv2.COLOR_RGB2BGR)
         timecode = FrameTimecode(index, self.fps)
         for tc in self._content.process_frame(timecode, bgr):
