@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from pathlib import Path
 
 from pipelines.config import ConfigError, load_config
 
@@ -16,9 +15,19 @@ def _curate(args: argparse.Namespace) -> int:
 
     base = {k: v for k, v in (("input", args.input), ("output", args.output)) if v}
     config = load_config(CurateConfig, args.config, args.set, base=base)
-    manifest = run_curate(config)
+    manifest = run_curate(config, retry_quarantined=args.retry_quarantined)
     print(summary_text(manifest))
     print(f"outputs: {config.output} (manifest.json lists every file)")
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from pipelines.train import run_train, summary_text
+    from training.config import TrainConfig
+
+    base = {k: v for k, v in (("data", args.data), ("output", args.output)) if v}
+    config = load_config(TrainConfig, args.config, args.set, base=base)
+    print(summary_text(run_train(config)))
     return 0
 
 
@@ -31,21 +40,20 @@ def _make_sample_dump(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    """The whole workflow on embedded defaults. Today: generate the sample dump if needed, then curate it."""
-    from curation.config import CurateConfig
-    from curation.sample_dump import make_sample_dump
-    from pipelines.curate import run_curate, summary_text
+    """The whole workflow; with no --config, on the embedded defaults (sample dump -> curate -> train)."""
+    from pipelines.curate import summary_text as curate_summary
+    from pipelines.train import summary_text as train_summary
+    from pipelines.workflow import WorkflowConfig, run_workflow
 
-    workdir = Path(args.workdir)
-    dump = workdir / "sample-dump"
-    if not (dump / "sample_truth.json").exists():
-        make_sample_dump(dump)
-        print(f"generated the sample dump in {dump}")
-    base = {"input": str(dump), "output": str(workdir / "curated")}
-    config = load_config(CurateConfig, args.config, args.set, base=base)
-    manifest = run_curate(config)
-    print(summary_text(manifest))
-    print(f"curated data: {config.output}")
+    base = {"workdir": args.workdir} if args.workdir else {}
+    config = load_config(WorkflowConfig, args.config, args.set, base=base)
+    results = run_workflow(config)
+    if "curate" in results:
+        print(curate_summary(results["curate"]))
+    if "train" in results:
+        print(train_summary(results["train"]))
+    print(f"workdir: {results['workdir']}; MLflow: {results['tracking_uri']} "
+          f"(mlflow ui --backend-store-uri {results['tracking_uri']})")
     return 0
 
 
@@ -59,7 +67,16 @@ def build_parser() -> argparse.ArgumentParser:
     curate.add_argument("--output", help="directory or URI for the curated dataset")
     curate.add_argument("--config", help="YAML config (see configs/curate.yaml)")
     curate.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    curate.add_argument("--retry-quarantined", action="store_true",
+                        help="also reprocess videos quarantined by earlier versions; their new rows supersede the old")
     curate.set_defaults(func=_curate)
+
+    train = sub.add_parser("train", help="train a text-to-video diffusion model on curated shards (resumes on rerun)")
+    train.add_argument("--data", help="a curated dataset (the --output of `reelforge curate`)")
+    train.add_argument("--output", help="directory or URI for checkpoints, the exported model and the MLflow store")
+    train.add_argument("--config", help="YAML config (see configs/train/)")
+    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    train.set_defaults(func=_train)
 
     dump = sub.add_parser("make-sample-dump", help="generate synthetic videos with known cuts, motion and captions")
     dump.add_argument("dir")
@@ -67,9 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     dump.add_argument("--seed", type=int, default=0)
     dump.set_defaults(func=_make_sample_dump)
 
-    run = sub.add_parser("run", help="the whole workflow on the embedded defaults (sample dump -> curated data)")
-    run.add_argument("--workdir", default="runs/quickstart")
-    run.add_argument("--config", help="YAML curate config")
+    run = sub.add_parser("run", help="the whole workflow (sample dump when no input) -> curate -> train")
+    run.add_argument("--workdir", help="where every step writes (default runs/quickstart)")
+    run.add_argument("--config", help="YAML workflow config (see configs/quickstart.yaml)")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     run.set_defaults(func=_run)
     return parser

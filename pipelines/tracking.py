@@ -1,0 +1,104 @@
+"""MLflow bookkeeping shared by every workflow step: where the store is, which experiment, which run."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+log = logging.getLogger("reelforge.tracking")
+
+
+def tracking_uri(configured: str | None, default_dir: str | os.PathLike) -> str:
+    """The configured URI, else MLFLOW_TRACKING_URI, else a SQLite store under `default_dir` (created)."""
+    uri = configured or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    directory = Path(default_dir).resolve()
+    directory.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{directory / 'mlflow.db'}"
+
+
+def _is_local_store(uri: str) -> bool:
+    return uri.startswith("sqlite:") or uri.startswith("file:") or "://" not in uri
+
+
+def experiment_id(client, name: str, uri: str) -> str:
+    """Get or create `name`. For a local store the artifacts go beside the database (mlflow's default would be
+    ./mlruns under whatever directory the command happened to run in); a server decides for itself."""
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    location = None
+    if uri.startswith("sqlite:"):
+        db_path = Path(uri.removeprefix("sqlite:///"))
+        location = (db_path.parent / "mlartifacts").resolve().as_uri()
+    return client.create_experiment(name, artifact_location=location)
+
+
+def client_for(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def open_run(uri: str, experiment: str, run_id: str | None = None, run_name: str | None = None,
+             tags: dict[str, str] | None = None, parent_run_id: str | None = None) -> str:
+    """`run_id` if it is an active run of this store (marked RUNNING again), else a new run; returns its id."""
+    client = client_for(uri)
+    if run_id:
+        try:
+            run = client.get_run(run_id)
+            if run.info.lifecycle_stage == "active":
+                if run.info.status != "RUNNING":
+                    client.update_run(run_id, status="RUNNING")
+                return run_id
+            log.warning("run %s was deleted from %s; starting a new run", run_id, uri)
+        except Exception as err:  # noqa: BLE001 - a run from another store: start afresh
+            log.warning("run %s is not usable in %s (%s); starting a new run", run_id, uri, err)
+    all_tags = dict(tags or {})
+    if parent_run_id:
+        all_tags["mlflow.parentRunId"] = parent_run_id
+    if run_name:
+        all_tags["mlflow.runName"] = run_name
+    run = client.create_run(experiment_id(client, experiment, uri), tags=all_tags, run_name=run_name)
+    return run.info.run_id
+
+
+def start_or_resume_run(uri: str, experiment: str, run_id_file: str | os.PathLike, run_name: str | None = None,
+                        tags: dict[str, str] | None = None, parent_run_id: str | None = None) -> str:
+    """The run recorded in `run_id_file` if it exists in this store, else a new run (recorded there).
+
+    This is what makes a restarted job keep logging into the same run instead of opening a second one."""
+    path = Path(run_id_file)
+    recorded = path.read_text().strip() if path.exists() else None
+    run_id = open_run(uri, experiment, recorded, run_name, tags, parent_run_id)
+    if run_id != recorded:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(run_id)
+        tmp.replace(path)
+    return run_id
+
+
+def log_params(client, run_id: str, params: dict) -> None:
+    """Log flattened params, skipping keys already logged with the same value (MLflow refuses to change a param,
+    and a resumed run logs its config again)."""
+    from mlflow.entities import Param
+
+    existing = client.get_run(run_id).data.params
+    fresh = []
+    for key, value in params.items():
+        text = str(value)[:6000]
+        if key in existing:
+            if existing[key] != text:
+                log.warning("param %s was %r in this run and is now %r; keeping the first value", key, existing[key],
+                            text)
+            continue
+        fresh.append(Param(key, text))
+    for start in range(0, len(fresh), 100):
+        client.log_batch(run_id, params=fresh[start:start + 100])
+
+
+def finish_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
+    client_for(uri).set_terminated(run_id, status=status)

@@ -1,0 +1,136 @@
+"""The train workflow: resolve the config, open (or reopen) the MLflow run, build one dataset per curriculum stage,
+run the Ray Train + DeepSpeed trainer (which resumes by itself), then register the exported model."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+from curation.outputs import OutputDir
+from pipelines import tracking
+from pipelines.config import flatten, to_dict, to_yaml
+from training.config import TrainConfig
+
+log = logging.getLogger("reelforge.train")
+
+RUN_ID_FILE = "mlflow_run_id"
+
+
+def _absolute(uri: str) -> str:
+    """Workers run in other directories: a local output must be absolute."""
+    return uri if "://" in uri else str(Path(uri).resolve())
+
+
+def run_train(config: TrainConfig) -> dict:
+    """Train `config.data` into `config.output`; rerunning the same command resumes from the last checkpoint."""
+    if not config.data or not config.output:
+        raise ValueError("train needs --data (a curated dataset) and --output")
+    config.validate()
+    config.data, config.output = _absolute(config.data), _absolute(config.output)
+    from training.data import shard_files
+
+    files = shard_files(config.data)  # fail on a wrong --data before starting anything
+    out = OutputDir(config.output)
+    out.makedirs()
+    out.write_bytes_atomic("train-config.yaml", to_yaml(config).encode())
+
+    local = "://" not in config.output or config.output.startswith("file://")
+    uri = tracking.tracking_uri(config.tracking.uri, config.output if local else "mlruns")
+    recorded = out.read_text(RUN_ID_FILE).strip() if out.exists(RUN_ID_FILE) else None
+    run_id = tracking.open_run(uri, config.tracking.experiment, recorded, run_name=Path(config.output).name,
+                               tags={"reelforge.step": "train", "reelforge.data": config.data,
+                                     "reelforge.output": config.output})
+    if run_id != recorded:
+        out.write_bytes_atomic(RUN_ID_FILE, run_id.encode())
+    client = tracking.client_for(uri)
+    tracking.log_params(client, run_id, flatten(config))
+    log.info("MLflow run %s in %s", run_id, uri)
+
+    from pipelines.curate import init_ray
+
+    init_ray(config)
+    import ray.data
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from training.data import stage_dataset
+    from training.loop import train_loop_per_worker
+
+    started = time.perf_counter()
+    ray.data.DataContext.get_current().enable_progress_bars = False  # per-epoch split bars drown the step log
+    per_pass = 64 * config.deepspeed.micro_batch_size * config.scaling.num_workers
+    datasets = {f"stage{i}": stage_dataset(files, stage, config.data_loading, min_rows=per_pass)
+                for i, stage in enumerate(config.curriculum)}
+    use_gpu = config.scaling.use_gpu
+    resources = {"CPU": config.scaling.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": to_dict(config), "output": config.output, "tracking_uri": uri,
+                           "run_id": run_id},
+        scaling_config=ray.train.ScalingConfig(num_workers=config.scaling.num_workers, use_gpu=use_gpu,
+                                               resources_per_worker=resources),
+        run_config=ray.train.RunConfig(
+            name="ray-train", storage_path=config.output,
+            failure_config=ray.train.FailureConfig(max_failures=config.checkpoint.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.checkpoint.num_to_keep)),
+        datasets=datasets,
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+    )
+    try:
+        result = trainer.fit()
+    except Exception:
+        tracking.finish_run(uri, run_id, status="FAILED")
+        raise
+    wall = time.perf_counter() - started
+    reached = int((result.metrics or {}).get("step", 0))
+    finished = reached >= config.total_steps
+    version = _register(client, run_id, config) if finished else None
+    tracking.finish_run(uri, run_id, status="FINISHED" if finished else "KILLED")
+    summary = {"run_id": run_id, "step": reached, "total_steps": config.total_steps, "tracking_uri": uri,
+               "model": f"{config.output.rstrip('/')}/model",
+               "registered_model": config.tracking.registered_model, "model_version": version,
+               "wall_seconds": wall, "checkpoint": result.checkpoint.path if result.checkpoint else None}
+    return summary
+
+
+def _register(client, run_id: str, config: TrainConfig) -> str | None:
+    """Log `model/` as the run's artifacts and register it as a model version (once per run)."""
+    run = client.get_run(run_id)
+    existing = run.data.tags.get("reelforge.model_version")
+    if existing:
+        return existing
+    out = OutputDir(config.output)
+    if not out.exists("model", "config.json"):
+        log.warning("no exported model under %s/model; nothing to register", config.output)
+        return None
+    if "://" in config.output and not config.output.startswith("file://"):
+        log.warning("the model stays at %s/model (remote outputs are not copied into MLflow)", config.output)
+        source = f"{config.output.rstrip('/')}/model"
+    else:
+        client.log_artifacts(run_id, os.path.join(config.output, "model"), "model")
+        source = f"{run.info.artifact_uri.rstrip('/')}/model"
+    name = config.tracking.registered_model
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.create_registered_model(name, description="reelforge text-to-video diffusion models (VDiT)")
+    except MlflowException:
+        pass  # it exists
+    version = client.create_model_version(name, source, run_id=run_id,
+                                          tags={"preset": config.model.preset, "steps": str(config.total_steps)})
+    client.set_tag(run_id, "reelforge.model_version", version.version)
+    log.info("registered %s version %s", name, version.version)
+    return version.version
+
+
+def summary_text(summary: dict) -> str:
+    registered = (f"registered as {summary['registered_model']} version {summary['model_version']}"
+                  if summary["model_version"] else f"stopped at step {summary['step']} of {summary['total_steps']}; "
+                  "rerun without stop_after_steps to continue")
+    return "\n".join([
+        f"model: {summary['model']} ({registered})",
+        f"MLflow run: {summary['run_id']} in {summary['tracking_uri']}",
+        f"wall time: {summary['wall_seconds']:.1f} s",
+    ])

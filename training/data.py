@@ -1,0 +1,133 @@
+"""Training data from curated shards: read the Parquet shards a curation run listed, decode each clip's bytes to a
+fixed number of frames at a target fps, resize and centre-crop; one Ray Dataset per curriculum stage."""
+
+from __future__ import annotations
+
+import io
+import logging
+
+import av
+import numpy as np
+import pyarrow as pa
+import torch
+
+from training.config import CurriculumStage, DataConfig
+
+log = logging.getLogger("reelforge.train.data")
+
+SHARD_COLUMNS = ["clip_id", "caption", "fps", "num_frames", "video_bytes"]
+
+
+def shard_files(data_uri: str) -> list[str]:
+    """Every shard file of every dataset version listed in the curated dataset's manifest.json."""
+    from curation.outputs import OutputDir, read_manifest
+
+    manifest = read_manifest(OutputDir(data_uri))
+    if manifest is None:
+        raise FileNotFoundError(f"{data_uri} has no manifest.json: point --data at the output of `reelforge curate`")
+    files = [f["path"] for version in manifest["versions"] for f in version["files"].get("shards", []) if f["rows"]]
+    if not files:
+        raise ValueError(f"{data_uri}: the curated dataset has no kept clips, so there is nothing to train on")
+    prefix = data_uri.rstrip("/")
+    return [f"{prefix}/{path}" for path in files]
+
+
+def sample_indices(num_frames_in_clip: int, src_fps: float, num_frames: int, fps: float) -> list[int] | None:
+    """`num_frames` frame indices at `fps` from the start of the clip, or None when the clip is too short.
+
+    The stride is the nearest whole number of source frames per target frame; a clip too short for that stride
+    falls back to the largest stride that fits (faster motion, never padding)."""
+    if num_frames_in_clip < num_frames:
+        return None
+    stride = max(1, round(src_fps / fps)) if fps > 0 else 1
+    stride = min(stride, (num_frames_in_clip - 1) // max(1, num_frames - 1)) if num_frames > 1 else stride
+    stride = max(1, stride)
+    span = stride * (num_frames - 1) + 1
+    start = (num_frames_in_clip - span) // 2  # the middle of the clip, away from trimmed edges
+    return [start + i * stride for i in range(num_frames)]
+
+
+def decode_clip(data: bytes, indices: list[int], size: int) -> np.ndarray:
+    """Decode `indices` (sorted) of an encoded clip: (T, size, size, 3) uint8, short side resized, centre-cropped."""
+    wanted = set(indices)
+    frames: dict[int, np.ndarray] = {}
+    with av.open(io.BytesIO(data)) as container:
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        for index, frame in enumerate(container.decode(stream)):
+            if index in wanted:
+                w, h = frame.width, frame.height
+                scale = size / min(w, h)
+                rw, rh = max(size, round(w * scale)), max(size, round(h * scale))
+                rgb = frame.reformat(width=rw, height=rh, format="rgb24", interpolation="AREA").to_ndarray()
+                top, left = (rh - size) // 2, (rw - size) // 2
+                frames[index] = rgb[top:top + size, left:left + size]
+                if len(frames) == len(wanted):
+                    break
+    if len(frames) != len(wanted):
+        raise ValueError(f"clip has {len(frames)} of the {len(wanted)} frames its row promised")
+    return np.stack([frames[i] for i in indices])
+
+
+class ClipDecodeStage:
+    """Shard rows -> {"video": (B, T, H, W, 3) uint8, "caption": str}; clips too short for the stage are skipped."""
+
+    def __init__(self, stage: CurriculumStage):
+        self.stage = stage
+
+    def setup(self) -> None:
+        pass
+
+    def __call__(self, batch: pa.Table) -> dict:
+        videos, captions, ids = [], [], []
+        rows = batch.to_pylist()
+        for row in rows:
+            indices = sample_indices(row["num_frames"], row["fps"], self.stage.num_frames, self.stage.fps)
+            if indices is None:
+                continue
+            try:
+                videos.append(decode_clip(row["video_bytes"], indices, self.stage.size))
+            except (av.error.FFmpegError, ValueError) as err:
+                log.warning("skipping clip %s: %s", row["clip_id"], err)
+                continue
+            captions.append(row["caption"] or "")
+            ids.append(row["clip_id"])
+        shape = (0, self.stage.num_frames, self.stage.size, self.stage.size, 3)
+        return {"video": np.stack(videos) if videos else np.zeros(shape, np.uint8),
+                "caption": np.array(captions, dtype=object), "clip_id": np.array(ids, dtype=object)}
+
+
+def _decode_batch(batch: pa.Table, stage: CurriculumStage) -> dict:
+    return ClipDecodeStage(stage)(batch)
+
+
+def stage_dataset(files: list[str], stage: CurriculumStage, config: DataConfig, min_rows: int = 0):
+    """The decoded clips of one curriculum stage as a Ray Dataset.
+
+    Decoding has no per-worker state, so it runs as tasks (worker processes are reused, nothing to load). With
+    `config.cache` the result is materialized and, for a small dataset, repeated until one pass holds `min_rows`
+    rows: every pass over a Ray Dataset re-plans its split across workers, which costs more than a few tiny batches.
+    """
+    import ray
+
+    ds = ray.data.read_parquet(files, columns=SHARD_COLUMNS)
+    ds = ds.map_batches(_decode_batch, fn_kwargs={"stage": stage}, batch_size=config.decode_batch_size,
+                        batch_format="pyarrow", num_cpus=1, concurrency=config.decode_concurrency)
+    if config.cache:
+        ds = ds.materialize()
+        rows = ds.count()
+        if rows and rows < min_rows:
+            ds = ds.union(*[ds] * (-(-min_rows // rows) - 1))
+    return ds
+
+
+def to_model_input(video_uint8) -> torch.Tensor:
+    """(B, T, H, W, 3) uint8 -> (B, 3, T, H, W) float in [-1, 1]."""
+    video = torch.as_tensor(video_uint8).float().div_(127.5).sub_(1.0)
+    return video.permute(0, 4, 1, 2, 3).contiguous()
+
+
+def to_uint8(video: torch.Tensor) -> np.ndarray:
+    """(B, 3, T, H, W) float in [-1, 1] -> (B, T, H, W, 3) uint8."""
+    video = (video.clamp(-1, 1) + 1) * 127.5
+    return video.round().to(torch.uint8).permute(0, 2, 3, 4, 1).cpu().numpy()

@@ -1,0 +1,76 @@
+"""Sampling from a trained model: the DDIM loop with classifier-free guidance, and GIF/MP4 writers for the results."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import av
+import numpy as np
+import torch
+from PIL import Image
+
+from models.ddim import DDIMSampler
+from models.schedules import NoiseSchedule
+
+
+@torch.no_grad()
+def generate(model, text_encoder, schedule: NoiseSchedule, prompts: list[str], num_frames: int, size: int,
+             num_steps: int, cfg_scale: float, seed: int, in_channels: int = 3, dtype=torch.float32,
+             device="cpu") -> torch.Tensor:
+    """Videos for `prompts`, (B, C, T, H, W) in the model's data range. Same seed, same prompts: same videos."""
+    batch = len(prompts)
+    context, mask = text_encoder(prompts)
+    null_context, null_mask = text_encoder([""] * batch)
+    context, null_context = context.to(device, dtype), null_context.to(device, dtype)
+    mask, null_mask = mask.to(device), null_mask.to(device)
+    sampler = DDIMSampler(schedule)
+    timesteps = sampler.set_timesteps(num_steps).tolist()
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn((batch, in_channels, num_frames, size, size), generator=generator).to(device)
+    guided = cfg_scale != 1.0
+    for i, t in enumerate(timesteps):
+        t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1
+        t_batch = torch.full((batch,), t, device=device, dtype=torch.long)
+        if guided:  # one forward for the conditional and unconditional halves
+            out = model(torch.cat([x, x]).to(dtype), torch.cat([t_batch, t_batch]),
+                        torch.cat([context, null_context]), torch.cat([mask, null_mask])).float()
+            cond, uncond = out.chunk(2)
+            out = uncond + cfg_scale * (cond - uncond)
+        else:
+            out = model(x.to(dtype), t_batch, context, mask).float()
+        x, _ = sampler.step(out, t, t_prev, x)
+    return x
+
+
+def _upscale(frames: np.ndarray, min_side: int) -> np.ndarray:
+    """Nearest-neighbour upscale of (T, H, W, 3) so tiny demo videos are visible in the MLflow UI."""
+    factor = max(1, -(-min_side // min(frames.shape[1:3])))
+    return frames.repeat(factor, axis=1).repeat(factor, axis=2)
+
+
+def tile(videos: np.ndarray, pad: int = 2) -> np.ndarray:
+    """(B, T, H, W, 3) -> (T, H, B*(W+pad)-pad, 3): the prompts side by side."""
+    b, t, h, w, c = videos.shape
+    out = np.full((t, h, b * (w + pad) - pad, c), 255, np.uint8)
+    for i in range(b):
+        out[:, :, i * (w + pad):i * (w + pad) + w] = videos[i]
+    return out
+
+
+def write_gif(frames: np.ndarray, path: str | Path, fps: float, min_side: int = 128) -> None:
+    frames = _upscale(frames, min_side)
+    images = [Image.fromarray(f) for f in frames]
+    images[0].save(path, save_all=True, append_images=images[1:], duration=max(20, round(1000 / fps)), loop=0)
+
+
+def write_mp4(frames: np.ndarray, path: str | Path, fps: float, min_side: int = 128) -> None:
+    frames = _upscale(frames, min_side)
+    h, w = frames.shape[1] // 2 * 2, frames.shape[2] // 2 * 2  # yuv420p needs even sides
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=max(1, round(fps)))
+        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+        stream.options = {"crf": "18"}
+        for frame in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame[:h, :w]),
+                                                                   format="rgb24")))
+        container.mux(stream.encode())
