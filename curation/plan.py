@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import ray
 
+from curation.captions import CaptionStage
+from curation.clip_scores import ClipScoreStage
 from curation.config import CurateConfig
 from curation.discover import DiscoverStage
 from curation.outputs import StagingWriter
@@ -31,18 +33,38 @@ def discover_ids(files: list[dict], config: CurateConfig) -> list[dict]:
     return ds.take_all()
 
 
-def _workers(config: CurateConfig) -> int:
+def _workers(config: CurateConfig, reserved_cpus: float = 0.0) -> int:
+    """Video actors: ray.video_workers, else as many as the CPUs left after `reserved_cpus` hold."""
     if config.ray.video_workers:
         return config.ray.video_workers
-    cpus = int(ray.cluster_resources().get("CPU", 1))
-    return max(1, int(cpus // max(config.ray.cpus_per_video, 0.01)))
+    cpus = ray.cluster_resources().get("CPU", 1)
+    return max(1, int((cpus - reserved_cpus) // max(config.ray.cpus_per_video, 0.01)))
+
+
+def _model_stages(config: CurateConfig) -> list[tuple[type, object]]:
+    """The model stages that run, in order (captions before scores: caption_match reads the final caption)."""
+    stages: list[tuple[type, object]] = []
+    if config.captions.sidecar or config.captions.enabled:
+        stages.append((CaptionStage, config.captions))
+    if config.clip_scores.enabled:
+        stages.append((ClipScoreStage, config.clip_scores))
+    return stages
 
 
 def curate_plan(pending: list[dict], config: CurateConfig) -> ray.data.Dataset:
-    """pending videos -> one decode pass each (actors, 1 CPU) -> staged completion records -> summaries."""
-    workers = min(_workers(config), max(1, len(pending)))
+    """pending videos -> one decode pass each (actors, 1 CPU) -> captions -> CLIP scores (actor pools that load
+    their models once each) -> staged completion records, one per video -> summaries."""
+    stages = [(cls, settings, min(settings.concurrency, max(1, len(pending)))) for cls, settings in
+              _model_stages(config)]
+    # The model actors live as long as the video actors, so their CPUs are not there for decoding.
+    reserved = sum(settings.num_cpus * actors for _, settings, actors in stages)
+    workers = min(_workers(config, reserved), max(1, len(pending)))
     ds = ray.data.from_items(pending, override_num_blocks=max(1, len(pending)))
     ds = ds.map_batches(_Actor, fn_constructor_args=(VideoStage, config), batch_size=1, batch_format="pyarrow",
                         concurrency=workers, num_cpus=config.ray.cpus_per_video)
+    for stage_cls, settings, actors in stages:
+        ds = ds.map_batches(_Actor, fn_constructor_args=(stage_cls, settings), batch_size=settings.videos_per_batch,
+                            batch_format="pyarrow", concurrency=actors, num_cpus=settings.num_cpus,
+                            num_gpus=settings.num_gpus)
     return ds.map_batches(_Actor, fn_constructor_args=(StagingWriter, config.output), batch_size=1,
                           batch_format="pyarrow", concurrency=1, num_cpus=0.1)

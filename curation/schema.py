@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: captions and CLIP scores (caption ... score_model)
 
 TRANSITION = pa.struct([("start_frame", pa.int64()), ("end_frame", pa.int64()), ("kind", pa.string())])
 
@@ -43,6 +43,12 @@ CLIP_FIELDS = [
     ("keyframes", pa.list_(pa.binary())),  # JPEG: first, middle, last frame
     ("kept", pa.bool_()),
     ("drop_reason", pa.string()),
+    ("caption", pa.string()),
+    ("caption_source", pa.string()),  # "sidecar" | the captioner's name, e.g. "coca:tiny (untrained)" | null
+    ("aesthetic", pa.float64()),  # LAION aesthetic predictor on clip_embedding; null when not scored
+    ("caption_match", pa.float64()),  # cosine(CLIP text embedding of caption, clip_embedding); null: not scored
+    ("clip_embedding", pa.list_(pa.float32())),  # mean of the L2-normalised keyframe embeddings, renormalised
+    ("score_model", pa.string()),  # where the scores came from, e.g. "open_clip:tiny (untrained); aesthetic:..."
 ]
 CLIPS = pa.schema(CLIP_FIELDS)
 

@@ -49,13 +49,15 @@ class CocaCaptioner:
     def generate(self, images: list[Image.Image]) -> torch.Tensor:
         """Token ids (B, 1 + steps): the start token, then greedy tokens; a finished row repeats end-of-text."""
         pixels = torch.stack([self.loaded.preprocess(image.convert("RGB")) for image in images])  # (B, 3, H, W)
-        pixels = pixels.to(self.loaded.device, self.loaded.dtype)
-        latent, embs = self.model._encode_image(pixels)  # (B, D), (B, Q, W): computed once for every step
+        pixels = pixels.to(self.loaded.device)
+        with self.loaded.autocast():
+            latent, embs = self.model._encode_image(pixels)  # (B, D), (B, Q, W): computed once for every step
         tokens = torch.full((len(images), 1), self.sot, dtype=torch.long, device=pixels.device)  # (B, 1)
         done = torch.zeros(len(images), dtype=torch.bool, device=pixels.device)
         for step in range(self.max_tokens):
-            logits = self.model(None, tokens, image_latent=latent, image_embs=embs, output_labels=False)["logits"]
-            logits = logits[:, -1].float()  # (B, vocab)
+            with self.loaded.autocast():
+                out = self.model(None, tokens, image_latent=latent, image_embs=embs, output_labels=False)
+            logits = out["logits"][:, -1].float()  # (B, vocab)
             logits[:, self.sot] = -torch.inf
             if step < self.min_tokens:
                 logits[:, self.eot] = -torch.inf

@@ -7,6 +7,7 @@ initialised config (`tiny`, from open_clip_configs/) that runs anywhere and whos
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import Callable
@@ -42,7 +43,14 @@ class OpenClipModel:
     label: str  # where the weights came from: "ViT-L-14/openai", "tiny (untrained)"
     untrained: bool
     device: torch.device
-    dtype: torch.dtype
+    dtype: torch.dtype  # compute dtype of forward passes run under autocast(); the weights stay fp32
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        # Autocast rather than casting the weights: open_clip's fp16 conversion leaves some parameters (CoCa's
+        # attentional pooler queries) in fp32, and mixed dtypes then fail inside its attention layers.
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -85,8 +93,7 @@ def load_open_clip(model_name: str, pretrained: str | None, presets: dict[str, s
         torch.manual_seed(UNTRAINED_SEED)
         try:
             model, _, preprocess = open_clip.create_model_and_transforms(
-                arch, pretrained=pretrained, precision=precision, device=torch_device, force_quick_gelu=quick_gelu,
-                cache_dir=cache_dir)
+                arch, pretrained=pretrained, device=torch_device, force_quick_gelu=quick_gelu, cache_dir=cache_dir)
         except (RuntimeError, OSError) as err:
             raise WeightsError(f"could not load open_clip {model_name} with pretrained={pretrained!r}: {err} "
                                "(no network? download the checkpoint and set pretrained to its path)") from err
@@ -128,10 +135,13 @@ class ClipScorer:
     @torch.no_grad()
     def embed_images(self, images: list[Image.Image]) -> torch.Tensor:
         pixels = torch.stack([self.loaded.preprocess(image.convert("RGB")) for image in images])  # (N, 3, H, W)
-        pixels = pixels.to(self.loaded.device, self.loaded.dtype)
-        return F.normalize(self.model.encode_image(pixels).float(), dim=-1).cpu()  # (N, D)
+        with self.loaded.autocast():
+            features = self.model.encode_image(pixels.to(self.loaded.device))
+        return F.normalize(features.float(), dim=-1).cpu()  # (N, D)
 
     @torch.no_grad()
     def embed_texts(self, texts: list[str]) -> torch.Tensor:
         tokens = self.loaded.tokenizer(texts).to(self.loaded.device)  # (N, context_length)
-        return F.normalize(self.model.encode_text(tokens).float(), dim=-1).cpu()  # (N, D)
+        with self.loaded.autocast():
+            features = self.model.encode_text(tokens)
+        return F.normalize(features.float(), dim=-1).cpu()  # (N, D)
