@@ -98,9 +98,111 @@ class EncodeConfig:
 
 
 @dataclass
+class ScoreFilter:
+    """Bounds on one score; null bounds are off. A clip is dropped when its value is below `min` or below the
+    `min_percentile`-th percentile of this run's candidate clips (or above `max` / `max_percentile`). Percentiles
+    are over the clips of the current run (the new videos of this dataset version) that passed the absolute
+    duration/resolution/motion bounds; a clip with no value for the score is never dropped by it."""
+
+    min: float | None = None
+    max: float | None = None
+    min_percentile: float | None = None  # 0-100; e.g. 20 drops the lowest-scoring 20% of the run's candidates
+    max_percentile: float | None = None
+
+
+@dataclass
 class FilterConfig:
-    drop_static: bool = True
-    min_seconds: float = 2.0
+    """The SVD recipe's clip filters (Blattmann et al. 2023, sec. 3.1 and the data curation appendix): cut detection
+    (shots), optical-flow motion, CLIP aesthetics, caption/keyframe CLIP similarity and OCR text detection. We have
+    all but OCR (no text detector yet, so clips full of text are kept). SVD ranks clips by each score and removes a
+    bottom fraction chosen by human-preference studies of models trained on each subset; it publishes no universal
+    thresholds, so the percentiles below are starting points to tune on your data with the run report's histograms.
+    A dropped clip's drop_reason lists every filter it failed (see curation/filters.py)."""
+
+    # Clip length in seconds (shots are split into windows of shots.max_seconds; shorter leftovers are dropped here).
+    duration: ScoreFilter = field(default_factory=lambda: ScoreFilter(min=2.0))
+    # Short side in pixels of the source video. Off: set min to the training resolution to avoid upscaled clips.
+    resolution: ScoreFilter = field(default_factory=ScoreFilter)
+    # Optical flow magnitude in px/s at motion.analysis_width (SVD: static scenes removed by thresholding the mean
+    # flow magnitude at 2 fps). 0.5 matches motion.static_threshold; a camera pan is ~10-100.
+    motion: ScoreFilter = field(default_factory=lambda: ScoreFilter(min=0.5))
+    # Which per-clip motion statistic the motion filter reads: "median" (motion_median, our default: robust to a
+    # single jolt or flash lifting a static clip's mean) or "mean" (motion_mean, SVD's "average optical flow").
+    motion_stat: str = "median"
+    # LAION aesthetic predictor on CLIP image embeddings, ~1-10 (5.5 is "fair", 6.5 "good" on LAION's scale).
+    aesthetic: ScoreFilter = field(default_factory=lambda: ScoreFilter(min_percentile=25.0))
+    # Cosine similarity of the caption's and the middle keyframe's CLIP embeddings (~0.15-0.35 for real CLIP).
+    caption_match: ScoreFilter = field(default_factory=lambda: ScoreFilter(min_percentile=25.0))
+    # Filters on aesthetic/caption_match are skipped when their scores come from untrained weights (the tiny CPU
+    # default); true applies them anyway, with a loud warning and the tag untrained_filters=applied in the run.
+    apply_on_untrained: bool = False
+
+
+@dataclass
+class TrackingConfig:
+    """One MLflow run per curate invocation. Store: `uri`, else MLFLOW_TRACKING_URI, else sqlite:///OUTPUT/mlflow.db
+    for a local output (./mlruns/mlflow.db in the working directory for a remote one)."""
+
+    enabled: bool = True
+    uri: str | None = None
+    experiment: str = "reelforge-curate"
+
+
+@dataclass
+class ReportConfig:
+    samples: int = 8  # kept and dropped clips each on the contact sheet
+    columns: int = 4  # tiles per contact sheet row
+
+
+@dataclass
+class CaptionConfig:
+    """Clip captions (curation/captions.py): the dump's sidecar caption when there is one, else a captioner's on
+    the clip's middle keyframe. The default model is a tiny randomly initialised CoCa that needs no download: its
+    captions are noise and are recorded as such (caption_source "coca:tiny (untrained)"); see
+    configs/curate-production.yaml for the real weights."""
+
+    sidecar: bool = True  # read name.json / name.txt next to each video (forms documented in curation/captions.py)
+    enabled: bool = True  # caption the clips that have no sidecar caption; false leaves them null
+    captioner: str = "coca"  # a key of models/captioner.py CAPTIONERS
+    # "tiny" (random init), an open_clip CoCa name (coca_ViT-L-14) or hf-hub:org/repo.
+    model_name: str = "tiny"
+    # An open_clip tag (mscoco_finetuned_laion2B-s13B-b90k) or a local checkpoint file; None: random init.
+    pretrained: str | None = None
+    max_tokens: int = 30  # generated tokens per caption at most (greedy decoding)
+    batch_size: int = 16  # clips per model call
+    videos_per_batch: int = 1  # staged video records per Ray Data batch (raise it to fill batch_size on GPUs)
+    skip_dropped: bool = False  # leave clips already dropped (static, too short) uncaptioned
+    device: str = "auto"  # "auto": the GPU Ray assigned, else CPU; or "cpu", "cuda"
+    precision: str = "fp32"  # fp32 | fp16 | bf16: forward passes under torch.autocast; weights stay fp32
+    cache_dir: str | None = None  # where open_clip puts downloaded weights; None: the Hugging Face cache
+    num_cpus: float = 0.5  # per actor; also its torch thread count (at least 1)
+    num_gpus: float = 0.0  # per actor; fractions share a GPU between actors
+    concurrency: int = 1  # actors
+
+
+@dataclass
+class ClipScoreConfig:
+    """CLIP embeddings and scores of each clip (curation/clip_scores.py): the mean embedding of the first, middle
+    and last keyframes, the LAION aesthetic score on it and the caption match. The default is a tiny randomly
+    initialised CLIP and aesthetic head that need no download: their scores are noise and score_model says
+    "(untrained)". LAION's head needs ViT-L-14 with the openai weights (see configs/curate-production.yaml)."""
+
+    enabled: bool = True
+    model_name: str = "tiny"  # "tiny" (random init), an open_clip model name (ViT-L-14) or hf-hub:org/repo
+    pretrained: str | None = None  # an open_clip tag (openai) or a local checkpoint file; None: random init
+    # LAION's sac+logos+ava1-l14-linearMSE.pth as a local path or http(s) URL (downloaded once into cache_dir),
+    # checked against aesthetic_sha256; None: a random head sized to the CLIP embedding (untrained).
+    aesthetic_head: str | None = None
+    aesthetic_sha256: str | None = None
+    batch_size: int = 32  # clips per model call (3 keyframes each)
+    videos_per_batch: int = 1  # staged video records per Ray Data batch
+    skip_dropped: bool = False  # leave clips already dropped (static, too short) unscored
+    device: str = "auto"  # "auto": the GPU Ray assigned, else CPU; or "cpu", "cuda"
+    precision: str = "fp32"  # fp32 | fp16 | bf16: forward passes under torch.autocast; weights stay fp32
+    cache_dir: str | None = None  # downloads: open_clip weights (None: HF cache), the aesthetic head (~/.cache)
+    num_cpus: float = 0.5  # per actor; also its torch thread count (at least 1)
+    num_gpus: float = 0.0  # per actor; fractions share a GPU between actors
+    concurrency: int = 1  # actors
 
 
 @dataclass
@@ -127,6 +229,10 @@ class CurateConfig:
     motion: MotionConfig = field(default_factory=MotionConfig)
     keyframes: KeyframesConfig = field(default_factory=KeyframesConfig)
     encode: EncodeConfig = field(default_factory=EncodeConfig)
+    captions: CaptionConfig = field(default_factory=CaptionConfig)
+    clip_scores: ClipScoreConfig = field(default_factory=ClipScoreConfig)
     filters: FilterConfig = field(default_factory=FilterConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
     output_files: OutputConfig = field(default_factory=OutputConfig)
     ray: RayConfig = field(default_factory=RayConfig)

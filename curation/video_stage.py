@@ -60,7 +60,8 @@ class ClipAssembler:
         end_s = self._next_time(last)
         duration = end_s - start.time_s
         stats = self.motion.stats(start.index, last.index)
-        reason = self.filter.reason(duration, stats.median, stats.is_static)
+        # Only the absolute bounds that need no run statistics: a clip failing them is never encoded.
+        reason = self.filter.early_reason(duration, min(self.info.width, self.info.height), stats.mean, stats.median)
         video_bytes = None
         if clip.encoder is not None:
             if reason is None:
@@ -85,6 +86,13 @@ class ClipAssembler:
             "keyframes": keyframes,
             "kept": reason is None,
             "drop_reason": reason,
+            # Filled by the model stages (curation/captions.py, curation/clip_scores.py) when they run.
+            "caption": None,
+            "caption_source": None,
+            "aesthetic": None,
+            "caption_match": None,
+            "clip_embedding": None,
+            "score_model": None,
             "video_bytes": video_bytes,
             "width": clip.encoder.width if clip.encoder else last.rgb.shape[1],
             "height": clip.encoder.height if clip.encoder else last.rgb.shape[0],

@@ -23,7 +23,7 @@ def test_defaults_yaml_file_and_overrides_apply_in_order(tmp_path):
     ("shots.min_secnds=2", "shots.min_secnds"),
     ("shots.min_seconds=two", "shots.min_seconds"),
     ("decode.threads=1.5", "decode.threads"),
-    ("filters.drop_static=maybe", "filters.drop_static"),
+    ("filters.motion.min=maybe", "filters.motion.min"),
     ("motion=3", "motion"),
 ])
 def test_bad_keys_and_types_name_the_key(override, key):

@@ -40,6 +40,11 @@ def test_curate_sample_dump_writes_tables_manifest_and_reruns_as_noop(sample_dum
         assert videos[name]["status"] == "ok" and len(videos[name]["cut_frames"]) == len(video["cuts"])
     for name, reasons in truth["bad_files"].items():
         assert videos[name]["status"] == "quarantined" and videos[name]["error_class"] in reasons
+    # Every sample video has a sidecar, so every clip keeps a sidecar caption; the tiny models score every clip.
+    assert all(c["caption"] and c["caption_source"] == "sidecar" for c in tables["clips"])
+    assert all(len(c["clip_embedding"]) == 64 and c["caption_match"] is not None for c in tables["clips"])
+    untrained = "open_clip:tiny (untrained); aesthetic:random init (untrained)"
+    assert {c["score_model"] for c in tables["clips"]} == {untrained}
     kept = [c for c in tables["clips"] if c["kept"]]
     assert len(tables["shards"]) == len(kept) > 0
     assert all(s["video_bytes"] for s in tables["shards"])
@@ -67,6 +72,7 @@ def _curate_cmd(root, out):
 def test_kill_minus_9_then_rerun_gives_the_same_tables(sample_dump, tmp_path):
     root, _ = sample_dump
     env = {**os.environ, "RAY_ADDRESS": ""}
+    env.pop("MLFLOW_TRACKING_URI", None)  # the MLflow store defaults to OUTPUT/mlflow.db
     clean = tmp_path / "clean"
     subprocess.run(_curate_cmd(root, clean), check=True, env=env, capture_output=True, timeout=600)
     crashed = tmp_path / "crashed"
@@ -91,6 +97,13 @@ def test_kill_minus_9_then_rerun_gives_the_same_tables(sample_dump, tmp_path):
         assert _frame_count(a["video_bytes"]) == _frame_count(b["video_bytes"]) == a["num_frames"]
     # The encoder is configured to be deterministic, so the resumed shards are byte for byte the same.
     assert resumed["shards"] == reference["shards"]
+    # The rerun finished the interrupted invocation's MLflow run instead of opening a second one.
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{crashed / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("reelforge-curate").experiment_id])
+    manifest = json.loads((crashed / "manifest.json").read_text())
+    assert [(r.info.run_id, r.info.status) for r in runs] == [(manifest["run"]["mlflow_run_id"], "FINISHED")]
 
 
 def _frame_count(data: bytes) -> int:
