@@ -77,10 +77,11 @@ class CheckpointConfig:
 class SamplingConfig:
     every_steps: int = 100  # 0: only at the end
     prompts: list[str] = field(default_factory=lambda: [
-        "a red circle moving right on a blue background",
-        "a yellow square moving left on a black background",
-        "a green triangle moving down on a white background",
-        "a blue circle moving up on a gray background",
+        # the sample dump's grammar (curation/sample_dump.py), so the demo's samples can be checked by eye
+        "a red triangle moving right on a black background",
+        "a yellow square moving up on a grey background",
+        "a blue circle moving left on a grey background",
+        "a white square moving down on a grey background",
     ])
     num_steps: int = 25
     cfg_scale: float = 3.0

@@ -250,7 +250,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
                               s.num_steps, s.cfg_scale, s.seed, model_config.in_channels, dtype, device)
         engine.module.train()
         if rank == 0 and tracker.client is not None:
-            frames = tile(to_uint8(videos))
+            from training.metrics import prompt_adherence
+
+            clips = to_uint8(videos)
+            scores = prompt_adherence(clips, s.prompts)  # 0 scored when the prompts are not the sample dump's
+            if scores["num_scored"]:
+                tracker.metrics({f"samples_{k}": float(v) for k, v in scores.items() if k != "num_scored"}, step)
+            frames = tile(clips)
             with tempfile.TemporaryDirectory() as directory:
                 gif, mp4 = Path(directory) / f"{tag}.gif", Path(directory) / f"{tag}.mp4"
                 write_gif(frames, gif, stage.fps)
