@@ -108,18 +108,33 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=10, help="steps left out of the timings")
     parser.add_argument("--zero-steps", type=int, default=3, help="steps of each ZeRO memory run")
     parser.add_argument("--set", action="append", default=[], help="extra train config overrides")
+    parser.add_argument("--parts", default="overhead,zero", help="overhead (1+2), zero (3), or both")
     parser.add_argument("--json", help="write the figures here too")
     args = parser.parse_args()
 
     import ray
 
-    from pipelines.train import run_train
 
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="reelforge-bench-"))
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     data = args.data or _curated(workdir)
 
-    # 1 + 2: one worker, full path, against the plain loop.
+    parts = set(args.parts.split(","))
+    figures: dict = {"steps": args.steps, "zero_state_mib_per_rank": {}}
+    if "overhead" in parts:
+        _overhead(args, data, workdir, figures)
+    if "zero" in parts:
+        _zero_memory(args, data, workdir, figures)
+    if args.json:
+        Path(args.json).write_text(json.dumps(figures, indent=2))
+    ray.shutdown()
+    return 0
+
+
+def _overhead(args, data: str, workdir: Path, figures: dict) -> None:
+    """1 + 2: one worker, full path, against the plain loop."""
+    from pipelines.train import run_train
+
     config = _train_config(data, str(workdir / "train-1w"), args.steps + args.warmup, 2, 1, args.set)
     summary = run_train(config)
     step_times = _history(summary, "step_time_s")
@@ -128,19 +143,18 @@ def main() -> int:
     ray_step = statistics.median(step_times[s] for s in timed)
     wait_fraction = sum(waits[s] for s in timed) / sum(step_times[s] for s in timed)
     plain_step = plain_loop(config, args.steps, args.warmup)
-    figures = {
-        "steps": args.steps,
-        "ray_deepspeed_step_s": ray_step,
-        "plain_pytorch_step_s": plain_step,
-        "overhead": ray_step / plain_step - 1.0,
-        "data_wait_fraction": wait_fraction,
-        "zero_state_mib_per_rank": {},
-    }
+    figures.update({"ray_deepspeed_step_s": ray_step, "plain_pytorch_step_s": plain_step,
+                    "overhead": ray_step / plain_step - 1.0, "data_wait_fraction": wait_fraction})
     print(f"Ray Train + DeepSpeed (1 worker): {1 / ray_step:.2f} steps/s; plain PyTorch: {1 / plain_step:.2f} "
           f"steps/s; overhead {100 * figures['overhead']:+.1f}% (target <= 15%)")
     print(f"data wait: {100 * wait_fraction:.1f}% of step time (target < 10%)")
 
-    # 3: per-rank state memory under each ZeRO stage with 2 workers.
+
+
+def _zero_memory(args, data: str, workdir: Path, figures: dict) -> None:
+    """3: per-rank state memory under each ZeRO stage with 2 workers."""
+    from pipelines.train import run_train
+
     for zero in (0, 1, 2, 3):
         summary = run_train(_train_config(data, str(workdir / f"zero{zero}"), args.zero_steps, zero, 2, args.set))
         per_rank = {rank: _history(summary, f"state_mib_rank{rank}").get(1) for rank in (0, 1)}
@@ -151,10 +165,6 @@ def main() -> int:
     zero3 = figures["zero_state_mib_per_rank"][3][0]
     figures["zero3_over_zero0"] = zero3 / zero0
     print(f"ZeRO-3 / ZeRO-0 per-rank state: {zero3 / zero0:.2f} (target near 0.5)")
-    if args.json:
-        Path(args.json).write_text(json.dumps(figures, indent=2))
-    ray.shutdown()
-    return 0
 
 
 if __name__ == "__main__":

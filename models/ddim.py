@@ -39,8 +39,13 @@ class DDIMSampler:
         x_t: torch.Tensor,
         eta: float = 0.0,
         generator: torch.Generator | None = None,
+        clip_x0: float | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One DDIM update x_t -> x_{t_prev}; returns (x_prev, x0_pred).
+
+        `clip_x0` clamps the predicted x0 to [-clip_x0, clip_x0] and takes the noise consistent with it (diffusers'
+        clip_sample): for data of known range (pixels in [-1, 1]), it stops an imperfect model's early x0 guesses
+        from overshooting.
 
         t and t_prev are ints or per-sample (B,) integer tensors with -1 <= t_prev < t; t_prev = -1 is the final step
         to alpha_cumprod = 1 (clean data). Any pair works, not only consecutive set_timesteps entries, so progressive
@@ -58,6 +63,9 @@ class DDIMSampler:
 
         a_t = self.schedule.alpha_cumprod(t, x_t.device)  # float64
         a_prev = self.schedule.alpha_cumprod(t_prev, x_t.device)
+        if clip_x0 is not None:
+            x0 = x0.clamp(-clip_x0, clip_x0)
+            eps = (x_t - broadcast_like(a_t.sqrt(), x_t) * x0) / broadcast_like((1 - a_t).sqrt(), x_t)
         # eq. 16 of the paper: eta interpolates between the deterministic ODE (0) and the DDPM posterior (1)
         sigma = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).sqrt()
         coef_x0 = a_prev.sqrt()

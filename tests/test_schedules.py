@@ -202,3 +202,21 @@ def test_ddim_samples_a_gaussian_with_its_mean_and_std(prediction, eta):
     )
     assert out.mean().item() == pytest.approx(mu, abs=0.01)
     assert out.std().item() == pytest.approx(sigma, rel=0.03)
+
+
+def test_clip_x0_bounds_the_prediction_and_keeps_an_in_range_oracle_exact():
+    schedule = NoiseSchedule(ScheduleConfig(kind="cosine", prediction="v"))
+    sampler = DDIMSampler(schedule)
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.rand((2, 3, 4, 4), generator=g) * 1.6 - 0.8  # inside [-1, 1]
+    x_t = schedule.add_noise(x0, torch.randn(x0.shape, generator=g), torch.tensor([600, 600]))
+    a = schedule.alphas_cumprod[600].float()
+    oracle_v = a.sqrt() * (x_t - a.sqrt() * x0) / (1 - a).sqrt() - (1 - a).sqrt() * x0
+    plain, _ = sampler.step(oracle_v, 600, 300, x_t)
+    clipped, x0_clipped = sampler.step(oracle_v, 600, 300, x_t, clip_x0=1.0)
+    assert torch.allclose(plain, clipped, atol=1e-5) and torch.allclose(x0_clipped, x0, atol=1e-5)
+    wild = oracle_v * 5  # an overshooting model
+    _, x0_wild = sampler.step(wild, 600, 300, x_t, clip_x0=1.0)
+    assert float(x0_wild.abs().max()) <= 1.0
+    _, x0_free = sampler.step(wild, 600, 300, x_t)
+    assert float(x0_free.abs().max()) > 1.0

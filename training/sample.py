@@ -16,8 +16,9 @@ from models.schedules import NoiseSchedule
 @torch.no_grad()
 def generate(model, text_encoder, schedule: NoiseSchedule, prompts: list[str], num_frames: int, size: int,
              num_steps: int, cfg_scale: float, seed: int, in_channels: int = 3, dtype=torch.float32,
-             device="cpu") -> torch.Tensor:
-    """Videos for `prompts`, (B, C, T, H, W) in the model's data range. Same seed, same prompts: same videos."""
+             device="cpu", clip_x0: float | None = 1.0) -> torch.Tensor:
+    """Videos for `prompts`, (B, C, T, H, W) in the model's data range. Same seed, same prompts: same videos.
+    `clip_x0` (default 1: pixels in [-1, 1]) clamps each step's x0 prediction; None for latents of unknown range."""
     batch = len(prompts)
     context, mask = text_encoder(prompts)
     null_context, null_mask = text_encoder([""] * batch)
@@ -38,7 +39,7 @@ def generate(model, text_encoder, schedule: NoiseSchedule, prompts: list[str], n
             out = uncond + cfg_scale * (cond - uncond)
         else:
             out = model(x.to(dtype), t_batch, context, mask).float()
-        x, _ = sampler.step(out, t, t_prev, x)
+        x, _ = sampler.step(out, t, t_prev, x, clip_x0=clip_x0)
     return x
 
 
