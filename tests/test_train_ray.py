@@ -116,15 +116,22 @@ def test_zero3_resume_continues_the_step_count_and_matches_an_uninterrupted_run(
     assert resumed["step"] == TOTAL and resumed["run_id"] == first["run_id"] and resumed["model_version"]
     losses = _history(resumed)
     assert sorted(losses) == list(range(1, TOTAL + 1))
-    # ZeRO-3 and ZeRO-2 do the same arithmetic on the same noise (drawn from the step number); the runs differ only
-    # by the batches each worker drew (Ray Data does not replay an epoch's order). That moved 10-step mean losses by
-    # 2.3% and 1.6% (0.5465 vs 0.5341, 0.5641 vs 0.5550); a restore that lost the weights would sit near the
-    # initial 0.80, 45% off. 10% is about 4x the measured spread and far from the failure.
-    for window in ((11, 20), (31, 40)):
-        mean_a = sum(losses[s] for s in range(*window)) / (window[1] - window[0])
-        mean_b = sum(reference[s] for s in range(*window)) / (window[1] - window[0])
-        print(f"steps {window}: resumed ZeRO-3 {mean_a:.4f}, uninterrupted ZeRO-2 {mean_b:.4f}")
-        assert abs(mean_a - mean_b) < 0.10 * mean_b, (window, mean_a, mean_b)
+    # The resumed run continues the uninterrupted one's LR schedule exactly: the scheduler state and step count
+    # came back from the checkpoint (both runs share the config, so their schedules are identical step by step).
+    lrs, reference_lrs = _history(resumed, "lr"), _history(zero2_run[1], "lr")
+    for s in range(21, TOTAL + 1):
+        assert lrs[s] == pytest.approx(reference_lrs[s], rel=1e-6), s
+    # Losses: ZeRO-3 and ZeRO-2 do the same arithmetic on the same noise (drawn from the step number), but each run
+    # draws its own batches (Ray Data's split and the local shuffle are not replayed), and with 17 clips and 4
+    # samples a step that moves 10-step mean losses by up to 12.5% between two runs (measured in three runs: 2.3%,
+    # 1.6%, 12.5%). A restore that lost the weights would restart near the initial loss (0.78-0.80 here) right
+    # after step 20, while a restored model goes on near 0.55.
+    mean = lambda values, lo, hi: sum(values[s] for s in range(lo, hi + 1)) / (hi - lo + 1)  # noqa: E731
+    first, after_resume = mean(losses, 1, 5), mean(losses, 21, 30)
+    print(f"steps 21-40: resumed ZeRO-3 {mean(losses, 21, 40):.4f}, uninterrupted ZeRO-2 "
+          f"{mean(reference, 21, 40):.4f}; steps 1-5 {first:.4f}, steps 21-30 {after_resume:.4f}")
+    assert abs(mean(losses, 21, 40) - mean(reference, 21, 40)) < 0.25 * mean(reference, 21, 40)
+    assert after_resume < 0.9 * first, (after_resume, first)
 
 
 def test_killed_worker_is_restored_into_the_same_mlflow_run(curated_sample, tmp_path):
