@@ -112,10 +112,13 @@ def test_zero3_resume_continues_the_step_count_and_matches_an_uninterrupted_run(
     assert first["step"] == 20 and first["model_version"] is None
     state = json.loads((out / "ray-train" / "step_00000020" / "train_state.json").read_text())
     assert state["step"] == 20 and state["zero_stage"] == 3
+    saved_fingerprint = state["weights_fingerprint"]
     resumed = run_train(_config(curated_sample, out, "deepspeed.zero_stage=3"))
     assert resumed["step"] == TOTAL and resumed["run_id"] == first["run_id"] and resumed["model_version"]
     losses = _history(resumed)
     assert sorted(losses) == list(range(1, TOTAL + 1))
+    # The weights came back exactly: the same sum of |w| (float64, gathered over the ZeRO-3 partitions) as saved.
+    assert _history(resumed, "resumed_weights_fingerprint") == {20: pytest.approx(saved_fingerprint, rel=1e-12)}
     # The resumed run continues the uninterrupted one's LR schedule exactly: the scheduler state and step count
     # came back from the checkpoint (both runs share the config, so their schedules are identical step by step).
     lrs, reference_lrs = _history(resumed, "lr"), _history(zero2_run[1], "lr")
@@ -124,14 +127,12 @@ def test_zero3_resume_continues_the_step_count_and_matches_an_uninterrupted_run(
     # Losses: ZeRO-3 and ZeRO-2 do the same arithmetic on the same noise (drawn from the step number), but each run
     # draws its own batches (Ray Data's split and the local shuffle are not replayed), and with 17 clips and 4
     # samples a step that moves 10-step mean losses by up to 12.5% between two runs (measured in three runs: 2.3%,
-    # 1.6%, 12.5%). A restore that lost the weights would restart near the initial loss (0.78-0.80 here) right
-    # after step 20, while a restored model goes on near 0.55.
+    # 1.6%, 12.5%); the exact checks are the fingerprint and the LR above.
     mean = lambda values, lo, hi: sum(values[s] for s in range(lo, hi + 1)) / (hi - lo + 1)  # noqa: E731
     first, after_resume = mean(losses, 1, 5), mean(losses, 21, 30)
     print(f"steps 21-40: resumed ZeRO-3 {mean(losses, 21, 40):.4f}, uninterrupted ZeRO-2 "
           f"{mean(reference, 21, 40):.4f}; steps 1-5 {first:.4f}, steps 21-30 {after_resume:.4f}")
     assert abs(mean(losses, 21, 40) - mean(reference, 21, 40)) < 0.25 * mean(reference, 21, 40)
-    assert after_resume < 0.9 * first, (after_resume, first)
 
 
 def test_killed_worker_is_restored_into_the_same_mlflow_run(curated_sample, tmp_path):

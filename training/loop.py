@@ -129,6 +129,17 @@ def state_bytes(engine) -> int:
     return sum(seen.values())
 
 
+def weights_fingerprint(engine, zero3: bool) -> float:
+    """Sum of |w| over all parameters, in float64: equal before a checkpoint and after its restore. A collective
+    under ZeRO-3 (each rank holds a partition), local otherwise."""
+    total = torch.zeros(1, dtype=torch.float64)
+    for p in engine.module.parameters():
+        total += (p.ds_tensor if hasattr(p, "ds_tensor") else p.data).double().abs().sum().cpu()
+    if zero3 and dist.is_initialized():
+        dist.all_reduce(total)
+    return float(total)
+
+
 def _step_generator(seed: int, step: int, rank: int, micro: int) -> torch.Generator:
     """Noise, timesteps and caption dropout are a function of (seed, step, rank, micro-step), so a resumed run
     draws the same noise as an uninterrupted one."""
@@ -219,21 +230,26 @@ def train_loop_per_worker(loop_config: dict) -> None:
             engine.load_checkpoint(directory, tag=DS_TAG, load_optimizer_states=True, load_lr_scheduler_states=True)
             ema.load_state_dict(torch.load(Path(directory) / ema_file, map_location="cpu"))
             step = json.loads((Path(directory) / STATE_FILE).read_text())["step"]
+        restored = weights_fingerprint(engine, zero3)
         if rank == 0:
-            log.info("resumed from a checkpoint at step %d", step)
+            log.info("resumed from a checkpoint at step %d (weights fingerprint %.6f)", step, restored)
 
     resumed_at = step
     tracker = _Tracker(rank, loop_config.get("tracking_uri"), loop_config.get("run_id"))
+    if checkpoint:
+        tracker.metrics({"resumed_weights_fingerprint": restored}, step)
     output = loop_config["output"]
 
     def save(metrics: dict) -> None:
+        fingerprint = weights_fingerprint(engine, zero3)
+        tracker.metrics({"weights_fingerprint": fingerprint}, step)
         with tempfile.TemporaryDirectory(prefix="reelforge-ckpt-") as directory:
             engine.save_checkpoint(directory, tag=DS_TAG, client_state={"step": step})
             if zero3 or rank == 0:
                 torch.save(ema.state_dict(), Path(directory) / ema_file)
             if rank == 0:
                 state = {"step": step, "stage": config.stage_at(max(0, step - 1))[1].name, "world_size": world,
-                         "zero_stage": config.deepspeed.zero_stage}
+                         "zero_stage": config.deepspeed.zero_stage, "weights_fingerprint": fingerprint}
                 (Path(directory) / STATE_FILE).write_text(json.dumps(state))
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(directory),
                              checkpoint_dir_name=f"step_{step:08d}")
