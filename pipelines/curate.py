@@ -26,7 +26,7 @@ from curation.outputs import (
     write_version,
 )
 from pipelines.config import flatten, to_dict, to_yaml
-from pipelines.tracking import client_for, finish_run, log_params, start_or_resume_run, tracking_uri
+from pipelines.tracking import client_for, finish_run, log_params, open_run, tracking_uri
 
 log = logging.getLogger("reelforge.curate")
 
@@ -64,14 +64,12 @@ def curate_tracking_uri(config: CurateConfig, out: OutputDir) -> str | None:
 
 
 def _start_run(uri: str, config: CurateConfig, out: OutputDir, manifest: dict | None, version: int) -> str:
-    """start_or_resume_run with its run-id file kept in the output's staging folder (which may be remote)."""
+    """Reopen the MLflow run of an interrupted invocation (its id kept in the output's staging folder, which may be
+    remote), else open a new one."""
     previous = out.read_text(RUN_ID_FILE).strip() if out.exists(RUN_ID_FILE) else None
     committed = {v.get("run", {}).get("mlflow_run_id") for v in (manifest or {}).get("versions", [])}
-    with tempfile.TemporaryDirectory() as tmp:
-        local = Path(tmp) / "mlflow_run_id"
-        if previous and previous not in committed:
-            local.write_text(previous)
-        run_id = start_or_resume_run(uri, config.tracking.experiment, local, run_name=f"curate-v{version:04d}")
+    resumable = previous if previous and previous not in committed else None
+    run_id = open_run(uri, config.tracking.experiment, resumable, run_name=f"curate-v{version:04d}")
     if run_id == previous:
         log.info("resuming MLflow run %s of the interrupted run", run_id)
     out.write_bytes_atomic(RUN_ID_FILE, run_id.encode())

@@ -44,7 +44,9 @@ def client_for(uri: str):
 
 def open_run(uri: str, experiment: str, run_id: str | None = None, run_name: str | None = None,
              tags: dict[str, str] | None = None, parent_run_id: str | None = None) -> str:
-    """`run_id` if it is an active run of this store (marked RUNNING again), else a new run; returns its id."""
+    """`run_id` if it is an active run of this store (marked RUNNING again), else a new run; returns its id.
+
+    Callers keep the id beside their outputs, which is what makes a restarted job log into the same run."""
     client = client_for(uri)
     if run_id:
         try:
@@ -63,22 +65,6 @@ def open_run(uri: str, experiment: str, run_id: str | None = None, run_name: str
         all_tags["mlflow.runName"] = run_name
     run = client.create_run(experiment_id(client, experiment, uri), tags=all_tags, run_name=run_name)
     return run.info.run_id
-
-
-def start_or_resume_run(uri: str, experiment: str, run_id_file: str | os.PathLike, run_name: str | None = None,
-                        tags: dict[str, str] | None = None, parent_run_id: str | None = None) -> str:
-    """The run recorded in `run_id_file` if it exists in this store, else a new run (recorded there).
-
-    This is what makes a restarted job keep logging into the same run instead of opening a second one."""
-    path = Path(run_id_file)
-    recorded = path.read_text().strip() if path.exists() else None
-    run_id = open_run(uri, experiment, recorded, run_name, tags, parent_run_id)
-    if run_id != recorded:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(run_id)
-        tmp.replace(path)
-    return run_id
 
 
 def log_params(client, run_id: str, params: dict) -> None:

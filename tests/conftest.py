@@ -33,6 +33,17 @@ def sample_dump(tmp_path_factory) -> tuple[Path, dict]:
     return root, truth
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """For modules of tiny-tensor tests: a second thread only adds contention on shared CI cores (5x slower)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     import ray

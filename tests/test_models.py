@@ -13,14 +13,7 @@ from models.schedules import NoiseSchedule, ScheduleConfig
 from models.text_encoder import FrozenTextEncoder, TextEncoderConfig
 from models.vdit import PRESETS, VDiT, count_parameters, vdit_config
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # tiny tensors: a second thread only adds contention on shared CI cores (5x slower under load)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_vdit(seed: int = 0, **overrides) -> VDiT:

@@ -11,14 +11,7 @@ import torch
 from models.ddim import DDIMSampler, sample
 from models.schedules import NoiseSchedule, ScheduleConfig
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # tiny tensors: a second thread only adds contention on shared CI cores (5x slower under load)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make_schedule(kind: str = "cosine", prediction: str = "v", num_train_timesteps: int = 1000) -> NoiseSchedule:
