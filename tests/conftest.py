@@ -51,3 +51,18 @@ def ray_cluster():
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def curated_sample(sample_dump, ray_cluster, tmp_path_factory):
+    """The sample dump curated once per session (4-row shards, so two workers get several shards each)."""
+    from curation.config import CurateConfig
+    from pipelines.config import load_config
+    from pipelines.curate import run_curate
+
+    root, _ = sample_dump
+    out = tmp_path_factory.mktemp("curated")
+    config = load_config(CurateConfig, None, ["output_files.shard_rows=4"], base={"input": str(root),
+                                                                                  "output": str(out)})
+    run_curate(config)
+    return out

@@ -22,19 +22,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.ray]
 TOTAL = 40
 
 
-@pytest.fixture(scope="session")
-def curated_sample(sample_dump, ray_cluster, tmp_path_factory):
-    from curation.config import CurateConfig
-    from pipelines.curate import run_curate
-
-    root, _ = sample_dump
-    out = tmp_path_factory.mktemp("curated")
-    config = load_config(CurateConfig, None, ["output_files.shard_rows=4"], base={"input": str(root),
-                                                                                  "output": str(out)})
-    run_curate(config)
-    return out
-
-
 def _config(data, output, *sets: str) -> TrainConfig:
     overrides = [
         "curriculum=[{name: low, steps: 10, num_frames: 4, fps: 4.0, size: 16},"

@@ -369,7 +369,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
 
 def _export(engine, ema: EMA, text_encoder, model_config, config: TrainConfig, rank: int, zero3: bool,
-            output: str) -> None:
+            output: str, extra: dict | None = None) -> None:
     """Consolidate the EMA weights (gathered from all ranks under ZeRO-3) and write `model/` from rank 0."""
     import deepspeed
 
@@ -392,7 +392,10 @@ def _export(engine, ema: EMA, text_encoder, model_config, config: TrainConfig, r
         save_model(directory, state, model_config, text_encoder, config.schedule,
                    {"preset": config.model.preset, "steps": config.total_steps,
                     "curriculum": [vars(s) for s in config.curriculum], "ema_decay": config.ema_decay,
-                    "weights": "ema"})
+                    "weights": "ema",
+                    # how this model is meant to be sampled (evaluation reads it; a distilled student says 1.0)
+                    "sampling": {"num_steps": config.sampling.num_steps, "cfg_scale": config.sampling.cfg_scale},
+                    **(extra or {})})
         out = OutputDir(output)
         out.makedirs("model")
         pyarrow.fs.copy_files(directory, out.path("model"), source_filesystem=pyarrow.fs.LocalFileSystem(),
