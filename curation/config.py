@@ -146,6 +146,7 @@ class TrackingConfig:
     enabled: bool = True
     uri: str | None = None
     experiment: str = "reelforge-curate"
+    parent_run_id: str | None = None  # nest the run under another (set by `reelforge run`)
 
 
 @dataclass

@@ -69,7 +69,9 @@ def _start_run(uri: str, config: CurateConfig, out: OutputDir, manifest: dict | 
     previous = out.read_text(RUN_ID_FILE).strip() if out.exists(RUN_ID_FILE) else None
     committed = {v.get("run", {}).get("mlflow_run_id") for v in (manifest or {}).get("versions", [])}
     resumable = previous if previous and previous not in committed else None
-    run_id = open_run(uri, config.tracking.experiment, resumable, run_name=f"curate-v{version:04d}")
+    run_id = open_run(uri, config.tracking.experiment, resumable, run_name=f"curate-v{version:04d}",
+                      tags={"reelforge.step": "curate", "reelforge.output": config.output},
+                      parent_run_id=config.tracking.parent_run_id)
     if run_id == previous:
         log.info("resuming MLflow run %s of the interrupted run", run_id)
     out.write_bytes_atomic(RUN_ID_FILE, run_id.encode())

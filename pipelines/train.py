@@ -23,8 +23,12 @@ def _absolute(uri: str) -> str:
     return uri if "://" in uri else str(Path(uri).resolve())
 
 
-def run_train(config: TrainConfig) -> dict:
-    """Train `config.data` into `config.output`; rerunning the same command resumes from the last checkpoint."""
+def run_train(config: TrainConfig, distill: dict | None = None, step: str = "train",
+              register_tags: dict[str, str] | None = None, alias: str | None = None) -> dict:
+    """Train `config.data` into `config.output`; rerunning the same command resumes from the last checkpoint.
+
+    `distill` makes the run a progressive-distillation round (see pipelines/distill.py); `register_tags` and
+    `alias` go on the registered model version."""
     if not config.data or not config.output:
         raise ValueError("train needs --data (a curated dataset) and --output")
     config.validate()
@@ -40,8 +44,9 @@ def run_train(config: TrainConfig) -> dict:
     uri = tracking.tracking_uri(config.tracking.uri, config.output if local else "mlruns")
     recorded = out.read_text(RUN_ID_FILE).strip() if out.exists(RUN_ID_FILE) else None
     run_id = tracking.open_run(uri, config.tracking.experiment, recorded, run_name=Path(config.output).name,
-                               tags={"reelforge.step": "train", "reelforge.data": config.data,
-                                     "reelforge.output": config.output})
+                               tags={"reelforge.step": step, "reelforge.data": config.data,
+                                     "reelforge.output": config.output},
+                               parent_run_id=config.tracking.parent_run_id)
     if run_id != recorded:
         out.write_bytes_atomic(RUN_ID_FILE, run_id.encode())
     client = tracking.client_for(uri)
@@ -68,7 +73,7 @@ def run_train(config: TrainConfig) -> dict:
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": to_dict(config), "output": config.output, "tracking_uri": uri,
-                           "run_id": run_id},
+                           "run_id": run_id, "distill": distill},
         scaling_config=ray.train.ScalingConfig(num_workers=config.scaling.num_workers, use_gpu=use_gpu,
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(
@@ -86,7 +91,7 @@ def run_train(config: TrainConfig) -> dict:
     wall = time.perf_counter() - started
     reached = int((result.metrics or {}).get("step", 0))
     finished = reached >= config.total_steps
-    version = _register(client, run_id, config) if finished else None
+    version = _register(client, run_id, config, register_tags, alias) if finished else None
     tracking.finish_run(uri, run_id, status="FINISHED" if finished else "KILLED")
     summary = {"run_id": run_id, "step": reached, "total_steps": config.total_steps, "tracking_uri": uri,
                "model": f"{config.output.rstrip('/')}/model",
@@ -95,7 +100,8 @@ def run_train(config: TrainConfig) -> dict:
     return summary
 
 
-def _register(client, run_id: str, config: TrainConfig) -> str | None:
+def _register(client, run_id: str, config: TrainConfig, extra_tags: dict[str, str] | None = None,
+              alias: str | None = None) -> str | None:
     """Log `model/` as the run's artifacts and register it as a model version (once per run)."""
     run = client.get_run(run_id)
     existing = run.data.tags.get("reelforge.model_version")
@@ -118,8 +124,11 @@ def _register(client, run_id: str, config: TrainConfig) -> str | None:
         client.create_registered_model(name, description="reelforge text-to-video diffusion models (VDiT)")
     except MlflowException:
         pass  # it exists
-    version = client.create_model_version(name, source, run_id=run_id,
-                                          tags={"preset": config.model.preset, "steps": str(config.total_steps)})
+    tags = {"preset": config.model.preset, "steps": str(config.total_steps),
+            "sampling_steps": str(config.sampling.num_steps), **{k: str(v) for k, v in (extra_tags or {}).items()}}
+    version = client.create_model_version(name, source, run_id=run_id, tags=tags)
+    if alias:  # e.g. "steps-4": the newest 4-step student, whatever its version number
+        client.set_registered_model_alias(name, alias, version.version)
     client.set_tag(run_id, "reelforge.model_version", version.version)
     log.info("registered %s version %s", name, version.version)
     return version.version

@@ -33,6 +33,7 @@ class DataConfig:
     decode_batch_size: int = 8
     decode_concurrency: int | None = None  # decode actors; None lets Ray Data decide
     prefetch_batches: int = 2
+    windows_per_clip: int = 1  # training clips per curated clip, spread over its length (more data from few clips)
 
 
 @dataclass
@@ -94,6 +95,7 @@ class TrackingConfig:
     experiment: str = "reelforge-train"
     registered_model: str = "reelforge-vdit"
     log_every_steps: int = 10
+    parent_run_id: str | None = None  # nest this run under another (set by `reelforge run` and by distillation)
 
 
 @dataclass

@@ -47,6 +47,22 @@ def sample_indices(num_frames_in_clip: int, src_fps: float, num_frames: int, fps
     return [start + i * stride for i in range(num_frames)]
 
 
+def window_indices(num_frames_in_clip: int, src_fps: float, num_frames: int, fps: float,
+                   windows: int) -> list[list[int]]:
+    """Up to `windows` clips of `num_frames` at `fps` spread evenly over the clip (the middle one alone for 1):
+    more training clips from one curated clip, each a different stretch of the same motion. Windows that would
+    coincide are given once; a clip too short for one window gives none."""
+    middle = sample_indices(num_frames_in_clip, src_fps, num_frames, fps)
+    if middle is None:
+        return []
+    if windows <= 1:
+        return [middle]
+    stride = middle[1] - middle[0] if len(middle) > 1 else 1
+    slack = num_frames_in_clip - (stride * (num_frames - 1) + 1)
+    starts = sorted({round(slack * i / (windows - 1)) for i in range(windows)})
+    return [[start + i * stride for i in range(num_frames)] for start in starts]
+
+
 def decode_clip(data: bytes, indices: list[int], size: int) -> np.ndarray:
     """Decode `indices` (sorted) of an encoded clip: (T, size, size, 3) uint8, short side resized, centre-cropped."""
     wanted = set(indices)
@@ -72,8 +88,9 @@ def decode_clip(data: bytes, indices: list[int], size: int) -> np.ndarray:
 class ClipDecodeStage:
     """Shard rows -> {"video": (B, T, H, W, 3) uint8, "caption": str}; clips too short for the stage are skipped."""
 
-    def __init__(self, stage: CurriculumStage):
+    def __init__(self, stage: CurriculumStage, windows: int = 1):
         self.stage = stage
+        self.windows = windows
 
     def setup(self) -> None:
         pass
@@ -82,23 +99,28 @@ class ClipDecodeStage:
         videos, captions, ids = [], [], []
         rows = batch.to_pylist()
         for row in rows:
-            indices = sample_indices(row["num_frames"], row["fps"], self.stage.num_frames, self.stage.fps)
-            if indices is None:
+            windows = window_indices(row["num_frames"], row["fps"], self.stage.num_frames, self.stage.fps,
+                                     self.windows)
+            if not windows:
                 continue
+            union = sorted({i for w in windows for i in w})
             try:
-                videos.append(decode_clip(row["video_bytes"], indices, self.stage.size))
+                frames = decode_clip(row["video_bytes"], union, self.stage.size)  # one decode for every window
             except (av.error.FFmpegError, ValueError) as err:
                 log.warning("skipping clip %s: %s", row["clip_id"], err)
                 continue
-            captions.append(row["caption"] or "")
-            ids.append(row["clip_id"])
+            position = {index: k for k, index in enumerate(union)}
+            for w, indices in enumerate(windows):
+                videos.append(frames[[position[i] for i in indices]])
+                captions.append(row["caption"] or "")
+                ids.append(row["clip_id"] if len(windows) == 1 else f"{row['clip_id']}#{w}")
         shape = (0, self.stage.num_frames, self.stage.size, self.stage.size, 3)
         return {"video": np.stack(videos) if videos else np.zeros(shape, np.uint8),
                 "caption": np.array(captions, dtype=object), "clip_id": np.array(ids, dtype=object)}
 
 
-def _decode_batch(batch: pa.Table, stage: CurriculumStage) -> dict:
-    return ClipDecodeStage(stage)(batch)
+def _decode_batch(batch: pa.Table, stage: CurriculumStage, windows: int = 1) -> dict:
+    return ClipDecodeStage(stage, windows)(batch)
 
 
 def stage_dataset(files: list[str], stage: CurriculumStage, config: DataConfig, min_rows: int = 0):
@@ -111,7 +133,8 @@ def stage_dataset(files: list[str], stage: CurriculumStage, config: DataConfig, 
     import ray
 
     ds = ray.data.read_parquet(files, columns=SHARD_COLUMNS)
-    ds = ds.map_batches(_decode_batch, fn_kwargs={"stage": stage}, batch_size=config.decode_batch_size,
+    ds = ds.map_batches(_decode_batch, fn_kwargs={"stage": stage, "windows": config.windows_per_clip},
+                        batch_size=config.decode_batch_size,
                         batch_format="pyarrow", num_cpus=1, concurrency=config.decode_concurrency)
     if config.cache:
         ds = ds.materialize()

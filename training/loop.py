@@ -209,12 +209,23 @@ def train_loop_per_worker(loop_config: dict) -> None:
         torch.cuda.set_device(device)
     torch.manual_seed(config.seed)  # identical initial weights (and random text tower) on every rank and restart
 
-    model_config = vdit_config(config.model.preset, **config.model.overrides)
-    text_encoder = FrozenTextEncoder(config.text).to(device)
-    if text_encoder.width != model_config.context_dim:
-        model_config.context_dim = text_encoder.width
-    model = VDiT(model_config)
-    schedule = NoiseSchedule(config.schedule)
+    distill = loop_config.get("distill")  # a progressive-distillation round: see training/distill.py
+    if distill:
+        from training.export import load_model
+
+        # The student starts as a copy of its teacher; the teacher (frozen, outside DeepSpeed) gives the targets.
+        loaded = load_model(distill["teacher"], device=str(device))
+        teacher = loaded.model.requires_grad_(False).eval()
+        text_encoder, schedule, model_config = loaded.text_encoder, loaded.schedule, teacher.config
+        model = VDiT(model_config)
+        model.load_state_dict(teacher.state_dict())
+    else:
+        model_config = vdit_config(config.model.preset, **config.model.overrides)
+        text_encoder = FrozenTextEncoder(config.text).to(device)
+        if text_encoder.width != model_config.context_dim:
+            model_config.context_dim = text_encoder.width
+        model = VDiT(model_config)
+        schedule = NoiseSchedule(config.schedule)
     ds_config = deepspeed_config(config, world, use_gpu)
     engine, _, _, lr_scheduler = deepspeed.initialize(model=model, model_parameters=model.parameters(),
                                                       config=ds_config)
@@ -281,6 +292,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 for path in (gif, mp4, Path(directory) / "prompts.txt"):
                     tracker.artifact(str(path), "samples")
 
+    if distill:
+        from training.distill import step_grids
+
+        grids = step_grids(schedule, distill["student_steps"])
     iterators: dict[int, object] = {}
     micro, accum = config.deepspeed.micro_batch_size, config.deepspeed.grad_accum
     window = {"loss": 0.0, "count": 0, "data_wait": 0.0, "step_time": 0.0, "steps": 0}
@@ -306,9 +321,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
             x0 = video.to(device)
             noise = torch.randn(x0.shape, generator=g).to(device)
             t = torch.randint(0, config.schedule.num_train_timesteps, (x0.shape[0],), generator=g).to(device)
-            x_t = schedule.add_noise(x0, noise, t)
-            target = schedule.target(x0, noise, t)
             text, mask = text_encoder(captions)
+            if distill:
+                target, t, x_t = _distill_batch(distill, teacher, text_encoder, schedule, x0, noise,
+                                                text.to(device), mask.to(device), grids, g)
+            else:
+                x_t = schedule.add_noise(x0, noise, t)
+                target = schedule.target(x0, noise, t)
             out = engine(x_t.to(dtype), t, text.to(device, dtype), mask.to(device))
             loss = F.mse_loss(out.float(), target.float())
             engine.backward(loss)
@@ -365,7 +384,31 @@ def train_loop_per_worker(loop_config: dict) -> None:
         sample_videos("final")
     else:
         ray.train.report({"step": step})  # so the driver learns where the run stands
-    _export(engine, ema, text_encoder, model_config, config, rank, zero3, output)
+    extra = None
+    if distill:
+        extra = {"distilled_from": distill["teacher"], "round": distill["round"],
+                 "teacher_steps": 2 * distill["student_steps"], "teacher_cfg_scale": distill["cfg_scale"],
+                 "base_model": distill.get("base_model", distill["teacher"])}
+    _export(engine, ema, text_encoder, model_config, config, rank, zero3, output, extra)
+
+
+def _distill_batch(distill: dict, teacher, text_encoder, schedule: NoiseSchedule, x0: torch.Tensor,
+                   noise: torch.Tensor, context: torch.Tensor, mask: torch.Tensor, grids,
+                   g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(target, t, x_t) of a distillation micro-batch: x0 noised at a student timestep, and the output that makes
+    the student's one DDIM step match the teacher's two. The teacher runs in fp32 whatever the student's precision."""
+    from training.distill import draw_round_timesteps, guided, two_step_target
+
+    device = x0.device
+    t, t_mid, t_prev = (v.to(device) for v in draw_round_timesteps(*grids, x0.shape[0], g))
+    x_t = schedule.add_noise(x0, noise, t)
+    cfg_scale = distill["cfg_scale"]
+    null_context = null_mask = None
+    if cfg_scale != 1.0:
+        null_context, null_mask = text_encoder([""] * x0.shape[0])
+        null_context, null_mask = null_context.to(device), null_mask.to(device)
+    fn = guided(teacher, context.float(), mask, null_context, null_mask, cfg_scale)
+    return two_step_target(fn, schedule, x_t, t, t_mid, t_prev), t, x_t
 
 
 def _export(engine, ema: EMA, text_encoder, model_config, config: TrainConfig, rank: int, zero3: bool,

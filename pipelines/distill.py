@@ -1,0 +1,125 @@
+"""The distill workflow: progressive distillation rounds, each a Ray Train + DeepSpeed run of the training machinery
+(checkpoints, resume, MLflow), each student a registered model version with its step count.
+
+MLflow: one `distill` run (nested under `tracking.parent_run_id` when a workflow runs it) with a nested run per
+round. A rerun skips finished rounds (their `round.json` exists) and resumes the first unfinished one from its last
+checkpoint."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from curation.outputs import OutputDir
+from pipelines import tracking
+from pipelines.config import ConfigError, flatten, to_yaml
+from pipelines.train import RUN_ID_FILE, _absolute, run_train
+from training.distill import DistillConfig, round_train_config
+
+log = logging.getLogger("reelforge.distill")
+
+ROUND_FILE = "round.json"
+
+
+def _teacher_config(model_dir: str) -> dict:
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"teacher {model_dir} has no config.json: expected the `model/` folder of a "
+                                "training run (e.g. runs/quickstart/train/model)")
+    return json.loads(path.read_text())
+
+
+def round_dir_name(index: int, steps: int) -> str:
+    return f"round-{index}-{steps}steps"
+
+
+def run_distill(config: DistillConfig) -> dict:
+    """Distil `config.teacher` into students of halving step counts under `config.output`."""
+    if not config.teacher or not config.data or not config.output:
+        raise ValueError("distill needs --teacher (an exported model), --data (a curated dataset) and --output")
+    if "://" in config.teacher and not config.teacher.startswith("file://"):
+        raise ConfigError("teacher: a local model folder is expected (every worker loads it); copy the model "
+                          "locally or to a shared file system first")
+    config.teacher = str(Path(config.teacher.removeprefix("file://")).resolve())
+    config.data, config.output = _absolute(config.data), _absolute(config.output)
+    rounds = config.round_steps()
+    teacher = _teacher_config(config.teacher)
+    cfg_scale = config.teacher_cfg_scale
+    if cfg_scale is None:
+        cfg_scale = float(teacher.get("sampling", {}).get("cfg_scale", 1.0))
+
+    out = OutputDir(config.output)
+    out.makedirs()
+    out.write_bytes_atomic("distill-config.yaml", to_yaml(config).encode())
+    local = "://" not in config.output or config.output.startswith("file://")
+    uri = tracking.tracking_uri(config.tracking.uri, config.output if local else "mlruns")
+    recorded = out.read_text(RUN_ID_FILE).strip() if out.exists(RUN_ID_FILE) else None
+    run_id = tracking.open_run(uri, config.tracking.experiment, recorded, run_name=Path(config.output).name,
+                               tags={"reelforge.step": "distill", "reelforge.teacher": config.teacher,
+                                     "reelforge.output": config.output},
+                               parent_run_id=config.tracking.parent_run_id)
+    if run_id != recorded:
+        out.write_bytes_atomic(RUN_ID_FILE, run_id.encode())
+    client = tracking.client_for(uri)
+    tracking.log_params(client, run_id, {**flatten(config), "rounds": rounds, "teacher_cfg_scale_used": cfg_scale})
+    log.info("distilling %s: %d -> %s steps; MLflow run %s in %s", config.teacher, config.teacher_steps,
+             " -> ".join(map(str, rounds)), run_id, uri)
+
+    started = time.perf_counter()
+    summaries: list[dict] = []
+    teacher_dir, teacher_steps = config.teacher, config.teacher_steps
+    for index, steps in enumerate(rounds, start=1):
+        name = round_dir_name(index, steps)
+        round_out = OutputDir(f"{config.output}/{name}")
+        if round_out.exists(ROUND_FILE):
+            summary = json.loads(round_out.read_text(ROUND_FILE))
+            log.info("round %d (%d -> %d steps) finished earlier: %s", index, teacher_steps, steps, summary["model"])
+        else:
+            round_config = round_train_config(config, teacher, steps, round_out.uri)
+            round_config.tracking = replace(config.tracking, parent_run_id=run_id, uri=uri)
+            round_cfg_scale = cfg_scale if index == 1 else 1.0  # later teachers have guidance distilled in
+            log.info("round %d: %d-step student from the %d-step teacher %s (guidance %g)", index, steps,
+                     teacher_steps, teacher_dir, round_cfg_scale)
+            result = run_train(
+                round_config,
+                distill={"teacher": teacher_dir, "student_steps": steps, "cfg_scale": round_cfg_scale,
+                         "round": index, "base_model": config.teacher},
+                step="distill-round",
+                register_tags={"sampling_steps": steps, "round": index, "distilled_from": teacher_dir,
+                               "base_model": config.teacher},
+                alias=f"steps-{steps}")
+            if result["model_version"] is None and result["step"] < result["total_steps"]:
+                log.warning("round %d stopped at step %d of %d; rerun to continue", index, result["step"],
+                            result["total_steps"])
+                summaries.append({"round": index, "steps": steps, "finished": False, **result})
+                break
+            summary = {"round": index, "steps": steps, "teacher_steps": teacher_steps, "finished": True,
+                       "model": result["model"], "model_version": result["model_version"],
+                       "run_id": result["run_id"], "registered_model": result["registered_model"],
+                       "wall_seconds": result["wall_seconds"]}
+            round_out.write_bytes_atomic(ROUND_FILE, json.dumps(summary, indent=2).encode())
+        summaries.append(summary)
+        client.log_metric(run_id, "round_wall_seconds", float(summary["wall_seconds"]), step=steps)
+        teacher_dir, teacher_steps = summary["model"], steps
+        teacher = _teacher_config(teacher_dir)
+    finished = len(summaries) == len(rounds) and all(s["finished"] for s in summaries)
+    tracking.finish_run(uri, run_id, status="FINISHED" if finished else "KILLED")
+    return {"run_id": run_id, "tracking_uri": uri, "teacher": config.teacher, "rounds": summaries,
+            "finished": finished, "wall_seconds": time.perf_counter() - started,
+            "students": {s["steps"]: s["model"] for s in summaries if s["finished"]}}
+
+
+def summary_text(summary: dict) -> str:
+    lines = [f"distilled {summary['teacher']}"]
+    for s in summary["rounds"]:
+        if s["finished"]:
+            lines.append(f"  round {s['round']}: {s['steps']}-step student {s['model']} "
+                         f"({s['registered_model']} version {s['model_version']}, {s['wall_seconds']:.0f} s)")
+        else:
+            lines.append(f"  round {s['round']}: stopped at step {s['step']} of {s['total_steps']}; rerun to "
+                         "continue")
+    lines.append(f"MLflow run: {summary['run_id']} in {summary['tracking_uri']}")
+    return "\n".join(lines)
