@@ -39,22 +39,39 @@ def _make_sample_dump(args: argparse.Namespace) -> int:
     return 0
 
 
+def _distill(args: argparse.Namespace) -> int:
+    from pipelines.distill import run_distill, summary_text
+    from training.distill import DistillConfig
+
+    base = {k: v for k, v in (("teacher", args.teacher), ("data", args.data), ("output", args.output)) if v}
+    config = load_config(DistillConfig, args.config, args.set, base=base)
+    summary = run_distill(config)
+    print(summary_text(summary))
+    return 0 if summary["finished"] else 3
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from pipelines.evaluate import run_evaluate, summary_text
+    from training.evaluate import EvaluateConfig
+
+    base: dict = {k: v for k, v in (("data", args.data), ("output", args.output)) if v}
+    if args.model:
+        base["models"] = [{"path": m} for m in args.model]
+    config = load_config(EvaluateConfig, args.config, args.set, base=base)
+    print(summary_text(run_evaluate(config)))
+    return 0
+
+
 def _run(args: argparse.Namespace) -> int:
-    """The whole workflow; with no --config, on the embedded defaults (sample dump -> curate -> train)."""
-    from pipelines.curate import summary_text as curate_summary
-    from pipelines.train import summary_text as train_summary
-    from pipelines.workflow import WorkflowConfig, run_workflow
+    """The whole workflow; with no --config, on the embedded defaults (sample dump -> curate -> train -> distill ->
+    evaluate)."""
+    from pipelines.workflow import WorkflowConfig, run_workflow, summary_text
 
     base = {"workdir": args.workdir} if args.workdir else {}
     config = load_config(WorkflowConfig, args.config, args.set, base=base)
     results = run_workflow(config)
-    if "curate" in results:
-        print(curate_summary(results["curate"]))
-    if "train" in results:
-        print(train_summary(results["train"]))
-    print(f"workdir: {results['workdir']}; MLflow: {results['tracking_uri']} "
-          f"(mlflow ui --backend-store-uri {results['tracking_uri']})")
-    return 0
+    print(summary_text(results))
+    return 3 if results.get("stopped") else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,13 +95,29 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     train.set_defaults(func=_train)
 
+    distill = sub.add_parser("distill", help="progressive distillation of a trained model into fewer-step students")
+    distill.add_argument("--teacher", help="the exported model to distil (the model/ folder of a training run)")
+    distill.add_argument("--data", help="a curated dataset whose clips the rounds noise")
+    distill.add_argument("--output", help="directory for the rounds (checkpoints, students, MLflow store)")
+    distill.add_argument("--config", help="YAML config (see configs/distill.yaml)")
+    distill.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    distill.set_defaults(func=_distill)
+
+    evaluate = sub.add_parser("evaluate", help="generate for held-out prompts with each model and compare them")
+    evaluate.add_argument("--model", action="append", default=[], help="an exported model folder (repeat)")
+    evaluate.add_argument("--data", help="a curated dataset of held-out clips (their captions are the prompts)")
+    evaluate.add_argument("--output", help="directory for the comparison table, GIFs and the MLflow store")
+    evaluate.add_argument("--config", help="YAML config (see configs/evaluate.yaml)")
+    evaluate.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    evaluate.set_defaults(func=_evaluate)
+
     dump = sub.add_parser("make-sample-dump", help="generate synthetic videos with known cuts, motion and captions")
     dump.add_argument("dir")
     dump.add_argument("--num-videos", type=int, default=12)
     dump.add_argument("--seed", type=int, default=0)
     dump.set_defaults(func=_make_sample_dump)
 
-    run = sub.add_parser("run", help="the whole workflow (sample dump when no input) -> curate -> train")
+    run = sub.add_parser("run", help="the whole workflow: (sample dump) -> curate -> train -> distill -> evaluate")
     run.add_argument("--workdir", help="where every step writes (default runs/quickstart)")
     run.add_argument("--config", help="YAML workflow config (see configs/quickstart.yaml)")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")

@@ -1,66 +1,294 @@
-"""The whole workflow as one command: (a sample dump when no input is given) -> curate -> train.
+"""The whole workflow as one command: (a sample dump when no input is given) -> curate -> train -> distill ->
+evaluate, as one MLflow parent run with a nested run per step.
 
-Each step is the same function its own subcommand runs, so the workflow inherits their reruns: curation processes
-only new videos and training resumes from its last checkpoint."""
+Each step is the function its own subcommand runs. The workflow records, per step, a hash of the step's resolved
+config and of everything upstream of it (`WORKDIR/workflow.json`); a rerun skips a step whose outputs exist with the
+same hash and resumes the first unfinished one (curation processes only new videos, training and distillation resume
+from their last checkpoint). A step whose config changed starts afresh; its old outputs are moved aside, not deleted.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from curation.config import CurateConfig
+from pipelines import tracking
+from pipelines.config import ConfigError, flatten
 from training.config import TrainConfig
+from training.distill import DistillConfig
+from training.evaluate import EvaluateConfig
 
 log = logging.getLogger("reelforge.run")
+
+STEPS = ("curate", "train", "distill", "evaluate")
+STATE_FILE = "workflow.json"
+
+
+@dataclass
+class SampleDumpConfig:
+    """The generated dumps used when `input` is empty: one to train on, one held out for evaluation."""
+
+    num_videos: int = 12
+    seed: int = 0
+    heldout_videos: int = 8  # a second dump (another seed): its captions are the evaluation prompts
+    heldout_seed: int = 1
 
 
 @dataclass
 class WorkflowConfig:
-    workdir: str = "runs/quickstart"  # curated/, train/ and the MLflow store of the workflow live here
+    workdir: str = "runs/quickstart"  # every step writes under here (curated/, train/, distill/, evaluate/)
     input: str = ""  # a video dump; empty: generate the sample dump under workdir/sample-dump
+    heldout_input: str = ""  # a held-out video dump for evaluation; empty with `input` empty: generated
     tracking_uri: str | None = None  # None: MLFLOW_TRACKING_URI, else sqlite:///WORKDIR/mlflow.db for every step
-    steps: list[str] = field(default_factory=lambda: ["curate", "train"])
+    experiment: str = "reelforge"  # the parent run and every step's nested run (nesting needs one experiment)
+    steps: list[str] = field(default_factory=lambda: list(STEPS))
+    sample_dump: SampleDumpConfig = field(default_factory=SampleDumpConfig)
     curate: CurateConfig = field(default_factory=CurateConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
 
 
-STEPS = ("curate", "train")
+def config_hash(section, upstream: list[str], extra: dict | None = None) -> str:
+    """sha256 of a step's resolved config (where MLflow logs to is left out: it changes no output), the hashes of
+    the steps it reads from and `extra` facts about its inputs."""
+    params = {k: v for k, v in flatten(section).items() if not k.startswith("tracking.")}
+    blob = json.dumps({"config": params, "upstream": upstream, "extra": extra or {}}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def input_fingerprint(root: str) -> dict:
+    """Names, sizes and modification times of a local dump's files: a grown dump changes the curate step's hash.
+    A remote dump is listed by curation itself on every run (it processes only new videos)."""
+    path = Path(root)
+    if "://" in root or not path.is_dir():
+        return {"uri": root}
+    digest = hashlib.sha256()
+    count = 0
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        stat = file.stat()
+        digest.update(f"{file.relative_to(path)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+        count += 1
+    return {"files": count, "listing_sha256": digest.hexdigest()}
+
+
+class _State:
+    """WORKDIR/workflow.json: the parent run and, per step, its hash, status, outputs and MLflow run."""
+
+    def __init__(self, workdir: Path):
+        self.path = workdir / STATE_FILE
+        self.data = json.loads(self.path.read_text()) if self.path.is_file() else {"steps": {}}
+
+    def save(self) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.data, indent=2, sort_keys=True))
+        os.replace(tmp, self.path)
+
+    def step(self, name: str) -> dict:
+        return self.data["steps"].get(name, {})
+
+    def update(self, name: str, **values) -> None:
+        self.data["steps"].setdefault(name, {}).update(values)
+        self.save()
+
+
+def _set_aside(directory: Path, old_hash: str) -> None:
+    """A step whose config changed starts in a clean folder; the old outputs stay beside it."""
+    if directory.exists():
+        target = directory.with_name(f"{directory.name}.stale-{old_hash[:8]}")
+        suffix = 1
+        while target.exists():
+            target = directory.with_name(f"{directory.name}.stale-{old_hash[:8]}-{suffix}")
+            suffix += 1
+        directory.rename(target)
+        log.warning("the %s config changed since its last run: its old outputs moved to %s", directory.name, target)
+
+
+def _generated_dump(directory: Path, num_videos: int, seed: int) -> str:
+    from curation.sample_dump import make_sample_dump
+
+    if not (directory / "sample_truth.json").exists():
+        make_sample_dump(directory, num_videos=num_videos, seed=seed)
+        log.info("generated a sample dump of %d videos in %s", num_videos, directory)
+    return str(directory)
 
 
 def run_workflow(config: WorkflowConfig) -> dict:
     unknown = [s for s in config.steps if s not in STEPS]
     if unknown:
-        raise ValueError(f"steps: unknown step {unknown[0]!r} (known: {', '.join(STEPS)})")
+        raise ConfigError(f"steps: unknown step {unknown[0]!r} (known: {', '.join(STEPS)})")
     workdir = Path(config.workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
-    from pipelines import tracking
-
     uri = tracking.tracking_uri(config.tracking_uri, workdir)
-    results: dict = {"workdir": str(workdir), "tracking_uri": uri}
-    dump = config.input
+    state = _State(workdir)
+    parent = tracking.open_run(uri, config.experiment, state.data.get("run_id"), run_name=workdir.name,
+                               tags={"reelforge.step": "workflow", "reelforge.workdir": str(workdir)})
+    if parent != state.data.get("run_id"):
+        state.data["run_id"] = parent
+        state.save()
+    client = tracking.client_for(uri)
+    tracking.log_params(client, parent, {"workdir": str(workdir), "input": config.input or "(sample dump)",
+                                         "steps": ",".join(config.steps)})
+    log.info("workflow MLflow run %s in %s", parent, uri)
+
+    dump, heldout = config.input, config.heldout_input
     if not dump:
-        from curation.sample_dump import make_sample_dump
+        dump = _generated_dump(workdir / "sample-dump", config.sample_dump.num_videos, config.sample_dump.seed)
+        if not heldout and config.sample_dump.heldout_videos:
+            heldout = _generated_dump(workdir / "heldout-dump", max(6, config.sample_dump.heldout_videos),
+                                      config.sample_dump.heldout_seed)
+    paths = {"curate": workdir / "curated", "heldout": workdir / "heldout-curated", "train": workdir / "train",
+             "distill": workdir / "distill", "evaluate": workdir / "evaluate"}
+    for section in (config.curate, config.train, config.distill, config.evaluate):
+        section.tracking.uri = section.tracking.uri or uri
+        section.tracking.experiment = config.experiment
+        section.tracking.parent_run_id = parent
 
-        dump = str(workdir / "sample-dump")
-        if not (Path(dump) / "sample_truth.json").exists():
-            make_sample_dump(dump)
-            log.info("generated the sample dump in %s", dump)
-    curated = config.curate.output or str(workdir / "curated")
-    if "curate" in config.steps:
-        from pipelines.curate import run_curate
+    results: dict = {"workdir": str(workdir), "tracking_uri": uri, "run_id": parent, "ran": [], "skipped": []}
+    hashes: dict[str, str] = {}
 
-        config.curate.input = config.curate.input or dump
-        config.curate.output = curated
-        config.curate.tracking.uri = config.curate.tracking.uri or uri
-        results["curate"] = run_curate(config.curate)
-    if "train" in config.steps:
-        from pipelines.train import run_train
+    def run_step(name: str, section, upstream: list[str], marker: Path, fn, extra: dict | None = None,
+                 resumable: bool = True):
+        digest = config_hash(section, [hashes[u] for u in upstream if u in hashes], extra)
+        hashes[name] = digest
+        recorded = state.step(name)
+        if recorded.get("status") == "finished" and recorded.get("hash") == digest and marker.exists():
+            log.info("step %s: up to date (config hash %s), skipped", name, digest[:12])
+            results["skipped"].append(name)
+            results[name] = recorded.get("summary")
+            return
+        if recorded.get("hash") and recorded["hash"] != digest and not resumable:
+            _set_aside(paths[name], recorded["hash"])
+        state.update(name, hash=digest, status="running", started=time.time())
+        client.set_tag(parent, f"reelforge.{name}.status", "running")
+        log.info("step %s: running (config hash %s)", name, digest[:12])
+        try:
+            summary = fn()
+        except BaseException:
+            state.update(name, status="failed")
+            client.set_tag(parent, f"reelforge.{name}.status", "failed")
+            raise
+        summary = json.loads(json.dumps(summary, default=str))
+        status = "finished" if summary.get("finished", True) else "stopped"
+        state.update(name, status=status, finished=time.time(), summary=summary)
+        client.set_tag(parent, f"reelforge.{name}.status", status)
+        client.set_tag(parent, f"reelforge.{name}.hash", digest)
+        results["ran"].append(name)
+        results[name] = summary
+        if status != "finished":
+            raise _Stopped(name)
 
-        config.train.data = config.train.data or curated
-        config.train.output = config.train.output or str(workdir / "train")
-        config.train.tracking.uri = config.train.tracking.uri or uri
-        results["train"] = run_train(config.train)
+    try:
+        if "curate" in config.steps:
+            from pipelines.curate import run_curate
+
+            config.curate.input, config.curate.output = config.curate.input or dump, str(paths["curate"])
+
+            def curate():
+                manifest = run_curate(config.curate)
+                return {"dataset_version": manifest["dataset_version"], "counts": manifest["counts"],
+                        "output": config.curate.output}
+
+            run_step("curate", config.curate, [], paths["curate"] / "manifest.json", curate,
+                     extra=input_fingerprint(config.curate.input))
+        if "train" in config.steps:
+            from pipelines.train import run_train
+
+            config.train.data = config.train.data or str(paths["curate"])
+            config.train.output = str(paths["train"])
+
+            def train():
+                summary = run_train(config.train)
+                return {**summary, "finished": summary["model_version"] is not None
+                        or summary["step"] >= summary["total_steps"]}
+
+            run_step("train", config.train, ["curate"], paths["train"] / "model" / "config.json", train,
+                     resumable=False)
+        if "distill" in config.steps:
+            from pipelines.distill import round_dir_name, run_distill
+
+            config.distill.teacher = config.distill.teacher or str(paths["train"] / "model")
+            config.distill.data = config.distill.data or str(paths["curate"])
+            config.distill.output = str(paths["distill"])
+            rounds = config.distill.round_steps()
+            last = paths["distill"] / round_dir_name(len(rounds), rounds[-1]) / "round.json"
+            run_step("distill", config.distill, ["curate", "train"], last, lambda: run_distill(config.distill),
+                     resumable=False)
+        if "evaluate" in config.steps:
+            from pipelines.evaluate import run_evaluate
+
+            _evaluation_models(config, paths)
+            if not config.evaluate.data and heldout:
+                config.evaluate.data = str(paths["heldout"])
+            config.evaluate.output = str(paths["evaluate"])
+
+            def evaluate():
+                if heldout and config.evaluate.data == str(paths["heldout"]):
+                    _curate_heldout(config, heldout, paths["heldout"])
+                return run_evaluate(config.evaluate)
+
+            run_step("evaluate", config.evaluate, ["curate", "train", "distill"],
+                     paths["evaluate"] / "comparison.csv", evaluate, extra=input_fingerprint(heldout or ""),
+                     resumable=False)
+    except _Stopped as stopped:
+        log.warning("step %s stopped before its end; rerun the same command to continue", stopped.step)
+        tracking.finish_run(uri, parent, status="KILLED")
+        results["stopped"] = stopped.step
+        return results
+    except BaseException:
+        tracking.finish_run(uri, parent, status="FAILED")
+        raise
+    tracking.finish_run(uri, parent)
     return results
 
 
+class _Stopped(Exception):
+    def __init__(self, step: str):
+        super().__init__(step)
+        self.step = step
+
+
+def _evaluation_models(config: WorkflowConfig, paths: dict[str, Path]) -> None:
+    """Unless configured, evaluate the teacher and every student of the distill step."""
+    if config.evaluate.models:
+        return
+    from pipelines.distill import round_dir_name
+    from training.evaluate import ModelSpec
+
+    models = [ModelSpec(path=str(paths["train"] / "model"))]
+    if "distill" in config.steps:
+        for index, steps in enumerate(config.distill.round_steps(), start=1):
+            models.append(ModelSpec(path=str(paths["distill"] / round_dir_name(index, steps) / "model")))
+    config.evaluate.models = models
+
+
+def _curate_heldout(config: WorkflowConfig, heldout: str, output: Path) -> None:
+    """The held-out dump is curated with the training data's curation settings (a nested MLflow run of its own)."""
+    import copy
+
+    from pipelines.curate import run_curate
+
+    heldout_config = copy.deepcopy(config.curate)
+    heldout_config.input, heldout_config.output = heldout, str(output)
+    run_curate(heldout_config)
+
+
+def summary_text(results: dict) -> str:
+    lines = []
+    if results.get("ran") or results.get("skipped"):
+        lines.append(f"steps run: {', '.join(results['ran']) or '-'}; skipped (up to date): "
+                     f"{', '.join(results['skipped']) or '-'}")
+    if results.get("stopped"):
+        lines.append(f"stopped in step {results['stopped']}: rerun the same command to continue")
+    lines.append(f"workdir: {results['workdir']}")
+    lines.append(f"MLflow parent run: {results['run_id']}")
+    uri = results["tracking_uri"]
+    ui = f"mlflow ui --backend-store-uri {uri}" if uri.startswith("sqlite:") else f"open {uri}"
+    lines.append(f"look at the runs: {ui}  (then http://127.0.0.1:5000, experiment of run {results['run_id']})")
+    return "\n".join(lines)
