@@ -146,10 +146,10 @@ def _draw_shape(img: np.ndarray, shape: str, cx: float, cy: float, r: int, rgb: 
 class _Sampler:
     """Draws shot content and motion from one seeded generator so the whole dump is a function of the seed."""
 
-    def __init__(self, rng: np.random.Generator, width: int, height: int, fps: int):
+    def __init__(self, rng: np.random.Generator, width: int, height: int, fps: int, shape_size: float = 0.25):
         self.rng = rng
         self.width, self.height, self.fps = width, height, fps
-        self.radius = max(2, height // 8)  # shape side ~ 1/4 of the frame height
+        self.radius = max(2, round(height * shape_size / 2))  # shape side = shape_size x the frame height
         self.lo = _MARGIN_PX + self.radius  # bounds of the shape centre that keep it fully inside the frame
 
     def frames(self, min_s: float, max_s: float) -> int:
@@ -388,6 +388,7 @@ def make_sample_dump(
     height: int = 144,
     fps: int = 24,
     include_bad_files: bool = True,
+    shape_size: float = 0.25,
 ) -> dict:
     """Write `num_videos` synthetic videos, their sidecars, bad files and `sample_truth.json`; return the truth.
 
@@ -402,7 +403,10 @@ def make_sample_dump(
         raise ValueError(f"fps must be >= 8 so the transitions span several frames, got {fps}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    sampler = _Sampler(np.random.default_rng(seed), width, height, fps)
+    if not 0.05 <= shape_size <= 0.5:
+        raise ValueError(f"shape_size (the shape's side as a fraction of the frame height) must be in [0.05, 0.5], "
+                         f"got {shape_size}")
+    sampler = _Sampler(np.random.default_rng(seed), width, height, fps, shape_size)
     videos = _plan(sampler, num_videos)
     for video in videos:
         _encode(out / video.name, video.frames(width, height, sampler.radius), width, height, fps)
@@ -419,6 +423,7 @@ def make_sample_dump(
         "fps": fps,
         "width": width,
         "height": height,
+        "shape_radius": sampler.radius,
         "shape_colors": {k: list(v) for k, v in SHAPE_COLORS.items()},
         "background_colors": {k: list(v) for k, v in BACKGROUND_COLORS.items()},
         "videos": {video.name: video.truth() for video in videos},

@@ -34,7 +34,7 @@ def _train(args: argparse.Namespace) -> int:
 def _make_sample_dump(args: argparse.Namespace) -> int:
     from curation.sample_dump import make_sample_dump
 
-    truth = make_sample_dump(args.dir, num_videos=args.num_videos, seed=args.seed)
+    truth = make_sample_dump(args.dir, num_videos=args.num_videos, seed=args.seed, shape_size=args.shape_size)
     print(f"wrote {len(truth['videos'])} videos and {len(truth.get('bad_files', {}))} bad files to {args.dir}")
     return 0
 
@@ -115,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     dump.add_argument("dir")
     dump.add_argument("--num-videos", type=int, default=12)
     dump.add_argument("--seed", type=int, default=0)
+    dump.add_argument("--shape-size", type=float, default=0.25, help="the shapes' side as a fraction of the height")
     dump.set_defaults(func=_make_sample_dump)
 
     run = sub.add_parser("run", help="the whole workflow: (sample dump) -> curate -> train -> distill -> evaluate")

@@ -38,6 +38,7 @@ class SampleDumpConfig:
     seed: int = 0
     heldout_videos: int = 8  # a second dump (another seed): its captions are the evaluation prompts
     heldout_seed: int = 1
+    shape_size: float = 0.25  # the shapes' side as a fraction of the frame height
 
 
 @dataclass
@@ -110,11 +111,11 @@ def _set_aside(directory: Path, old_hash: str) -> None:
         log.warning("the %s config changed since its last run: its old outputs moved to %s", directory.name, target)
 
 
-def _generated_dump(directory: Path, num_videos: int, seed: int) -> str:
+def _generated_dump(directory: Path, num_videos: int, seed: int, shape_size: float) -> str:
     from curation.sample_dump import make_sample_dump
 
     if not (directory / "sample_truth.json").exists():
-        make_sample_dump(directory, num_videos=num_videos, seed=seed)
+        make_sample_dump(directory, num_videos=num_videos, seed=seed, shape_size=shape_size)
         log.info("generated a sample dump of %d videos in %s", num_videos, directory)
     return str(directory)
 
@@ -139,10 +140,11 @@ def run_workflow(config: WorkflowConfig) -> dict:
 
     dump, heldout = config.input, config.heldout_input
     if not dump:
-        dump = _generated_dump(workdir / "sample-dump", config.sample_dump.num_videos, config.sample_dump.seed)
-        if not heldout and config.sample_dump.heldout_videos:
-            heldout = _generated_dump(workdir / "heldout-dump", max(6, config.sample_dump.heldout_videos),
-                                      config.sample_dump.heldout_seed)
+        sd = config.sample_dump
+        dump = _generated_dump(workdir / "sample-dump", sd.num_videos, sd.seed, sd.shape_size)
+        if not heldout and sd.heldout_videos:
+            heldout = _generated_dump(workdir / "heldout-dump", max(6, sd.heldout_videos), sd.heldout_seed,
+                                      sd.shape_size)
     paths = {"curate": workdir / "curated", "heldout": workdir / "heldout-curated", "train": workdir / "train",
              "distill": workdir / "distill", "evaluate": workdir / "evaluate"}
     for section in (config.curate, config.train, config.distill, config.evaluate):
