@@ -34,11 +34,11 @@ STATE_FILE = "workflow.json"
 class SampleDumpConfig:
     """The generated dumps used when `input` is empty: one to train on, one held out for evaluation."""
 
-    num_videos: int = 12
+    num_videos: int = 60
     seed: int = 0
-    heldout_videos: int = 8  # a second dump (another seed): its captions are the evaluation prompts
+    heldout_videos: int = 12  # a second dump (another seed): its captions are the evaluation prompts
     heldout_seed: int = 1
-    shape_size: float = 0.25  # the shapes' side as a fraction of the frame height
+    shape_size: float = 0.4  # the shapes' side as a fraction of the frame height (0.25 in `make-sample-dump`)
 
 
 @dataclass
@@ -193,9 +193,11 @@ def run_workflow(config: WorkflowConfig) -> dict:
             config.curate.input, config.curate.output = config.curate.input or dump, str(paths["curate"])
 
             def curate():
+                from pipelines.curate import summary_text as text
+
                 manifest = run_curate(config.curate)
                 return {"dataset_version": manifest["dataset_version"], "counts": manifest["counts"],
-                        "output": config.curate.output}
+                        "output": config.curate.output, "text": text(manifest)}
 
             run_step("curate", config.curate, [], paths["curate"] / "manifest.json", curate,
                      extra=input_fingerprint(config.curate.input))
@@ -206,8 +208,10 @@ def run_workflow(config: WorkflowConfig) -> dict:
             config.train.output = str(paths["train"])
 
             def train():
+                from pipelines.train import summary_text as text
+
                 summary = run_train(config.train)
-                return {**summary, "finished": summary["model_version"] is not None
+                return {**summary, "text": text(summary), "finished": summary["model_version"] is not None
                         or summary["step"] >= summary["total_steps"]}
 
             run_step("train", config.train, ["curate"], paths["train"] / "model" / "config.json", train,
@@ -220,8 +224,13 @@ def run_workflow(config: WorkflowConfig) -> dict:
             config.distill.output = str(paths["distill"])
             rounds = config.distill.round_steps()
             last = paths["distill"] / round_dir_name(len(rounds), rounds[-1]) / "round.json"
-            run_step("distill", config.distill, ["curate", "train"], last, lambda: run_distill(config.distill),
-                     resumable=False)
+            def distill():
+                from pipelines.distill import summary_text as text
+
+                summary = run_distill(config.distill)
+                return {**summary, "text": text(summary)}
+
+            run_step("distill", config.distill, ["curate", "train"], last, distill, resumable=False)
         if "evaluate" in config.steps:
             from pipelines.evaluate import run_evaluate
 
@@ -231,9 +240,12 @@ def run_workflow(config: WorkflowConfig) -> dict:
             config.evaluate.output = str(paths["evaluate"])
 
             def evaluate():
+                from pipelines.evaluate import summary_text as text
+
                 if heldout and config.evaluate.data == str(paths["heldout"]):
                     _curate_heldout(config, heldout, paths["heldout"])
-                return run_evaluate(config.evaluate)
+                summary = run_evaluate(config.evaluate)
+                return {**summary, "text": text(summary)}
 
             run_step("evaluate", config.evaluate, ["curate", "train", "distill"],
                      paths["evaluate"] / "comparison.csv", evaluate, extra=input_fingerprint(heldout or ""),
@@ -263,9 +275,13 @@ def _evaluation_models(config: WorkflowConfig, paths: dict[str, Path]) -> None:
     from pipelines.distill import round_dir_name
     from training.evaluate import ModelSpec
 
-    models = [ModelSpec(path=str(paths["train"] / "model"))]
+    teacher = str(paths["train"] / "model")
+    models = [ModelSpec(path=teacher)]
     if "distill" in config.steps:
-        for index, steps in enumerate(config.distill.round_steps(), start=1):
+        rounds = config.distill.round_steps()
+        # the teacher sampled with the students' step count: the baseline distillation has to beat
+        models.append(ModelSpec(path=teacher, name=f"teacher-{rounds[-1]}", num_steps=rounds[-1]))
+        for index, steps in enumerate(rounds, start=1):
             models.append(ModelSpec(path=str(paths["distill"] / round_dir_name(index, steps) / "model")))
     config.evaluate.models = models
 
@@ -283,6 +299,9 @@ def _curate_heldout(config: WorkflowConfig, heldout: str, output: Path) -> None:
 
 def summary_text(results: dict) -> str:
     lines = []
+    for name in results.get("ran", []):  # each step's own summary, as its subcommand prints it
+        if isinstance(results.get(name), dict) and results[name].get("text"):
+            lines += [f"== {name}", results[name]["text"], ""]
     if results.get("ran") or results.get("skipped"):
         lines.append(f"steps run: {', '.join(results['ran']) or '-'}; skipped (up to date): "
                      f"{', '.join(results['skipped']) or '-'}")

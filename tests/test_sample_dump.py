@@ -303,3 +303,26 @@ def test_decode_rejects_bad_files_with_a_truthful_reason(dump):
     for name in truth["videos"]:
         with local_path(str(out / name), config.max_file_bytes) as path:
             assert probe(path, config).width == truth["width"]
+
+
+@pytest.mark.parametrize("shape_size", [0.25, 0.4])
+def test_shape_size_sets_the_drawn_size_and_shapes_still_cross_inside_the_frame(tmp_path, shape_size):
+    """The demo draws bigger shapes (shape_size 0.4): each shape spans about shape_size of the frame height, and a
+    moving one still travels as captioned without touching the border."""
+    truth = make_sample_dump(tmp_path, num_videos=6, seed=3, include_bad_files=False, shape_size=shape_size)
+    assert truth["shape_radius"] == round(truth["height"] * shape_size / 2)
+    checked = 0
+    for name, video in truth["videos"].items():
+        if not name.endswith("_single.mp4"):
+            continue
+        shot = video["shots"][0]
+        frames = _decode(tmp_path / name)
+        for frame in (frames[0], frames[-1]):
+            mask = np.abs(frame.astype(int) - SHAPE_COLORS[shot["color"]]).max(axis=-1) < 40
+            rows, cols = np.nonzero(mask)
+            extent = max(rows.max() - rows.min(), cols.max() - cols.min()) + 1
+            assert extent == pytest.approx(shape_size * truth["height"], abs=3), (name, shot["shape"])
+            assert rows.min() > 0 and cols.min() > 0
+            assert rows.max() < truth["height"] - 1 and cols.max() < truth["width"] - 1
+        checked += 1
+    assert checked == 2
