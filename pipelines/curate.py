@@ -25,6 +25,7 @@ from curation.outputs import (
     version_video_ids,
     write_version,
 )
+from pipelines.cluster import init_ray
 from pipelines.config import flatten, to_dict, to_yaml
 from pipelines.tracking import client_for, finish_run, log_params, open_run, tracking_uri
 
@@ -33,20 +34,6 @@ log = logging.getLogger("reelforge.curate")
 # The MLflow run of the version being built: a run interrupted before its manifest is resumed by the next invocation
 # (same staged videos, same version number); once the manifest names the run, the next invocation starts a new one.
 RUN_ID_FILE = f"{STAGING}/mlflow_run_id"
-
-
-def init_ray(config: CurateConfig) -> None:
-    """Join the cluster we were submitted to (RAY_ADDRESS) or a configured one, else start a local one."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    address = config.ray.address or os.environ.get("RAY_ADDRESS")
-    kwargs = {"log_to_driver": True, "include_dashboard": False}
-    if address:
-        ray.init(address=address, **kwargs)
-    else:
-        ray.init(num_cpus=config.ray.num_cpus, **kwargs)
 
 
 def curate_tracking_uri(config: CurateConfig, out: OutputDir) -> str | None:

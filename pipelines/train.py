@@ -53,7 +53,7 @@ def run_train(config: TrainConfig, distill: dict | None = None, step: str = "tra
     tracking.log_params(client, run_id, flatten(config))
     log.info("MLflow run %s in %s", run_id, uri)
 
-    from pipelines.curate import init_ray
+    from pipelines.cluster import init_ray
 
     init_ray(config)
     import ray.data

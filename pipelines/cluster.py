@@ -1,0 +1,21 @@
+"""Joining or starting the Ray cluster every workflow step runs on."""
+
+from __future__ import annotations
+
+import os
+
+
+def init_ray(config) -> None:
+    """Join the cluster we were submitted to (RAY_ADDRESS) or the configured `config.ray.address` ("local" starts a
+    new local cluster), else let Ray find one started with `ray start` on this machine or start a local one with
+    `config.ray.num_cpus`. Idempotent: the first step of a process decides."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = config.ray.address or os.environ.get("RAY_ADDRESS")
+    kwargs = {"log_to_driver": True, "include_dashboard": False}
+    if address:
+        ray.init(address=address, **kwargs)
+    else:
+        ray.init(num_cpus=config.ray.num_cpus, **kwargs)
