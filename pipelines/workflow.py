@@ -36,7 +36,7 @@ class SampleDumpConfig:
 
     num_videos: int = 60
     seed: int = 0
-    heldout_videos: int = 12  # a second dump (another seed): its captions are the evaluation prompts
+    heldout_videos: int = 40  # a second dump (another seed): its captions are the evaluation prompts
     heldout_seed: int = 1
     shape_size: float = 0.4  # the shapes' side as a fraction of the frame height (0.25 in `make-sample-dump`)
 
@@ -53,7 +53,7 @@ class WorkflowConfig:
     curate: CurateConfig = field(default_factory=CurateConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
-    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    evaluate: EvaluateConfig = field(default_factory=lambda: EvaluateConfig(max_videos=48))
 
 
 def config_hash(section, upstream: list[str], extra: dict | None = None) -> str:
