@@ -16,7 +16,7 @@ from pathlib import Path
 from curation.outputs import OutputDir
 from pipelines import tracking
 from pipelines.config import ConfigError, flatten, to_yaml
-from pipelines.train import RUN_ID_FILE, _absolute, run_train
+from pipelines.train import _absolute, run_train
 from training.distill import DistillConfig, round_train_config
 
 log = logging.getLogger("reelforge.distill")
@@ -54,15 +54,9 @@ def run_distill(config: DistillConfig) -> dict:
     out = OutputDir(config.output)
     out.makedirs()
     out.write_bytes_atomic("distill-config.yaml", to_yaml(config).encode())
-    local = "://" not in config.output or config.output.startswith("file://")
-    uri = tracking.tracking_uri(config.tracking.uri, config.output if local else "mlruns")
-    recorded = out.read_text(RUN_ID_FILE).strip() if out.exists(RUN_ID_FILE) else None
-    run_id = tracking.open_run(uri, config.tracking.experiment, recorded, run_name=Path(config.output).name,
-                               tags={"reelforge.step": "distill", "reelforge.teacher": config.teacher,
-                                     "reelforge.output": config.output},
-                               parent_run_id=config.tracking.parent_run_id)
-    if run_id != recorded:
-        out.write_bytes_atomic(RUN_ID_FILE, run_id.encode())
+    uri, run_id = tracking.output_run(config.output, config.tracking.uri, config.tracking.experiment,
+                                      {"reelforge.step": "distill", "reelforge.teacher": config.teacher,
+                                       "reelforge.output": config.output}, config.tracking.parent_run_id)
     client = tracking.client_for(uri)
     tracking.log_params(client, run_id, {**flatten(config), "rounds": rounds, "teacher_cfg_scale_used": cfg_scale})
     log.info("distilling %s: %d -> %s steps; MLflow run %s in %s", config.teacher, config.teacher_steps,

@@ -88,3 +88,23 @@ def log_params(client, run_id: str, params: dict) -> None:
 
 def finish_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
     client_for(uri).set_terminated(run_id, status=status)
+
+
+RUN_ID_FILE = "mlflow_run_id"
+
+
+def output_run(output: str, configured_uri: str | None, experiment: str, tags: dict[str, str],
+               parent_run_id: str | None = None) -> tuple[str, str]:
+    """(tracking URI, run id) of a step writing to `output`: the run whose id the output keeps (a restarted or rerun
+    job logs into it again), else a new one whose id is written there. The store is `configured_uri`, else
+    MLFLOW_TRACKING_URI, else SQLite beside a local output (./mlruns for a remote one)."""
+    from curation.outputs import OutputDir
+
+    out = OutputDir(output)
+    local = "://" not in output or output.startswith("file://")
+    uri = tracking_uri(configured_uri, output if local else "mlruns")
+    recorded = out.read_text(RUN_ID_FILE).strip() if out.exists(RUN_ID_FILE) else None
+    run_id = open_run(uri, experiment, recorded, run_name=Path(output).name, tags=tags, parent_run_id=parent_run_id)
+    if run_id != recorded:
+        out.write_bytes_atomic(RUN_ID_FILE, run_id.encode())
+    return uri, run_id

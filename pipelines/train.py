@@ -15,8 +15,6 @@ from training.config import TrainConfig
 
 log = logging.getLogger("reelforge.train")
 
-RUN_ID_FILE = "mlflow_run_id"
-
 
 def _absolute(uri: str) -> str:
     """Workers run in other directories: a local output must be absolute."""
@@ -40,15 +38,9 @@ def run_train(config: TrainConfig, distill: dict | None = None, step: str = "tra
     out.makedirs()
     out.write_bytes_atomic("train-config.yaml", to_yaml(config).encode())
 
-    local = "://" not in config.output or config.output.startswith("file://")
-    uri = tracking.tracking_uri(config.tracking.uri, config.output if local else "mlruns")
-    recorded = out.read_text(RUN_ID_FILE).strip() if out.exists(RUN_ID_FILE) else None
-    run_id = tracking.open_run(uri, config.tracking.experiment, recorded, run_name=Path(config.output).name,
-                               tags={"reelforge.step": step, "reelforge.data": config.data,
-                                     "reelforge.output": config.output},
-                               parent_run_id=config.tracking.parent_run_id)
-    if run_id != recorded:
-        out.write_bytes_atomic(RUN_ID_FILE, run_id.encode())
+    uri, run_id = tracking.output_run(config.output, config.tracking.uri, config.tracking.experiment,
+                                      {"reelforge.step": step, "reelforge.data": config.data,
+                                       "reelforge.output": config.output}, config.tracking.parent_run_id)
     client = tracking.client_for(uri)
     tracking.log_params(client, run_id, flatten(config))
     log.info("MLflow run %s in %s", run_id, uri)
