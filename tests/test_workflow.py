@@ -1,0 +1,50 @@
+"""The workflow's bookkeeping without Ray: what changes a step's config hash, and what a changed step does to its
+old outputs."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipelines.config import ConfigError, load_config
+from pipelines.workflow import WorkflowConfig, _set_aside, config_hash, input_fingerprint, run_workflow
+from training.config import TrainConfig
+
+
+def test_hash_ignores_where_mlflow_logs_but_not_what_the_step_does():
+    base = load_config(TrainConfig, None, [])
+    moved = load_config(TrainConfig, None, ["tracking.uri=http://mlflow:5000", "tracking.parent_run_id=abc"])
+    changed = load_config(TrainConfig, None, ["optim.lr=3e-4"])
+    assert config_hash(base, []) == config_hash(moved, [])
+    assert config_hash(base, []) != config_hash(changed, [])
+    assert config_hash(base, ["upstream-a"]) != config_hash(base, ["upstream-b"])  # new curated data: retrain
+    assert config_hash(base, [], {"files": 3}) != config_hash(base, [], {"files": 4})
+
+
+def test_a_grown_dump_changes_the_input_fingerprint(tmp_path):
+    (tmp_path / "a.mp4").write_bytes(b"x" * 10)
+    first = input_fingerprint(str(tmp_path))
+    assert input_fingerprint(str(tmp_path)) == first
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "b.mp4").write_bytes(b"y" * 5)
+    grown = input_fingerprint(str(tmp_path))
+    assert grown["files"] == 2 and grown != first
+    assert input_fingerprint("s3://bucket/dump") == {"uri": "s3://bucket/dump"}  # curation lists it itself
+
+
+def test_changed_step_keeps_its_old_outputs_beside_the_new_folder(tmp_path):
+    train = tmp_path / "train"
+    (train / "model").mkdir(parents=True)
+    (train / "model" / "config.json").write_text("{}")
+    _set_aside(train, "0123456789abcdef")
+    assert not train.exists()
+    assert (tmp_path / "train.stale-01234567" / "model" / "config.json").read_text() == "{}"
+    train.mkdir()
+    _set_aside(train, "0123456789abcdef")  # the same old hash twice: a second folder, nothing overwritten
+    assert (tmp_path / "train.stale-01234567-1").is_dir()
+
+
+def test_unknown_steps_are_refused_before_anything_runs(tmp_path):
+    config = load_config(WorkflowConfig, None, ["steps=[curate, finetune]"], base={"workdir": str(tmp_path / "wd")})
+    with pytest.raises(ConfigError, match="unknown step 'finetune'"):
+        run_workflow(config)
+    assert not (tmp_path / "wd").exists()
