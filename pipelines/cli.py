@@ -74,6 +74,11 @@ def _run(args: argparse.Namespace) -> int:
     return 3 if results.get("stopped") else 0
 
 
+def _config_arguments(parser: argparse.ArgumentParser, example: str) -> None:
+    parser.add_argument("--config", help=f"YAML config (see {example})")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="reelforge", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -82,8 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     curate = sub.add_parser("curate", help="split videos into clean clips, score motion, write Parquet tables")
     curate.add_argument("--input", help="directory or URI (s3://, gs://, file://) of the video dump")
     curate.add_argument("--output", help="directory or URI for the curated dataset")
-    curate.add_argument("--config", help="YAML config (see configs/curate.yaml)")
-    curate.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    _config_arguments(curate, "configs/curate.yaml")
     curate.add_argument("--retry-quarantined", action="store_true",
                         help="also reprocess videos quarantined by earlier versions; their new rows supersede the old")
     curate.set_defaults(func=_curate)
@@ -91,24 +95,21 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train a text-to-video diffusion model on curated shards (resumes on rerun)")
     train.add_argument("--data", help="a curated dataset (the --output of `reelforge curate`)")
     train.add_argument("--output", help="directory or URI for checkpoints, the exported model and the MLflow store")
-    train.add_argument("--config", help="YAML config (see configs/train/)")
-    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    _config_arguments(train, "configs/train/")
     train.set_defaults(func=_train)
 
     distill = sub.add_parser("distill", help="progressive distillation of a trained model into fewer-step students")
     distill.add_argument("--teacher", help="the exported model to distil (the model/ folder of a training run)")
     distill.add_argument("--data", help="a curated dataset whose clips the rounds noise")
     distill.add_argument("--output", help="directory for the rounds (checkpoints, students, MLflow store)")
-    distill.add_argument("--config", help="YAML config (see configs/distill.yaml)")
-    distill.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    _config_arguments(distill, "configs/distill.yaml")
     distill.set_defaults(func=_distill)
 
     evaluate = sub.add_parser("evaluate", help="generate for held-out prompts with each model and compare them")
     evaluate.add_argument("--model", action="append", default=[], help="an exported model folder (repeat)")
     evaluate.add_argument("--data", help="a curated dataset of held-out clips (their captions are the prompts)")
     evaluate.add_argument("--output", help="directory for the comparison table, GIFs and the MLflow store")
-    evaluate.add_argument("--config", help="YAML config (see configs/evaluate.yaml)")
-    evaluate.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    _config_arguments(evaluate, "configs/evaluate.yaml")
     evaluate.set_defaults(func=_evaluate)
 
     dump = sub.add_parser("make-sample-dump", help="generate synthetic videos with known cuts, motion and captions")
@@ -120,8 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="the whole workflow: (sample dump) -> curate -> train -> distill -> evaluate")
     run.add_argument("--workdir", help="where every step writes (default runs/quickstart)")
-    run.add_argument("--config", help="YAML workflow config (see configs/quickstart.yaml)")
-    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    _config_arguments(run, "configs/quickstart.yaml")
     run.set_defaults(func=_run)
     return parser
 

@@ -85,6 +85,18 @@ def decode_clip(data: bytes, indices: list[int], size: int) -> np.ndarray:
     return np.stack([frames[i] for i in indices])
 
 
+def decode_row(row: dict, stage: CurriculumStage, windows: int = 1) -> list[np.ndarray]:
+    """The training clips of one shard row at the stage's frames, fps and size: `windows` windows (see
+    window_indices) from a single decode, or none for a clip too short for the stage."""
+    spans = window_indices(row["num_frames"], row["fps"], stage.num_frames, stage.fps, windows)
+    if not spans:
+        return []
+    union = sorted({i for span in spans for i in span})
+    frames = decode_clip(row["video_bytes"], union, stage.size)
+    position = {index: k for k, index in enumerate(union)}
+    return [frames[[position[i] for i in span]] for span in spans]
+
+
 class ClipDecodeStage:
     """Shard rows -> {"video": (B, T, H, W, 3) uint8, "caption": str}; clips too short for the stage are skipped."""
 
@@ -99,21 +111,15 @@ class ClipDecodeStage:
         videos, captions, ids = [], [], []
         rows = batch.to_pylist()
         for row in rows:
-            windows = window_indices(row["num_frames"], row["fps"], self.stage.num_frames, self.stage.fps,
-                                     self.windows)
-            if not windows:
-                continue
-            union = sorted({i for w in windows for i in w})
             try:
-                frames = decode_clip(row["video_bytes"], union, self.stage.size)  # one decode for every window
+                clips = decode_row(row, self.stage, self.windows)
             except (av.error.FFmpegError, ValueError) as err:
                 log.warning("skipping clip %s: %s", row["clip_id"], err)
                 continue
-            position = {index: k for k, index in enumerate(union)}
-            for w, indices in enumerate(windows):
-                videos.append(frames[[position[i] for i in indices]])
+            for w, clip in enumerate(clips):
+                videos.append(clip)
                 captions.append(row["caption"] or "")
-                ids.append(row["clip_id"] if len(windows) == 1 else f"{row['clip_id']}#{w}")
+                ids.append(row["clip_id"] if len(clips) == 1 else f"{row['clip_id']}#{w}")
         shape = (0, self.stage.num_frames, self.stage.size, self.stage.size, 3)
         return {"video": np.stack(videos) if videos else np.zeros(shape, np.uint8),
                 "caption": np.array(captions, dtype=object), "clip_id": np.array(ids, dtype=object)}

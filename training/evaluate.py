@@ -222,19 +222,21 @@ def load_real_clips(data: str, fmt: VideoFormat, max_videos: int) -> RealClips:
     """The first `max_videos` kept clips (by clip_id) that have a caption and enough frames, decoded at `fmt` the
     way training decodes them (frames at fmt.fps from the clip's middle, short side resized, centre-cropped)."""
     from curation.outputs import read_table
-    from training.data import SHARD_COLUMNS, decode_clip, sample_indices
+    from training.config import CurriculumStage
+    from training.data import SHARD_COLUMNS, decode_row
 
     rows = read_table(data, "shards", columns=SHARD_COLUMNS).sort_by("clip_id").to_pylist()
+    stage = CurriculumStage(num_frames=fmt.num_frames, fps=fmt.fps, size=fmt.size)  # decoded as training does
     videos, captions, ids = [], [], []
     skipped = 0
     for row in rows:
         if len(videos) == max_videos:
             break
-        indices = sample_indices(row["num_frames"], row["fps"], fmt.num_frames, fmt.fps)
-        if indices is None or not (row["caption"] or "").strip():
+        clips = decode_row(row, stage) if (row["caption"] or "").strip() else []
+        if not clips:
             skipped += 1
             continue
-        videos.append(decode_clip(row["video_bytes"], indices, fmt.size))
+        videos.append(clips[0])
         captions.append(row["caption"])
         ids.append(row["clip_id"])
     if len(videos) < 2:

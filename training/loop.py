@@ -21,6 +21,7 @@ from models.vdit import VDiT, vdit_config
 from pipelines.config import load_config
 from training.config import TrainConfig
 from training.data import to_model_input, to_uint8
+from training.distill import draw_round_timesteps, guided, step_grids, two_step_target
 
 log = logging.getLogger("reelforge.train")
 
@@ -293,9 +294,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
                     tracker.artifact(str(path), "samples")
 
     if distill:
-        from training.distill import step_grids
-
         grids = step_grids(schedule, distill["student_steps"])
+        # the empty prompt's encoding is the same every step: once per run, for the teacher's guidance
+        null_text = None
+        if distill["cfg_scale"] != 1.0:
+            null_context, null_mask = text_encoder([""] * config.deepspeed.micro_batch_size)
+            null_text = (null_context.to(device).float(), null_mask.to(device))
     iterators: dict[int, object] = {}
     micro, accum = config.deepspeed.micro_batch_size, config.deepspeed.grad_accum
     window = {"loss": 0.0, "count": 0, "data_wait": 0.0, "step_time": 0.0, "steps": 0}
@@ -323,7 +327,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             t = torch.randint(0, config.schedule.num_train_timesteps, (x0.shape[0],), generator=g).to(device)
             text, mask = text_encoder(captions)
             if distill:
-                target, t, x_t = _distill_batch(distill, teacher, text_encoder, schedule, x0, noise,
+                target, t, x_t = _distill_batch(distill, teacher, null_text, schedule, x0, noise,
                                                 text.to(device), mask.to(device), grids, g)
             else:
                 x_t = schedule.add_noise(x0, noise, t)
@@ -392,22 +396,16 @@ def train_loop_per_worker(loop_config: dict) -> None:
     _export(engine, ema, text_encoder, model_config, config, rank, zero3, output, extra)
 
 
-def _distill_batch(distill: dict, teacher, text_encoder, schedule: NoiseSchedule, x0: torch.Tensor,
-                   noise: torch.Tensor, context: torch.Tensor, mask: torch.Tensor, grids,
-                   g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _distill_batch(distill: dict, teacher, null_text: tuple[torch.Tensor, torch.Tensor] | None,
+                   schedule: NoiseSchedule, x0: torch.Tensor, noise: torch.Tensor, context: torch.Tensor,
+                   mask: torch.Tensor, grids, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(target, t, x_t) of a distillation micro-batch: x0 noised at a student timestep, and the output that makes
-    the student's one DDIM step match the teacher's two. The teacher runs in fp32 whatever the student's precision."""
-    from training.distill import draw_round_timesteps, guided, two_step_target
-
-    device = x0.device
-    t, t_mid, t_prev = (v.to(device) for v in draw_round_timesteps(*grids, x0.shape[0], g))
+    the student's one DDIM step match the teacher's two. The teacher runs in fp32 whatever the student's precision;
+    `null_text` is the empty prompt's (context, mask) for guidance, None without it."""
+    t, t_mid, t_prev = (v.to(x0.device) for v in draw_round_timesteps(*grids, x0.shape[0], g))
     x_t = schedule.add_noise(x0, noise, t)
-    cfg_scale = distill["cfg_scale"]
-    null_context = null_mask = None
-    if cfg_scale != 1.0:
-        null_context, null_mask = text_encoder([""] * x0.shape[0])
-        null_context, null_mask = null_context.to(device), null_mask.to(device)
-    fn = guided(teacher, context.float(), mask, null_context, null_mask, cfg_scale)
+    null_context, null_mask = null_text or (None, None)
+    fn = guided(teacher, context.float(), mask, null_context, null_mask, distill["cfg_scale"])
     return two_step_target(fn, schedule, x_t, t, t_mid, t_prev), t, x_t
 
 
