@@ -44,8 +44,15 @@ def _reelforge(workdir: Path, config: Path, **popen) -> subprocess.Popen:
                             **popen)
 
 
-def _checkpoints(workdir: Path) -> list[Path]:
-    return sorted((workdir / "train" / "ray-train").glob("step_*"))
+def _checkpoints(workdir: Path) -> list[str]:
+    """Checkpoints Ray Train has registered (the ones a rerun restores from). A `step_*` folder alone is not one: it
+    appears while the ranks are still writing, and a kill at that moment rightly leaves the rerun starting at 0."""
+    snapshot = workdir / "train" / "ray-train" / "checkpoint_manager_snapshot.json"
+    try:
+        results = json.loads(snapshot.read_text())["checkpoint_results"]
+    except (OSError, ValueError, KeyError):  # not there yet, or caught mid-write
+        return []
+    return [r["checkpoint_dir_name"] for r in results]
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +60,7 @@ def workflow(tmp_path_factory):
     root = tmp_path_factory.mktemp("workflow")
     config, workdir = root / "tiny.yaml", root / "wd"
     config.write_text(yaml.safe_dump(TINY))
-    # 1. started, then killed (the whole process group: driver, raylet, workers) once training has a checkpoint
+    # 1. started, then killed (the whole process group: driver, raylet, workers) once training has a registered checkpoint
     first = _reelforge(workdir, config)
     deadline = time.monotonic() + 600
     while not _checkpoints(workdir):
