@@ -63,11 +63,10 @@ from curation.decode import (  # noqa: E402
     VideoRejected,
     decode_frames,
     probe,
-    work_size,
 )
 from curation.motion import MotionScorer  # noqa: E402
 from curation.shots import ShotDetector  # noqa: E402
-from curation.video_stage import VideoStage  # noqa: E402
+from curation.video_stage import VideoStage, set_frame_sizes  # noqa: E402
 
 cv2.setNumThreads(1)
 
@@ -160,7 +159,7 @@ def reelforge_path(path: str, info: VideoInfo, backend: str) -> int:
     """
     config = CurateConfig()
     info = probe(path, config.decode)
-    info.work_width, info.work_height = work_size(info.width, info.height, config.decode.work_short_side)
+    set_frame_sizes(info, config)
     failures = []
     for name in backend_order(backend):
         shots = ShotDetector(config.shots, info.fps)
@@ -169,8 +168,8 @@ def reelforge_path(path: str, info: VideoInfo, backend: str) -> int:
         try:
             for frame in decode_frames(path, info, name, config.decode):
                 if motion.wants(frame.index, frame.time_s):
-                    motion.push(frame.index, frame.time_s, frame.rgb)
-                shots.push(frame.index, frame.rgb)
+                    motion.push(frame.index, frame.time_s, frame.analysis)
+                shots.push(frame.index, frame.analysis)
                 count += 1
         except DecodeFailed as err:
             failures.append(f"{name}: {err}")
@@ -184,10 +183,10 @@ def reelforge_path(path: str, info: VideoInfo, backend: str) -> int:
 
 
 def reelforge_decode_only(path: str, info: VideoInfo, backend: str) -> int:
-    """The reelforge path's decode and scaling to the working size alone: splits its cost from the analysis."""
+    """The reelforge path's probe, decode and scaling to the analysis size alone: splits its cost from the analysis."""
     config = CurateConfig()
     info = probe(path, config.decode)
-    info.work_width, info.work_height = work_size(info.width, info.height, config.decode.work_short_side)
+    set_frame_sizes(info, config)
     failures = []
     for name in backend_order(backend):
         try:
@@ -200,6 +199,7 @@ def reelforge_decode_only(path: str, info: VideoInfo, backend: str) -> int:
 def full_stage(path: str, info: VideoInfo, backend: str) -> int:
     config = CurateConfig()
     config.decode.backends = backend_order(backend)
+    config.decode.isolate = False  # the stage's own work, without the sandbox child's start-up per measured call
     stage = VideoStage(config)
     stage.setup()
     row = stage.process(f"bench-{os.path.basename(path)}", path, os.path.getsize(path))
@@ -455,6 +455,7 @@ def rss_child(path: str, backend: str) -> None:
     rss_after_imports = proc_status_mib("VmRSS")
     config = CurateConfig()
     config.decode.backends = backend_order(backend)
+    config.decode.isolate = False  # this process is the sandbox: its RSS is the decoding process's RSS
     stage = VideoStage(config)
     stage.setup()
     start = time.perf_counter()
@@ -542,13 +543,13 @@ def print_long_video_check(result: dict) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("dir", nargs="?", help="directory searched recursively for video files")
-    parser.add_argument("--backend", choices=["decord", "pyav"], default="decord",
+    parser.add_argument("--backend", choices=["decord", "pyav"], default=CurateConfig().decode.backends[0],
                         help="decode backend of the reelforge path (the other one is the fallback, as in VideoStage)")
     parser.add_argument("--long-video-check", action="store_true",
                         help="peak RSS of the full VideoStage on synthetic 1-min and 10-min 720p videos")
     parser.add_argument("--long-video-dir", help="keep (and reuse) the synthetic videos here instead of a temp dir")
     parser.add_argument("--json", metavar="OUT", help="write every figure to this JSON file")
-    parser.add_argument("--repeats", type=int, default=2, help="interleaved rounds; the fastest per file is kept")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds; the fastest per file is kept")
     parser.add_argument("--no-full-stage", action="store_true", help="skip the informational full VideoStage number")
     parser.add_argument("--no-pin", action="store_true", help="do not pin the process to one CPU")
     parser.add_argument("--_rss-child", dest="rss_child", help=argparse.SUPPRESS)

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+# FFmpeg's swscale filters, as PyAV names them.
+SCALER_FILTERS = ("FAST_BILINEAR", "BILINEAR", "BICUBIC", "X", "POINT", "AREA", "BICUBLIN", "GAUSS", "SINC",
+                  "LANCZOS", "SPLINE")
 VIDEO_EXTENSIONS = [".mp4", ".mkv", ".mov", ".webm", ".avi", ".m4v", ".mpg", ".mpeg", ".ts", ".flv", ".wmv", ".3gp"]
 
 
@@ -24,6 +27,10 @@ class DecodeConfig:
     work_short_side: int = 256  # frames are decoded straight to this short side (never upscaled)
     threads: int = 1  # decoder threads per video; Ray parallelism is across videos
     chunk_frames: int = 16  # frames fetched per decoder call (bounded memory)
+    # Shot and motion analysis get their own small picture (shots.analysis_width wide), scaled by the decoder from
+    # the decoded picture. FFmpeg's fast bilinear filter costs 0.37 ms a 720p frame against 0.91 for its area filter
+    # (bench/README.md); its aliasing did not move a cut on ../shared/videos. PyAV only: decord scales with OpenCV.
+    analysis_interpolation: str = "FAST_BILINEAR"
     # Limits that protect workers from hostile or broken files.
     min_side: int = 16
     max_side: int = 8192
@@ -31,13 +38,22 @@ class DecodeConfig:
     max_frames: int = 1_000_000
     max_fps: float = 1000.0
     max_file_bytes: int = 64 << 30
+    # Decode each video in a sandboxed child process (curation/isolate.py, one per worker, reused): a native crash
+    # (SIGSEGV in FFmpeg or decord) or a hang then quarantines that one file instead of killing or blocking the worker.
+    isolate: bool = True
+    timeout_s: float = 600.0  # per video wall-clock limit while isolated; 0 = none
+
+    def __post_init__(self) -> None:
+        if self.analysis_interpolation not in SCALER_FILTERS:
+            raise ValueError(f"decode.analysis_interpolation must be one of {', '.join(SCALER_FILTERS)}, "
+                             f"got {self.analysis_interpolation!r}")
 
 
 @dataclass
 class ShotsConfig:
     """Cascaded cut detection on frames downscaled to `analysis_width` (see curation/shots.py)."""
 
-    analysis_width: int = 256
+    analysis_width: int = 128
     # Stage 1: AdaptiveDetector on the HSV content score, for clear hard cuts.
     content_threshold: float = 15.0
     adaptive_threshold: float = 3.0
@@ -68,15 +84,19 @@ class MotionConfig:
     """Dense optical flow (OpenCV Farneback) on downscaled grey frames."""
 
     fps: float = 2.0
-    analysis_width: int = 256
-    static_threshold: float = 0.5  # clips whose median flow is below this (px per second at analysis width)
+    # Flow runs on grey frames this wide: Farneback at 128 px costs a sixth of 256 px (1.4 vs 8.6 ms a pair,
+    # bench/README.md) and ranks motion the same. Magnitudes are reported in px/s on a frame `reference_width`
+    # wide whatever the analysis width, so thresholds keep their meaning when it changes.
+    analysis_width: int = 128
+    reference_width: int = 256
+    static_threshold: float = 0.5  # clips whose median flow is below this (px/s at reference width) are static
     pyr_scale: float = 0.5
     levels: int = 3
     winsize: int = 15
     iterations: int = 3
     poly_n: int = 5
     poly_sigma: float = 1.2
-    # "reelforge": px/s at analysis width, sampled at `fps`. "video2dataset": the exact configuration of
+    # "reelforge": px/s at reference width, sampled at `fps`. "video2dataset": the exact configuration of
     # video2dataset's OpticalFlowSubsampler test (first `upstream_frames` frames, every int(native_fps / fps)-th,
     # full resolution, mean flow magnitude per pair in px); it decodes at full resolution, so it is slow.
     mode: str = "reelforge"
@@ -123,7 +143,7 @@ class FilterConfig:
     duration: ScoreFilter = field(default_factory=lambda: ScoreFilter(min=2.0))
     # Short side in pixels of the source video. Off: set min to the training resolution to avoid upscaled clips.
     resolution: ScoreFilter = field(default_factory=ScoreFilter)
-    # Optical flow magnitude in px/s at motion.analysis_width (SVD: static scenes removed by thresholding the mean
+    # Optical flow magnitude in px/s at motion.reference_width (SVD: static scenes removed by thresholding the mean
     # flow magnitude at 2 fps). 0.5 matches motion.static_threshold; a camera pan is ~10-100.
     motion: ScoreFilter = field(default_factory=lambda: ScoreFilter(min=0.5))
     # Which per-clip motion statistic the motion filter reads: "median" (motion_median, our default: robust to a

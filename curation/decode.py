@@ -1,17 +1,20 @@
 """Decode a video once, streaming frames at a bounded working resolution: PyAV first, decord as the fallback.
 
 Every later stage (shots, motion, keyframes, clip encoding) consumes the frames this module yields, so a video is
-decoded exactly once per run. Frames are yielded one at a time; nothing here holds the whole video in memory.
+decoded exactly once per run. Frames are yielded one at a time; nothing here holds the whole video in memory. Each
+frame carries two pictures scaled from the one decode: a small one for shot and motion analysis and one at the
+working size for keyframes and clip encoding (made on first use).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -38,16 +41,49 @@ class VideoInfo:
     rotation: int  # degrees clockwise the stored picture must be turned for display
     codec: str
     start_time_s: float  # presentation time of the stream's first frame; frame times are relative to it
-    work_width: int = 0  # size frames are yielded at
+    work_width: int = 0  # size of Frame.rgb
     work_height: int = 0
+    analysis_width: int = 0  # size of Frame.analysis; 0: the working size
+    analysis_height: int = 0
     backend: str = ""
 
 
-@dataclass
 class Frame:
-    index: int  # 0-based position in decode (presentation) order
-    time_s: float  # presentation time relative to the stream's first frame
-    rgb: np.ndarray = field(repr=False)  # (H, W, 3) uint8 at the working resolution
+    """One decoded frame: its position and presentation time, a small `analysis` picture for shot and motion
+    detection, and `rgb` at the working resolution for keyframes and clip encoding.
+
+    The PyAV backend scales each decoded picture straight to the analysis size and makes the working-size picture
+    only when `rgb` is first read, so a pass that needs only the analysis (shots + motion) never pays for it.
+    """
+
+    __slots__ = ("index", "time_s", "analysis", "_rgb", "_make_rgb")
+
+    def __init__(self, index: int, time_s: float, rgb: np.ndarray | None = None, analysis: np.ndarray | None = None,
+                 make_rgb: Callable[[], np.ndarray] | None = None):
+        if rgb is None and make_rgb is None:
+            raise ValueError("a Frame needs its working-size picture or a way to make it")
+        self.index = index  # 0-based position in decode (presentation) order
+        self.time_s = time_s  # presentation time relative to the stream's first frame
+        self._rgb, self._make_rgb = rgb, make_rgb
+        self.analysis = analysis if analysis is not None else rgb  # (h, w, 3) uint8 at the analysis size
+
+    @property
+    def rgb(self) -> np.ndarray:
+        """(H, W, 3) uint8 at the working resolution."""
+        if self._rgb is None:
+            self._rgb, self._make_rgb = self._make_rgb(), None
+        return self._rgb
+
+    def __repr__(self) -> str:
+        return f"Frame(index={self.index}, time_s={self.time_s:.3f})"
+
+
+def analysis_size(width: int, height: int, analysis_width: int) -> tuple[int, int]:
+    """The size shot and motion analysis run at: `analysis_width` wide (never upscaled), aspect kept, even sides."""
+    if analysis_width <= 0 or width <= analysis_width:
+        return width, height
+    h = max(2, round(height * analysis_width / width))
+    return analysis_width, h + h % 2
 
 
 def work_size(width: int, height: int, short_side: int) -> tuple[int, int]:
@@ -160,8 +196,10 @@ def _check_running_limits(index: int, time_s: float, config: DecodeConfig) -> No
 
 
 def _frames_decord(path: str, info: VideoInfo, config: DecodeConfig) -> Iterator[Frame]:
+    import cv2
     import decord
 
+    size = _analysis_target(info)
     # decord applies the rotation itself and takes the output size after rotation.
     try:
         reader = decord.VideoReader(path, ctx=decord.cpu(0), width=info.work_width, height=info.work_height,
@@ -183,16 +221,27 @@ def _frames_decord(path: str, info: VideoInfo, config: DecodeConfig) -> Iterator
             index = start + offset
             time_s = float(times[index])
             _check_running_limits(index, time_s, config)
-            yield Frame(index=index, time_s=time_s, rgb=batch[offset])
+            rgb = batch[offset].copy()  # not a view: a kept frame must not pin its whole batch
+            analysis = None
+            if size is not None:
+                analysis = cv2.resize(rgb, size, interpolation=cv2.INTER_AREA)
+            yield Frame(index=index, time_s=time_s, rgb=rgb, analysis=analysis)
 
 
 def _frames_pyav(path: str, info: VideoInfo, config: DecodeConfig) -> Iterator[Frame]:
     import av
 
     turns = {0: 0, 90: -1, 180: 2, 270: 1}[info.rotation]  # np.rot90 turns counter-clockwise
-    # The scaler works on the stored (unrotated) picture.
-    out_w, out_h = (info.work_height, info.work_width) if info.rotation in (90, 270) else (
-        info.work_width, info.work_height)
+    sideways = info.rotation in (90, 270)  # the scaler works on the stored (unrotated) picture
+    out_w, out_h = (info.work_height, info.work_width) if sideways else (info.work_width, info.work_height)
+    size = _analysis_target(info)
+    if size is not None and sideways:
+        size = size[1], size[0]
+
+    def picture(frame, width: int, height: int, interpolation: str) -> np.ndarray:
+        rgb = frame.to_ndarray(format="rgb24", width=width, height=height, interpolation=interpolation)
+        return np.ascontiguousarray(np.rot90(rgb, turns)) if turns else rgb
+
     try:
         container = av.open(path, metadata_errors="ignore")
     except av.error.FFmpegError as err:
@@ -210,15 +259,23 @@ def _frames_pyav(path: str, info: VideoInfo, config: DecodeConfig) -> Iterator[F
                     first_pts = frame.pts
                 time_s = float((frame.pts - first_pts) * frame.time_base)
                 _check_running_limits(index, time_s, config)
-                rgb = frame.to_ndarray(format="rgb24", width=out_w, height=out_h, interpolation="AREA")
-                if turns:
-                    rgb = np.ascontiguousarray(np.rot90(rgb, turns))
-                yield Frame(index=index, time_s=time_s, rgb=rgb)
+                make_rgb = functools.partial(picture, frame, out_w, out_h, "AREA")
+                if size is None:
+                    yield Frame(index=index, time_s=time_s, rgb=make_rgb())
+                else:
+                    analysis = picture(frame, *size, config.analysis_interpolation)
+                    yield Frame(index=index, time_s=time_s, analysis=analysis, make_rgb=make_rgb)
                 index += 1
         except av.error.FFmpegError as err:
             raise DecodeFailed(f"PyAV failed after {index} frames: {err}") from err
         if index == 0:
             raise DecodeFailed("PyAV decoded no frames")
+
+
+def _analysis_target(info: VideoInfo) -> tuple[int, int] | None:
+    """(width, height) of Frame.analysis after rotation, or None when it is the working-size picture itself."""
+    size = (info.analysis_width, info.analysis_height)
+    return None if not all(size) or size == (info.work_width, info.work_height) else size
 
 
 BACKENDS = {"decord": _frames_decord, "pyav": _frames_pyav}

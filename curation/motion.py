@@ -14,7 +14,7 @@ from curation.config import MotionConfig
 class FlowSample:
     first_frame: int
     last_frame: int
-    magnitude: float  # reelforge mode: px/s at analysis width; video2dataset mode: px per sampled pair
+    magnitude: float  # reelforge mode: px/s at motion.reference_width; video2dataset mode: px per sampled pair
 
 
 @dataclass
@@ -73,7 +73,7 @@ class MotionScorer:
             prev_index, prev_time, prev_grey = self._prev
             magnitude = self._flow(prev_grey, grey)
             if self.config.mode == "reelforge":
-                magnitude /= max(time_s - prev_time, 1e-3)
+                magnitude *= self.config.reference_width / grey.shape[1] / max(time_s - prev_time, 1e-3)
             self.samples.append(FlowSample(prev_index, index, magnitude))
             self._total += magnitude
             self._count += 1

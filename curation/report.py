@@ -31,7 +31,7 @@ HEADER_H, SECTION_H = 70, 30
 TILE_CHARS = 36  # monospace 7.5 pt characters that fit a tile's width
 KEPT_COLOR, DROPPED_HERE_COLOR, DROPPED_ELSEWHERE_COLOR = "#2e7d32", "#c62828", "#9e9e9e"
 HISTOGRAMS = [
-    ("motion", "motion: optical flow, px/s at analysis width ({stat})"),
+    ("motion", "motion: optical flow, px/s at reference width ({stat})"),
     ("aesthetic", "aesthetic score"),
     ("caption_match", "caption match: CLIP cosine similarity"),
     ("duration", "clip duration, s"),

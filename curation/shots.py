@@ -1,7 +1,7 @@
 """Cascaded shot-boundary detection fed with already-decoded frames (no second decode).
 
 The cascade, in the spirit of Stable Video Diffusion's curation, runs PySceneDetect detectors side by side on frames
-downscaled to `analysis_width`:
+downscaled to `analysis_width` (the decoder's Frame.analysis picture):
 1. AdaptiveDetector on the HSV content score: clear hard cuts, robust to fast motion because the score must stand
    out against its neighbours (the cockatoo clip's motion blur is not a cut);
 2. AdaptiveDetector on luma only with a low floor: cuts that are small in absolute terms but huge against a static
@@ -9,7 +9,9 @@ downscaled to `analysis_width`:
 3. ThresholdDetector: fades to and from black;
 4. a stride test for gradual transitions (dissolves, fades): frames `stride` apart differ a lot, yet the frame in
    the middle is their average, which fast motion and hard cuts never are.
-Boundaries become final `lag_frames` behind the newest frame, so a consumer can stream clips out with bounded memory.
+Stages 1 and 2 score each frame from one HSV conversion shared between them (each ContentDetector would convert on
+its own, which was a quarter of the analysis time). Boundaries become final `lag_frames` behind the newest frame,
+so a consumer can stream clips out with bounded memory.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import numpy as np
 from scenedetect import AdaptiveDetector, ContentDetector, FrameTimecode, ThresholdDetector
 
 from curation.config import ShotsConfig
+from curation.decode import analysis_size
 
 
 @dataclass
@@ -37,10 +40,40 @@ class ShotBoundaries:
     transitions: list[Transition] = field(default_factory=list)
 
 
-def _analysis_size(width: int, height: int, analysis_width: int) -> tuple[int, int]:
-    if width <= analysis_width:
-        return width, height
-    return analysis_width, max(1, round(height * analysis_width / width))
+class _SharedScoreAdaptiveDetector(AdaptiveDetector):
+    """PySceneDetect's AdaptiveDetector (rolling-average ratio, minimum content value, flash filter) scoring each
+    frame with a content score the caller computed, so several detectors share one HSV conversion per frame."""
+
+    def __init__(self, weights: ContentDetector.Components, **kwargs):
+        super().__init__(weights=weights, **kwargs)
+        self.weights = weights
+        self.next_score = 0.0
+
+    def _calculate_frame_score(self, timecode: FrameTimecode, frame_img: np.ndarray) -> float:
+        return self.next_score
+
+
+class _HsvDeltas:
+    """ContentDetector's per-frame score components (mean absolute change of hue, saturation and value from the
+    previous frame), computed once for every detector that weighs them."""
+
+    def __init__(self):
+        self._previous: tuple[np.ndarray, ...] | None = None
+
+    def __call__(self, bgr: np.ndarray) -> tuple[float, float, float]:
+        channels = cv2.split(cv2.cvtColor(bgr, cv2.COLOR_BGR2HSV))
+        previous, self._previous = self._previous, channels
+        if previous is None:
+            return 0.0, 0.0, 0.0  # as ContentDetector: no score before there are two frames
+        return tuple(cv2.mean(cv2.absdiff(now, before))[0] for now, before in zip(channels, previous, strict=True))
+
+    @staticmethod
+    def score(deltas: tuple[float, float, float], weights: ContentDetector.Components) -> float:
+        """ContentDetector's weighted score (edges are weighted 0 in both of our detectors)."""
+        if weights.delta_edges:
+            raise ValueError("edge weights need ContentDetector's edge pass; the shared score has none")
+        parts = (weights.delta_hue, weights.delta_sat, weights.delta_lum)
+        return sum(d * w for d, w in zip(deltas, parts, strict=True)) / sum(abs(w) for w in weights)
 
 
 class ShotDetector:
@@ -51,13 +84,14 @@ class ShotDetector:
         self.fps = fps if fps > 0 else 25.0
         min_frames = max(1, round(config.min_shot_seconds * self.fps))
         self._min_shot_frames = min_frames
-        self._content = AdaptiveDetector(adaptive_threshold=config.adaptive_threshold,
-                                         min_content_val=config.content_threshold,
-                                         window_width=config.adaptive_window, min_scene_len=min_frames)
-        luma = ContentDetector.LUMA_ONLY_WEIGHTS
-        self._luma = AdaptiveDetector(adaptive_threshold=config.luma_adaptive_threshold,
-                                      min_content_val=config.adaptive_min_content, window_width=config.adaptive_window,
-                                      min_scene_len=min_frames, weights=luma)
+        self._deltas = _HsvDeltas()
+        self._content = _SharedScoreAdaptiveDetector(
+            ContentDetector.DEFAULT_COMPONENT_WEIGHTS, adaptive_threshold=config.adaptive_threshold,
+            min_content_val=config.content_threshold, window_width=config.adaptive_window, min_scene_len=min_frames)
+        self._luma = _SharedScoreAdaptiveDetector(
+            ContentDetector.LUMA_ONLY_WEIGHTS, adaptive_threshold=config.luma_adaptive_threshold,
+            min_content_val=config.adaptive_min_content, window_width=config.adaptive_window,
+            min_scene_len=min_frames)
         self._fade = ThresholdDetector(threshold=config.fade_threshold, fade_bias=1.0, min_scene_len=min_frames)
         self._stride = max(1, config.gradual_stride)
         self._grey: deque[tuple[int, np.ndarray]] = deque(maxlen=2 * self._stride + 1)
@@ -84,8 +118,9 @@ class ShotDetector:
         return max(0, self._last_index + 1 - self.lag_frames)
 
     def push(self, index: int, rgb: np.ndarray) -> None:
+        """Add the next frame; best at the analysis size (Frame.analysis), larger frames are scaled down first."""
         if self._size is None:
-            self._size = _analysis_size(rgb.shape[1], rgb.shape[0], self.config.analysis_width)
+            self._size = analysis_size(rgb.shape[1], rgb.shape[0], self.config.analysis_width)
         if (rgb.shape[1], rgb.shape[0]) == self._size:
             small = rgb
         else:
@@ -95,6 +130,9 @@ class ShotDetector:
             small = cv2.resize(rgb, self._size, interpolation=interpolation)
         bgr = cv2.cvtColor(small, cv2.COLOR_RGB2BGR)
         timecode = FrameTimecode(index, self.fps)
+        deltas = self._deltas(bgr)
+        for detector in (self._content, self._luma):
+            detector.next_score = _HsvDeltas.score(deltas, detector.weights)
         for tc in self._content.process_frame(timecode, bgr):
             self._raw_cuts.append(tc.frame_num)
         for tc in self._luma.process_frame(timecode, bgr):

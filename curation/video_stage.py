@@ -15,9 +15,20 @@ import pyarrow as pa
 
 from curation import schema
 from curation.config import CurateConfig
-from curation.decode import DecodeFailed, Frame, VideoInfo, VideoRejected, decode_frames, local_path, probe, work_size
+from curation.decode import (
+    DecodeFailed,
+    Frame,
+    VideoInfo,
+    VideoRejected,
+    analysis_size,
+    decode_frames,
+    local_path,
+    probe,
+    work_size,
+)
 from curation.encode import ClipEncoder, jpeg_bytes
 from curation.filters import ClipFilter
+from curation.isolate import ChildCrashed, ChildTimedOut, IsolatedWorker
 from curation.motion import MotionScorer
 from curation.shots import ShotDetector
 
@@ -149,18 +160,79 @@ def _video_row(video_id: str, uri: str, size: int) -> dict:
     return row
 
 
+def set_frame_sizes(info: VideoInfo, config: CurateConfig) -> None:
+    """The sizes the decoder yields: the working size (keyframes, clips) and the analysis size (shots, motion)."""
+    if config.motion.mode == "video2dataset":  # upstream flows on full-resolution frames
+        info.work_width, info.work_height = work_size(info.width, info.height, 0)
+        return
+    info.work_width, info.work_height = work_size(info.width, info.height, config.decode.work_short_side)
+    info.analysis_width, info.analysis_height = analysis_size(info.work_width, info.work_height,
+                                                              config.shots.analysis_width)
+
+
+def _quarantined(video_id: str, uri: str, size: int, error_class: str, message: str) -> dict:
+    row = _video_row(video_id, uri, size)
+    row.update(status="quarantined", error_class=error_class, error_message=message)
+    return row
+
+
+_child_stage: VideoStage | None = None  # the isolated child's stage, set up once and reused across videos
+
+
+def _process_in_child(config: CurateConfig, video_id: str, uri: str, size: int) -> dict:
+    """VideoStage.process's body, in the isolated child process (the entry point IsolatedWorker calls)."""
+    global _child_stage
+    if _child_stage is None or _child_stage.config != config:
+        _child_stage = VideoStage(config)
+        _child_stage.setup()
+    return _child_stage._process_here(video_id, uri, size)
+
+
 class VideoStage:
-    """Ray Data stage: one row per discovered video in, its videos row with all its clips out."""
+    """Ray Data stage: one row per discovered video in, its videos row with all its clips out.
+
+    With decode.isolate (the default) each video is processed in a child process of this worker (curation/isolate.py),
+    so a decoder that crashes or hangs quarantines its file (decoder_crash, decode_timeout) and the worker goes on.
+    """
+
+    # What the child runs per video: a module-level function (config, video_id, uri, size) -> row. Tests swap it.
+    child_entry = staticmethod(_process_in_child)
 
     def __init__(self, config: CurateConfig):
         self.config = config
+        self._worker: IsolatedWorker | None = None  # started on the first isolated video
 
     def setup(self) -> None:
         import cv2
 
         cv2.setNumThreads(1)  # parallelism comes from running one video per CPU
 
+    def close(self) -> None:
+        """Stop the isolated child process, if one runs (it also stops when the stage is garbage-collected)."""
+        if self._worker is not None:
+            self._worker.close()
+
     def process(self, video_id: str, uri: str, size: int) -> dict:
+        if not self.config.decode.isolate:
+            return self._process_here(video_id, uri, size)
+        if self._worker is None:
+            self._worker = IsolatedWorker(name="reelforge-decode")
+        timeout_s = self.config.decode.timeout_s or None
+        try:
+            return self._worker.call(self.child_entry, self.config, video_id, uri, size, timeout_s=timeout_s)
+        except ChildCrashed as err:
+            how = err.signal_name or f"exit code {err.exit_code}"
+            message = f"the decoding process died with {how}; the file is quarantined"
+            error_class = "decoder_crash"
+        except ChildTimedOut:
+            message = (f"decoding took longer than decode.timeout_s={timeout_s:g}s; the process was killed and the "
+                       "file is quarantined")
+            error_class = "decode_timeout"
+        log.warning("%s: %s", uri, message)
+        return _quarantined(video_id, uri, size, error_class, message)
+
+    def _process_here(self, video_id: str, uri: str, size: int) -> dict:
+        """Decode and cut one video in this process. Errors in Python become a quarantined row."""
         row = _video_row(video_id, uri, size)
         try:
             with local_path(uri, self.config.decode.max_file_bytes) as path:
@@ -177,8 +249,7 @@ class VideoStage:
 
     def _decode(self, path: str, info: VideoInfo, row: dict) -> None:
         config = self.config
-        short_side = 0 if config.motion.mode == "video2dataset" else config.decode.work_short_side
-        info.work_width, info.work_height = work_size(info.width, info.height, short_side)
+        set_frame_sizes(info, config)
         failures = []
         for backend in config.decode.backends:
             try:
@@ -210,9 +281,11 @@ class VideoStage:
 
         for frame in decode_frames(path, info, backend, config.decode):
             if motion.wants(frame.index, frame.time_s):
-                motion.push(frame.index, frame.time_s, frame.rgb)
-            shots.push(frame.index, frame.rgb)
-            pending.append(Frame(frame.index, frame.time_s, frame.rgb.copy()))
+                motion.push(frame.index, frame.time_s, frame.analysis)
+            shots.push(frame.index, frame.analysis)
+            # Scale to the working size now: a pending frame must not hold the decoder's full-size picture.
+            frame.rgb  # noqa: B018
+            pending.append(frame)
             count += 1
             last_time = frame.time_s
             # A frame is placed once its boundary status and the trim window after it are final.

@@ -14,6 +14,7 @@ import scipy.linalg
 import torch
 import torch.nn.functional as F
 
+from curation.config import MotionConfig
 from curation.sample_dump import BACKGROUND_COLORS, DIRECTIONS, SHAPE_COLORS, _Sampler
 from training.data import sample_indices
 from training.metrics import (
@@ -280,12 +281,14 @@ def _translating_texture(size: int, px_per_frame: int, frames: int = 8) -> np.nd
 
 
 def test_motion_scores_of_a_translation_are_its_speed():
-    # A whole-frame translation by 1 or 2 px per frame at 8 fps: the curation scorer's px/s is 8 or 16.
+    # A whole-frame translation by 1 or 2 px per frame at 8 fps on a 32-px frame is 8 or 16 px/s, which the curation
+    # scorer reports on its 256-px reference width: 64 or 128.
     videos = np.stack([_translating_texture(32, s) for s in (0, 1, 2)])
     scores = motion_scores(videos, fps=8.0)
-    assert scores[0] < 0.1
-    assert scores[1] == pytest.approx(8.0, rel=0.05)
-    assert scores[2] == pytest.approx(16.0, rel=0.05)
+    to_reference = MotionConfig().reference_width / 32
+    assert scores[0] < 0.1 * to_reference
+    assert scores[1] == pytest.approx(8.0 * to_reference, rel=0.05)
+    assert scores[2] == pytest.approx(16.0 * to_reference, rel=0.05)
     assert np.isnan(motion_scores(videos[:1, :1], fps=8.0)[0])  # one frame: no flow pair
 
 

@@ -118,3 +118,31 @@ def test_generated_static_and_moving_shots(sample_dump):
             if stats.num_pairs == 0:
                 continue
             assert stats.is_static == (shot["kind"] == "static"), (name, shot, stats)
+
+
+def test_shared_hsv_score_gives_pyscenedetects_own_adaptive_cuts(sample_dump):
+    """The cascade scores each frame once for both adaptive detectors; on the same frames each must cut exactly where
+    PySceneDetect's AdaptiveDetector, converting the frame itself, cuts."""
+    import cv2
+    from scenedetect import AdaptiveDetector, ContentDetector, FrameTimecode
+
+    from curation.shots import _HsvDeltas, _SharedScoreAdaptiveDetector
+
+    root, truth = sample_dump
+    settings = dict(adaptive_threshold=2.0, min_content_val=3.0, window_width=2, min_scene_len=4)  # sensitive
+    total = 0
+    for name in truth["videos"]:
+        info, frames = _frames(root / name, backend="pyav")
+        for weights in (ContentDetector.DEFAULT_COMPONENT_WEIGHTS, ContentDetector.LUMA_ONLY_WEIGHTS):
+            deltas, ours = _HsvDeltas(), _SharedScoreAdaptiveDetector(weights, **settings)
+            theirs = AdaptiveDetector(weights=weights, **settings)
+            got, expected = [], []
+            for frame in frames:
+                timecode = FrameTimecode(frame.index, info.fps)
+                bgr = cv2.cvtColor(frame.analysis, cv2.COLOR_RGB2BGR)
+                ours.next_score = _HsvDeltas.score(deltas(bgr), weights)
+                got += [tc.frame_num for tc in ours.process_frame(timecode, bgr)]
+                expected += [tc.frame_num for tc in theirs.process_frame(timecode, bgr)]
+            assert got == expected, (name, weights)
+            total += len(expected)
+    assert total >= 8  # the generator's hard cuts were there to be found

@@ -60,7 +60,7 @@ def workflow(tmp_path_factory):
     root = tmp_path_factory.mktemp("workflow")
     config, workdir = root / "tiny.yaml", root / "wd"
     config.write_text(yaml.safe_dump(TINY))
-    # 1. started, then killed (the whole process group: driver, raylet, workers) once training has a registered checkpoint
+    # 1. started, then killed (the whole process group: driver, raylet, workers) once training registered a checkpoint
     first = _reelforge(workdir, config)
     deadline = time.monotonic() + 600
     while not _checkpoints(workdir):

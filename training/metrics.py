@@ -276,9 +276,10 @@ def motion_scores(videos_uint8: np.ndarray, fps: float, config: MotionConfig | N
     """Per video, curation's MotionScorer score (mean Farneback flow magnitude) with frame i at time i / fps.
 
     With no `config`, curation's defaults sampled at the video's own `fps`, so every consecutive pair is a flow
-    sample (curation's 2 samples/s would leave one pair in a 1 s clip). In "reelforge" mode the unit is px/s at
-    min(width, analysis_width): score real clips decoded at the generated size and fps with this same function,
-    never the curation table's scores of the full-size videos. NaN for a video with fewer than two samples."""
+    sample (curation's 2 samples/s would leave one pair in a 1 s clip). In "reelforge" mode the unit is px/s on a
+    frame scaled to motion.reference_width; flow on a small frame still misses sub-pixel motion, so score real clips
+    decoded at the generated size and fps with this same function, never the curation table's scores of the
+    full-size videos. NaN for a video with fewer than two samples."""
     videos = _check_videos(videos_uint8)
     config = config if config is not None else dataclasses.replace(MotionConfig(), fps=float(fps))
     scores = np.empty(len(videos), np.float64)
