@@ -141,6 +141,7 @@ def probe(path: str, config: DecodeConfig) -> VideoInfo:
         if not container.streams.video:
             raise VideoRejected("no_video_stream", "the container has no video stream")
         stream = container.streams.video[0]
+        stream.thread_count = 1  # one frame is decoded: threads would only cost their start-up
         ctx = stream.codec_context
         width, height = int(ctx.width or 0), int(ctx.height or 0)
         first = None
@@ -230,6 +231,7 @@ def _frames_decord(path: str, info: VideoInfo, config: DecodeConfig) -> Iterator
 
 def _frames_pyav(path: str, info: VideoInfo, config: DecodeConfig) -> Iterator[Frame]:
     import av
+    from av.video.reformatter import VideoReformatter
 
     turns = {0: 0, 90: -1, 180: 2, 270: 1}[info.rotation]  # np.rot90 turns counter-clockwise
     sideways = info.rotation in (90, 270)  # the scaler works on the stored (unrotated) picture
@@ -238,9 +240,14 @@ def _frames_pyav(path: str, info: VideoInfo, config: DecodeConfig) -> Iterator[F
     if size is not None and sideways:
         size = size[1], size[0]
 
-    def picture(frame, width: int, height: int, interpolation: str) -> np.ndarray:
-        rgb = frame.to_ndarray(format="rgb24", width=width, height=height, interpolation=interpolation)
+    def picture(scaler: VideoReformatter, frame, width: int, height: int, interpolation: str) -> np.ndarray:
+        rgb = scaler.reformat(frame, width=width, height=height, format="rgb24",
+                              interpolation=interpolation).to_ndarray()
         return np.ascontiguousarray(np.rot90(rgb, turns)) if turns else rgb
+
+    # One scaler per output size for the whole stream: VideoFrame.to_ndarray would set up a new swscale context for
+    # every frame (0.22 vs 0.13 ms a 720p frame at the analysis size).
+    analysis_scaler, work_scaler = VideoReformatter(), VideoReformatter()
 
     try:
         container = av.open(path, metadata_errors="ignore")
@@ -259,11 +266,11 @@ def _frames_pyav(path: str, info: VideoInfo, config: DecodeConfig) -> Iterator[F
                     first_pts = frame.pts
                 time_s = float((frame.pts - first_pts) * frame.time_base)
                 _check_running_limits(index, time_s, config)
-                make_rgb = functools.partial(picture, frame, out_w, out_h, "AREA")
+                make_rgb = functools.partial(picture, work_scaler, frame, out_w, out_h, "AREA")
                 if size is None:
                     yield Frame(index=index, time_s=time_s, rgb=make_rgb())
                 else:
-                    analysis = picture(frame, *size, config.analysis_interpolation)
+                    analysis = picture(analysis_scaler, frame, *size, config.analysis_interpolation)
                     yield Frame(index=index, time_s=time_s, analysis=analysis, make_rgb=make_rgb)
                 index += 1
         except av.error.FFmpegError as err:

