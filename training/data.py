@@ -138,7 +138,7 @@ def stage_dataset(files: list[str], stage: CurriculumStage, config: DataConfig, 
     """
     import ray
 
-    ds = ray.data.read_parquet(files, columns=SHARD_COLUMNS)
+    ds = ray.data.read_parquet(files).select_columns(SHARD_COLUMNS)  # Ray pushes the projection into the read
     ds = ds.map_batches(_decode_batch, fn_kwargs={"stage": stage, "windows": config.windows_per_clip},
                         batch_size=config.decode_batch_size,
                         batch_format="pyarrow", num_cpus=1, concurrency=config.decode_concurrency)
