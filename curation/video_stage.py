@@ -171,6 +171,7 @@ def set_frame_sizes(info: VideoInfo, config: CurateConfig) -> None:
 
 
 def _quarantined(video_id: str, uri: str, size: int, error_class: str, message: str) -> dict:
+    """A fresh videos row for a rejected input: nothing a failed decode half-filled survives into it."""
     row = _video_row(video_id, uri, size)
     row.update(status="quarantined", error_class=error_class, error_message=message)
     return row
@@ -240,11 +241,10 @@ class VideoStage:
                 self._decode(path, info, row)
             row["status"] = "ok"
         except VideoRejected as err:
-            row.update(status="quarantined", error_class=err.reason, error_message=str(err), clips=[])
+            return _quarantined(video_id, uri, size, err.reason, str(err))
         except Exception as err:  # noqa: BLE001 - one bad file must not stop the run; the reason is recorded
             log.exception("unexpected error on %s", uri)
-            row.update(status="quarantined", error_class="internal_error",
-                       error_message=f"{type(err).__name__}: {err}", clips=[])
+            return _quarantined(video_id, uri, size, "internal_error", f"{type(err).__name__}: {err}")
         return row
 
     def _decode(self, path: str, info: VideoInfo, row: dict) -> None:
