@@ -18,6 +18,9 @@ class ScheduleConfig:
     beta_start: float = 1e-4  # linear only
     beta_end: float = 0.02  # linear only
     prediction: str = "v"  # what the network predicts: "eps" (the noise) | "v" (Salimans & Ho 2022)
+    # Added to log(SNR) at every timestep (Hoogeboom et al. 2023, "simple diffusion"; SD3's shift): a negative shift
+    # makes every t noisier, so more of training and sampling falls where a small video's layout is decided. 0: as is.
+    logsnr_shift: float = 0.0
 
 
 def cosine_alpha_bar(t: torch.Tensor, s: float = 0.008) -> torch.Tensor:
@@ -53,6 +56,12 @@ class NoiseSchedule:
             alpha_bar = cosine_alpha_bar(torch.arange(num_steps + 1, dtype=torch.float64) / num_steps)
             self.betas = (1 - alpha_bar[1:] / alpha_bar[:-1]).clamp(max=0.999)
         self.alphas_cumprod = torch.cumprod(1 - self.betas, dim=0)
+        if config.logsnr_shift:
+            if not math.isfinite(config.logsnr_shift):
+                raise ValueError(f"logsnr_shift must be a finite number, got {config.logsnr_shift}")
+            a = self.alphas_cumprod
+            self.alphas_cumprod = torch.sigmoid(torch.log(a) - torch.log1p(-a) + config.logsnr_shift)
+            self.betas = 1 - self.alphas_cumprod / torch.cat([torch.ones(1, dtype=a.dtype), self.alphas_cumprod[:-1]])
         self._tables: dict[torch.device, torch.Tensor] = {}  # alphas_cumprod copied once per device
 
     @property

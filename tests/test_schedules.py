@@ -213,3 +213,18 @@ def test_clip_x0_bounds_the_prediction_and_keeps_an_in_range_oracle_exact():
     assert float(x0_wild.abs().max()) <= 1.0
     _, x0_free = sampler.step(wild, 600, 300, x_t)
     assert float(x0_free.abs().max()) > 1.0
+
+
+@pytest.mark.parametrize("kind", ["linear", "cosine"])
+def test_logsnr_shift_moves_log_snr_by_exactly_the_shift_and_keeps_the_tables_consistent(kind):
+    plain = NoiseSchedule(ScheduleConfig(kind=kind))
+    shifted = NoiseSchedule(ScheduleConfig(kind=kind, logsnr_shift=-2.77))
+    t = torch.arange(1000)
+    difference = torch.log(shifted.snr(t, torch.float64)) - torch.log(plain.snr(t, torch.float64))
+    assert torch.allclose(difference, torch.full_like(difference, -2.77), atol=1e-9)
+    assert bool((shifted.alphas_cumprod < plain.alphas_cumprod).all())  # noisier at every t
+    # betas and alphas_cumprod still describe one Markov chain
+    assert torch.allclose(torch.cumprod(1 - shifted.betas, 0), shifted.alphas_cumprod, rtol=1e-12)
+    assert bool(((shifted.betas > 0) & (shifted.betas < 1)).all())
+    with pytest.raises(ValueError, match="logsnr_shift"):
+        NoiseSchedule(ScheduleConfig(kind=kind, logsnr_shift=float("nan")))
