@@ -29,13 +29,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from curation.outputs import read_table  # noqa: E402
 from curation.sample_dump import SHAPE_COLORS  # noqa: E402
-from models.ddim import DDIMSampler  # noqa: E402
 from models.schedules import NoiseSchedule, ScheduleConfig  # noqa: E402
 from models.text_encoder import FrozenTextEncoder, TextEncoderConfig  # noqa: E402
 from models.vdit import VDiT, vdit_config  # noqa: E402
 from training.config import CurriculumStage  # noqa: E402
 from training.data import SHARD_COLUMNS, decode_row, to_model_input, to_uint8  # noqa: E402
+from training.loop import EMA  # noqa: E402
 from training.metrics import detect_shape_video, parse_shape_prompt, prompt_adherence  # noqa: E402
+from training.sample import generate  # noqa: E402
 
 DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
 OPPOSITE = {"left": "right", "right": "left", "up": "down", "down": "up"}
@@ -128,21 +129,11 @@ class Probe:
                          f"colour {100 * (loss['colour'] / loss['true'] - 1):+.1f}%")
         return "  ".join(parts)
 
-    @torch.no_grad()
     def sample(self, prompt: str, seed: int) -> np.ndarray:
         a = self.args
-        context, mask = self.encode([prompt])
-        null_context, null_mask = self.encode([""])
-        sampler = DDIMSampler(self.schedule)
-        timesteps = sampler.set_timesteps(a.sample_steps).tolist()
-        x = torch.randn((1, 3, a.frames, a.size, a.size), generator=torch.Generator().manual_seed(seed))
-        for i, t in enumerate(timesteps):
-            t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1
-            out = self.model(torch.cat([x, x]), torch.full((2,), t), torch.cat([context, null_context]),
-                             torch.cat([mask, null_mask]))
-            cond, uncond = out.chunk(2)
-            x, _ = sampler.step(uncond + a.cfg_scale * (cond - uncond), t, t_prev, x, clip_x0=1.0)
-        return to_uint8(x)[0]
+        video = generate(self.model, self.encode, self.schedule, [prompt], a.frames, a.size, a.sample_steps,
+                         a.cfg_scale, seed)
+        return to_uint8(video)[0]
 
     def adherence(self, captions: list[str]) -> str:
         videos = np.stack([self.sample(c, i) for i, c in enumerate(captions)])
@@ -203,7 +194,7 @@ def main() -> None:
     model, schedule = probe.model, probe.schedule
     x_all = to_model_input(videos)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0)
-    ema = [p.detach().clone() for p in model.parameters()]
+    ema = EMA(model, 0.995)
     generator = torch.Generator().manual_seed(args.seed)
     seen = np.random.default_rng(0).choice(len(videos), size=min(64, len(videos)), replace=False)  # probed
     losses, started = [], time.time()
@@ -223,26 +214,19 @@ def main() -> None:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
-        with torch.no_grad():
-            for e, p in zip(ema, model.parameters(), strict=True):
-                e.mul_(0.995).add_(p.detach(), alpha=0.005)
+        ema.update()
         losses.append(loss.item())
         if step % 500 == 0:
             print(f"step {step} loss {np.mean(losses[-500:]):.4f} ({time.time() - started:.0f} s)", flush=True)
         if step % args.eval_every == 0 or step == args.steps:
-            live = [p.detach().clone() for p in model.parameters()]
-            with torch.no_grad():
-                for p, e in zip(model.parameters(), ema, strict=True):
-                    p.copy_(e)
             model.eval()
-            print(f"== step {step} (EMA weights)")
-            print(f"caption sensitivity, held-out: {probe.sensitivity(heldout_videos, heldout_captions)}")
-            print(f"caption sensitivity, training: {probe.sensitivity(videos[seen], [captions[i] for i in seen])}")
-            print(f"sampled prompt adherence ({args.sample_steps} steps, cfg {args.cfg_scale}): "
-                  f"{probe.adherence(heldout_captions)}", flush=True)
-            with torch.no_grad():
-                for p, v in zip(model.parameters(), live, strict=True):
-                    p.copy_(v)
+            with ema.swapped_in():
+                print(f"== step {step} (EMA weights)")
+                print(f"caption sensitivity, held-out: {probe.sensitivity(heldout_videos, heldout_captions)}")
+                seen_captions = [captions[i] for i in seen]
+                print(f"caption sensitivity, training: {probe.sensitivity(videos[seen], seen_captions)}")
+                print(f"sampled prompt adherence ({args.sample_steps} steps, cfg {args.cfg_scale}): "
+                      f"{probe.adherence(heldout_captions)}", flush=True)
             model.train()
 
 
