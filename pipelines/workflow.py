@@ -34,7 +34,7 @@ STATE_FILE = "workflow.json"
 class SampleDumpConfig:
     """The generated dumps used when `input` is empty: one to train on, one held out for evaluation."""
 
-    num_videos: int = 60
+    num_videos: int = 800  # the demo needs many distinct clips to learn the direction word, not memorise clips
     seed: int = 0
     heldout_videos: int = 40  # a second dump (another seed): its captions are the evaluation prompts
     heldout_seed: int = 1

@@ -45,3 +45,17 @@ def test_shipped_config_matches_the_dataclasses_and_round_trips(tmp_path):
     again.write_text(to_yaml(config))
     assert load_config(CurateConfig, again) == config
     assert flatten(config)["shots.min_seconds"] == config.shots.min_seconds
+
+
+def test_the_demo_configs_spell_out_the_embedded_defaults():
+    # Both files say they are what `reelforge run` / `reelforge train` do with no config: keep them from drifting.
+    from pipelines.workflow import WorkflowConfig
+    from training.config import TrainConfig
+
+    quickstart = flatten(load_config(WorkflowConfig, ROOT / "configs" / "quickstart.yaml"))
+    embedded = flatten(WorkflowConfig())
+    assert {k: v for k, v in quickstart.items() if embedded[k] != v} == {}
+    demo = flatten(load_config(TrainConfig, ROOT / "configs" / "train" / "demo.yaml"))
+    train_embedded = flatten(TrainConfig())
+    assert {k: v for k, v in demo.items() if train_embedded[k] != v} == {}
+    assert demo["schedule.logsnr_shift"] < 0 and demo["data_loading.windows_per_clip"] == 1

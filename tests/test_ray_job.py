@@ -184,7 +184,8 @@ def test_ray_job_submit_runs_the_curate_step_and_stopping_leaves_other_clusters(
         head_node, "job", "submit", "--address", head_node.dashboard_url, "--submission-id", submission_id,
         "--working-dir", str(ROOT), "--runtime-env-json", json.dumps({"excludes": EXCLUDES}),
         "--", "reelforge", "run", "--config", "configs/quickstart.yaml", "--workdir", str(workdir),
-        "--set", "steps=[curate]", "--set", "curate.output_files.shard_rows=8",
+        "--set", "steps=[curate]", "--set", "sample_dump.num_videos=60",
+        "--set", "curate.output_files.shard_rows=8",
         timeout=480,
     )
     job_seconds = time.perf_counter() - started
