@@ -9,7 +9,8 @@ generated moving-square task, and reports, every --eval-every steps:
   held-out clips and on training clips (the gap between the two is memorisation);
 - prompt adherence of videos sampled for the held-out captions (training/metrics.py), and the direction confusion.
 
-    python bench/caption_probe.py --data runs/quickstart/curated --heldout runs/quickstart/heldout-curated
+    python bench/caption_probe.py --data runs/quickstart/curated --heldout runs/quickstart/heldout-curated \
+        --fps 1 --windows 1 --shift -2.77 --steps 6000   # as the demo trains now (configs/train/demo.yaml)
     python bench/caption_probe.py --synthetic direction+colour --init pixart   # the text embedders' old init
 """
 
