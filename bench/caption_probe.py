@@ -29,7 +29,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from curation.outputs import read_table  # noqa: E402
-from curation.sample_dump import SHAPE_COLORS  # noqa: E402
+from curation.sample_dump import DIRECTIONS, SHAPE_COLORS, direction_vector, draw_shape  # noqa: E402
 from models.schedules import NoiseSchedule, ScheduleConfig  # noqa: E402
 from models.text_encoder import FrozenTextEncoder, TextEncoderConfig  # noqa: E402
 from models.vdit import VDiT, vdit_config  # noqa: E402
@@ -39,7 +39,6 @@ from training.loop import EMA  # noqa: E402
 from training.metrics import detect_shape_video, parse_shape_prompt, prompt_adherence  # noqa: E402
 from training.sample import generate  # noqa: E402
 
-DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
 OPPOSITE = {"left": "right", "right": "left", "up": "down", "down": "up"}
 PROBE_TIMESTEPS = (400, 700, 900, 970)
 
@@ -60,15 +59,14 @@ def synthetic_clips(kind: str, count: int, frames: int, speed: tuple[float, floa
     colors = list(SHAPE_COLORS) if kind == "direction+colour" else ["red"]
     videos, captions = [], []
     for i in range(count):
-        direction = list(DIRECTIONS)[i % 4]
+        direction = DIRECTIONS[i % 4]
         color = colors[int(rng.integers(len(colors)))]
-        dx, dy = DIRECTIONS[direction]
+        dx, dy = direction_vector(direction)
         step = rng.uniform(*speed)
         x0, y0 = rng.uniform(8 - jitter, 8 + jitter, size=2) - np.array([dx, dy]) * step * (frames - 1) / 2
         video = np.full((frames, 16, 16, 3), 20, np.uint8)
-        for f in range(frames):
-            left, top = int(round(x0 + dx * step * f - 3)), int(round(y0 + dy * step * f - 3))
-            video[f, max(0, top):max(0, top + 6), max(0, left):max(0, left + 6)] = SHAPE_COLORS[color]
+        for f in range(frames):  # the sample dump's own square, 6 px
+            draw_shape(video[f], "square", x0 + dx * step * f, y0 + dy * step * f, 3, SHAPE_COLORS[color])
         videos.append(video)
         captions.append(f"a {color} square moving {direction} on a black background")
     return np.stack(videos), captions

@@ -113,7 +113,7 @@ class _Shot:
 
     def render(self, index: int, width: int, height: int, radius: int) -> np.ndarray:
         t = index - self.render_start
-        dx, dy = _unit(self.direction)
+        dx, dy = direction_vector(self.direction)
         if self.kind == "pan":
             assert self.canvas is not None
             ox = int(round(self.view_origin[0] + dx * self.speed * t))
@@ -123,15 +123,15 @@ class _Shot:
         frame[:] = BACKGROUND_COLORS[self.background]
         cx = self.center[0] + dx * self.speed * t
         cy = self.center[1] + dy * self.speed * t
-        _draw_shape(frame, self.shape, cx, cy, radius, SHAPE_COLORS[self.color])
+        draw_shape(frame, self.shape, cx, cy, radius, SHAPE_COLORS[self.color])
         return frame
 
 
-def _unit(direction: str | None) -> tuple[int, int]:
+def direction_vector(direction: str | None) -> tuple[int, int]:
     return {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1), None: (0, 0)}[direction]
 
 
-def _draw_shape(img: np.ndarray, shape: str, cx: float, cy: float, r: int, rgb: tuple[int, int, int]) -> None:
+def draw_shape(img: np.ndarray, shape: str, cx: float, cy: float, r: int, rgb: tuple[int, int, int]) -> None:
     # LINE_8 (no antialiasing) keeps every shape pixel exactly the caption's colour before encoding.
     x, y = int(round(cx)), int(round(cy))
     if shape == "circle":
@@ -191,7 +191,7 @@ class _Sampler:
         return shot
 
     def _place_moving(self, shot: _Shot, steps: int) -> None:
-        dx, dy = _unit(shot.direction)
+        dx, dy = direction_vector(shot.direction)
         travel = shot.speed * steps
         xlo, xhi = self._span(self.width)
         ylo, yhi = self._span(self.height)
@@ -205,7 +205,7 @@ class _Sampler:
         return lo + offset if sign > 0 else hi - offset
 
     def _place_pan(self, shot: _Shot, steps: int) -> None:
-        dx, dy = _unit(shot.direction)
+        dx, dy = direction_vector(shot.direction)
         travel = int(math.ceil(shot.speed * steps))
         canvas_w = self.width + (travel if dx else 0)
         canvas_h = self.height + (travel if dy else 0)
@@ -220,7 +220,7 @@ class _Sampler:
         seen_y = (travel if dy else 0) + self.lo, self.height - self.lo
         cx = float(self.rng.uniform(*seen_x))
         cy = float(self.rng.uniform(*seen_y))
-        _draw_shape(canvas, shot.shape, cx, cy, self.radius, SHAPE_COLORS[shot.color])
+        draw_shape(canvas, shot.shape, cx, cy, self.radius, SHAPE_COLORS[shot.color])
         shot.canvas, shot.center, shot.view_origin = canvas, (cx, cy), (ox0, oy0)
 
 
