@@ -7,6 +7,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -27,6 +28,7 @@ log = logging.getLogger("reelforge.train")
 
 STATE_FILE = "train_state.json"
 DS_TAG = "ds"
+STAGING_PREFIX = "reelforge-ckpt-"
 
 
 def deepspeed_config(config: TrainConfig, world_size: int, use_gpu: bool) -> dict:
@@ -141,6 +143,35 @@ def weights_fingerprint(engine, zero3: bool) -> float:
     return float(total)
 
 
+def _staging_directory() -> tempfile.TemporaryDirectory:
+    """Node-local folder a checkpoint is written to before `ray.train.report` persists it; named by the process id
+    so that `sweep_stale_staging` can tell whose it is."""
+    return tempfile.TemporaryDirectory(prefix=f"{STAGING_PREFIX}{os.getpid()}-")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def sweep_stale_staging(root: str | os.PathLike | None = None) -> list[Path]:
+    """Removes the checkpoint staging folders of worker processes that died while saving. A worker killed by the OOM
+    killer or a failure never runs its clean-up, and each such folder holds a whole checkpoint shard, so on a node that
+    survives many restarts they would fill the disk. Folders of live processes (other runs on the node) are kept."""
+    removed = []
+    for path in Path(root or tempfile.gettempdir()).glob(f"{STAGING_PREFIX}*-*"):
+        pid = path.name[len(STAGING_PREFIX):].split("-", 1)[0]
+        if path.is_dir() and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
 def _step_generator(seed: int, step: int, rank: int, micro: int) -> torch.Generator:
     """Noise, timesteps and caption dropout are a function of (seed, step, rank, micro-step), so a resumed run
     draws the same noise as an uninterrupted one."""
@@ -208,6 +239,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
     device = torch.device("cuda", context.get_local_rank()) if use_gpu else torch.device("cpu")
     if use_gpu:
         torch.cuda.set_device(device)
+    stale = sweep_stale_staging()
+    if stale:
+        log.warning("removed %d checkpoint staging folder(s) left by dead workers: %s", len(stale),
+                    ", ".join(p.name for p in stale))
     torch.manual_seed(config.seed)  # identical initial weights (and random text tower) on every rank and restart
 
     distill = loop_config.get("distill")  # a progressive-distillation round: see training/distill.py
@@ -255,7 +290,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     def save(metrics: dict) -> None:
         fingerprint = weights_fingerprint(engine, zero3)
         tracker.metrics({"weights_fingerprint": fingerprint}, step)
-        with tempfile.TemporaryDirectory(prefix="reelforge-ckpt-") as directory:
+        with _staging_directory() as directory:
             engine.save_checkpoint(directory, tag=DS_TAG, client_state={"step": step})
             if zero3 or rank == 0:
                 torch.save(ema.state_dict(), Path(directory) / ema_file)
