@@ -35,7 +35,7 @@ from models.text_encoder import FrozenTextEncoder, TextEncoderConfig  # noqa: E4
 from models.vdit import VDiT, vdit_config  # noqa: E402
 from training.config import CurriculumStage  # noqa: E402
 from training.data import SHARD_COLUMNS, decode_row, to_model_input, to_uint8  # noqa: E402
-from training.loop import EMA  # noqa: E402
+from training.ema import EMA  # noqa: E402
 from training.metrics import detect_shape_video, parse_shape_prompt, prompt_adherence  # noqa: E402
 from training.sample import generate  # noqa: E402
 
@@ -193,7 +193,7 @@ def main() -> None:
     model, schedule = probe.model, probe.schedule
     x_all = to_model_input(videos)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0)
-    ema = EMA(model, 0.995)
+    ema = EMA.of_module(model, 0.995)
     generator = torch.Generator().manual_seed(args.seed)
     seen = np.random.default_rng(0).choice(len(videos), size=min(64, len(videos)), replace=False)  # probed
     losses, started = [], time.time()

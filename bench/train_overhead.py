@@ -5,7 +5,7 @@
    in memory (target: at most 15% overhead);
 2. the time workers wait for data, as a fraction of step time (target: under 10%);
 3. per-rank memory of parameters plus optimizer state under ZeRO-0, 1, 2 and 3 with 2 workers (ZeRO-3 should be
-   near half of ZeRO-0), as counted by training.loop.state_bytes after the first optimizer step.
+   near half of ZeRO-0), as counted by training.engine.Engine.state_bytes after the first optimizer step.
 
     python bench/train_overhead.py [--steps 60] [--json out.json]
 
@@ -66,7 +66,7 @@ def plain_loop(config, steps: int, warmup: int) -> float:
     from models.schedules import NoiseSchedule
     from models.text_encoder import FrozenTextEncoder
     from models.vdit import VDiT, vdit_config
-    from training.loop import EMA
+    from training.ema import EMA
 
     torch.set_num_threads(config.scaling.threads_per_worker)
     torch.manual_seed(0)
@@ -74,7 +74,7 @@ def plain_loop(config, steps: int, warmup: int) -> float:
     model_config = vdit_config(config.model.preset, **config.model.overrides)
     model_config.context_dim = text_encoder.width
     model = VDiT(model_config)
-    ema = EMA(model, config.ema_decay)
+    ema = EMA.of_module(model, config.ema_decay)
     schedule = NoiseSchedule(config.schedule)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.optim.lr, betas=tuple(config.optim.betas))
     stage = config.curriculum[0]
