@@ -110,6 +110,20 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
 
 
+# The flash and cuDNN attention kernels put the batch on a CUDA grid dimension limited to 65,535 blocks: temporal
+# attention over B x H' x W' sequences (65,536 for 16 frames of 128 px at micro-batch 16) fails there with "invalid
+# argument" or "mha_graph.execute". Each sequence attends only to itself, so splitting the batch changes no result.
+MAX_ATTENTION_BATCH = 32768
+
+
+def chunked_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, max_batch: int) -> torch.Tensor:
+    """F.scaled_dot_product_attention of (B, heads, N, Dh) tensors, at most max_batch sequences per kernel call."""
+    if q.shape[0] <= max_batch:
+        return F.scaled_dot_product_attention(q, k, v)
+    chunks = zip(q.split(max_batch), k.split(max_batch), v.split(max_batch), strict=True)
+    return torch.cat([F.scaled_dot_product_attention(*qkv) for qkv in chunks])
+
+
 class SelfAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int):
         super().__init__()
@@ -120,13 +134,16 @@ class SelfAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         qkv = self.qkv(x)  # (B, N, 3D)
         qkv = rearrange(qkv, "b n (three h d) -> three b h n d", three=3, h=self.num_heads)  # 3x(B, heads, N, Dh)
-        x = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])  # (B, heads, N, Dh)
+        x = chunked_sdpa(qkv[0], qkv[1], qkv[2], MAX_ATTENTION_BATCH)  # (B, heads, N, Dh)
         x = rearrange(x, "b h n d -> b n (h d)")  # (B, N, D)
         return self.proj(x)
 
 
 class CrossAttention(nn.Module):
-    """Video tokens attend to text tokens; padded text tokens are masked out of the keys."""
+    """Video tokens attend to text tokens; padded text tokens are masked out of the keys.
+
+    Its attention batch is the clip batch B, far below MAX_ATTENTION_BATCH, so it calls the kernel unsplit.
+    """
 
     def __init__(self, dim: int, num_heads: int):
         super().__init__()
@@ -262,6 +279,12 @@ class VDiT(nn.Module):
         nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
         nn.init.zeros_(self.final_layer.linear.weight)
         nn.init.zeros_(self.final_layer.linear.bias)
+
+    def compile_blocks(self, **kwargs) -> None:
+        """torch.compile each block in place (nn.Module.compile): the blocks share one graph, so compiling costs one
+        block rather than the whole depth, and state_dict keys stay those of the uncompiled model."""
+        for block in self.blocks:
+            block.compile(**kwargs)
 
     def _token_grid(
         self, x: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor | None

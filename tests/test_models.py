@@ -11,7 +11,7 @@ import torch
 from models import vdit as vdit_module
 from models.schedules import NoiseSchedule, ScheduleConfig
 from models.text_encoder import FrozenTextEncoder, TextEncoderConfig
-from models.vdit import PRESETS, VDiT, count_parameters, vdit_config
+from models.vdit import PRESETS, VDiT, chunked_sdpa, count_parameters, vdit_config
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -143,6 +143,72 @@ def test_gradient_checkpointing_gives_the_same_gradients(monkeypatch):
     with torch.no_grad():
         model(x, t, context)
     assert len(calls) == model.config.depth  # not at inference
+
+
+def test_chunked_attention_equals_one_kernel_call_forward_and_backward():
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(10, 2, 5, 8, generator=generator, requires_grad=True) for _ in range(3))
+    weights = torch.randn(10, 2, 5, 8, generator=generator)
+
+    def run(max_batch: int) -> tuple[torch.Tensor, ...]:
+        out = chunked_sdpa(q, k, v, max_batch)
+        grads = torch.autograd.grad((out * weights).sum(), (q, k, v))
+        return out, *grads
+
+    whole = run(10)
+    for max_batch in (1, 3, 4):  # even and uneven splits, and a last chunk of one sequence
+        for name, split, reference in zip(("out", "dq", "dk", "dv"), run(max_batch), whole, strict=True):
+            torch.testing.assert_close(split, reference, atol=1e-6, rtol=1e-5, msg=f"{name}, max_batch={max_batch}")
+
+
+def test_vdit_with_split_attention_batches_equals_the_unsplit_model(monkeypatch):
+    model = randomized(tiny_vdit())
+    x, t, context = inputs()  # temporal attention over 2 x 4 x 4 = 32 sequences, spatial over 2 x 4 = 8
+    weights = torch.randn(x.shape, generator=torch.Generator().manual_seed(5))
+
+    def forward_and_gradients() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        model.zero_grad()
+        out = model(x, t, context)
+        (out * weights).sum().backward()
+        return out.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
+
+    plain, plain_grads = forward_and_gradients()
+    calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def counted_sdpa(q, *args, **kwargs):
+        calls.append(q.shape[0])
+        return sdpa(q, *args, **kwargs)
+
+    monkeypatch.setattr(vdit_module, "MAX_ATTENTION_BATCH", 3)
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counted_sdpa)
+    split, split_grads = forward_and_gradients()
+    # per block: spatial 8 = 3 + 3 + 2 sequences, temporal 32 = 10 x 3 + 2, cross-attention its batch of 2
+    assert calls == ([3, 3, 2] + [3] * 10 + [2] + [2]) * model.config.depth
+    torch.testing.assert_close(split, plain, atol=1e-6, rtol=1e-5)
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(split_grads[name], grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_compiled_blocks_share_one_graph_keep_state_dict_keys_and_outputs():
+    graphs = []
+
+    def counting_backend(graph_module, example_inputs):  # compiles nothing: counts the graphs Dynamo captures
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    torch._dynamo.reset()
+    model = randomized(tiny_vdit(depth=4))
+    x, t, context = inputs()
+    with torch.no_grad():
+        eager = model(x, t, context)
+    keys = list(model.state_dict())
+    model.compile_blocks(backend=counting_backend)
+    assert list(model.state_dict()) == keys  # checkpoints load into compiled and uncompiled models alike
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, t, context), eager, atol=1e-6, rtol=1e-5)
+    assert len(graphs) == 1  # four blocks, one graph: compile time does not grow with depth
+    torch._dynamo.reset()
 
 
 @pytest.mark.parametrize(
