@@ -16,6 +16,9 @@ class DiscoverConfig:
     # video_id hashes the size plus this many bytes from the start, middle and end of the file: a renamed or
     # copied file keeps its id, and ids are cheap to compute on object stores.
     id_sample_bytes: int = 4 << 20
+    # Directories deeper than this below the input are not listed (they are reported): a hostile or broken dump
+    # cannot make discovery walk without end. Symbolic links are never followed (curation/discover.py).
+    max_depth: int = 64
 
 
 @dataclass
@@ -183,6 +186,8 @@ class CaptionConfig:
     configs/curate-production.yaml for the real weights."""
 
     sidecar: bool = True  # read name.json / name.txt next to each video (forms documented in curation/captions.py)
+    # A larger sidecar is not read (the clip is captioned as if it had none): a WebVid caption is under 1 KiB.
+    sidecar_max_bytes: int = 1 << 20
     enabled: bool = True  # caption the clips that have no sidecar caption; false leaves them null
     captioner: str = "coca"  # a key of models/captioner.py CAPTIONERS
     # "tiny" (random init), an open_clip CoCa name (coca_ViT-L-14) or hf-hub:org/repo.
