@@ -11,31 +11,41 @@ Sidecars sit next to the video with the same name and another extension; `name.j
   also be under `"text"`. Other keys are ignored.
 
 A clip takes the caption of the segment that overlaps it longest in time (the first such on ties); a clip that no
-segment overlaps takes the video's caption. An empty caption counts as none. An unreadable or malformed sidecar is
-logged as a warning and skipped; a sidecar without any caption (e.g. a metadata-only `.json`) is skipped too, so
-`name.txt` or the captioner fills in.
+segment overlaps takes the video's caption. An empty caption counts as none. A sidecar without any caption (e.g. a
+metadata-only `.json`) is skipped, so `name.txt` or the captioner fills in.
+
+A sidecar that cannot be used is skipped the same way, with a warning, and the video row records why
+(error_class "sidecar_unusable", error_message naming the file; the video stays "ok"): any error reading or parsing it
+(not UTF-8, not JSON, nested too deep, wrong types such as `"segments": 5`), larger than captions.sidecar_max_bytes,
+not a regular file, or a symbolic link (never followed: a link could make a caption of any file, /proc/self/environ
+included). Any other error in one video's row quarantines that video only (curation/model_stage.py).
 """
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import logging
+import math
+import os
 import posixpath
+import stat
 from dataclasses import dataclass, field
 
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from curation import schema
 from curation.config import CaptionConfig
 from curation.discover import filesystem_and_path, join_uri
+from curation.model_stage import per_video
 
 log = logging.getLogger(__name__)
 
 SIDECAR_EXTENSIONS = (".json", ".txt")
 CAPTION_KEYS = ("caption", "text", "name")
 SIDECAR = "sidecar"  # caption_source of captions that came with the dump
+UNUSABLE = "sidecar_unusable"  # error_class of an ok video whose sidecar was skipped (error_message says why)
 
 
 @dataclass
@@ -65,48 +75,119 @@ def _text(value) -> str | None:
     return (value.strip() or None) if isinstance(value, str) else None
 
 
+def _seconds(value) -> float:
+    seconds = float(value)
+    if not math.isfinite(seconds):
+        raise ValueError(f"{value!r} is not a finite number of seconds")
+    return seconds
+
+
 def parse_sidecar(uri: str, data: bytes) -> Sidecar:
     """Parse a sidecar's bytes; raises ValueError naming the file when its content has no usable form."""
-    text = data.decode("utf-8-sig")
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{uri}: not UTF-8 text ({err})") from err
     if uri.endswith(".txt"):
         return Sidecar(uri, caption=_text(text))
     try:
         doc = json.loads(text)
     except json.JSONDecodeError as err:
         raise ValueError(f"{uri}: not valid JSON ({err})") from err
+    except RecursionError as err:
+        raise ValueError(f"{uri}: JSON nested too deeply") from err
     if not isinstance(doc, dict):
         raise ValueError(f"{uri}: expected a JSON object with a 'caption', got {type(doc).__name__}")
     caption = next((_text(doc[k]) for k in CAPTION_KEYS if _text(doc.get(k))), None)
+    raw_segments = doc.get("segments") or []
+    if not isinstance(raw_segments, list):
+        raise ValueError(f"{uri}: 'segments' must be a list, got {type(raw_segments).__name__}")
     segments = []
-    for i, seg in enumerate(doc.get("segments") or []):
+    for i, seg in enumerate(raw_segments):
         try:
             seg_caption = _text(seg.get("caption")) or _text(seg.get("text"))
-            start, end = float(seg["start_s"]), float(seg["end_s"])
-        except (AttributeError, KeyError, TypeError, ValueError) as err:
+            start, end = _seconds(seg["start_s"]), _seconds(seg["end_s"])
+        except (AttributeError, KeyError, TypeError, ValueError, OverflowError) as err:
             raise ValueError(f"{uri}: segments[{i}] needs start_s, end_s and caption ({err!r})") from err
         if seg_caption and end > start:
             segments.append(Segment(start, end, seg_caption))
     return Sidecar(uri, caption=caption, segments=segments)
 
 
-def read_sidecar(video_uri: str) -> Sidecar | None:
-    """The sidecar of a video (any URI pyarrow.fs reads): the first of name.json, name.txt with a caption."""
+class SidecarUnusable(Exception):
+    """A sidecar that exists but cannot be used; the message says why."""
+
+
+def _too_large(size: int, max_bytes: int) -> SidecarUnusable:
+    return SidecarUnusable(f"{size} bytes or more, above captions.sidecar_max_bytes={max_bytes}")
+
+
+def _read_local(path: str, max_bytes: int) -> bytes | None:
+    """The bytes of a local regular file, None if there is none; never through a symbolic link, never more than
+    max_bytes, never blocking (a FIFO named like a sidecar is refused, not waited on)."""
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise SidecarUnusable("a symbolic link (links are not followed)") from err
+        raise
+    with os.fdopen(fd, "rb") as f:
+        mode = os.fstat(f.fileno()).st_mode
+        if stat.S_ISDIR(mode):
+            return None
+        if not stat.S_ISREG(mode):
+            raise SidecarUnusable("not a regular file")
+        data = f.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise _too_large(len(data), max_bytes)
+    return data
+
+
+def _read_remote(filesystem: pafs.FileSystem, path: str, max_bytes: int) -> bytes | None:
+    info = filesystem.get_file_info(path)
+    if info.type != pafs.FileType.File:
+        return None
+    if info.size is not None and info.size > max_bytes:
+        raise _too_large(info.size, max_bytes)
+    with filesystem.open_input_stream(path) as f:
+        data = f.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise _too_large(len(data), max_bytes)
+    return data
+
+
+def find_sidecar(video_uri: str, max_bytes: int = CaptionConfig.sidecar_max_bytes) -> tuple[Sidecar | None, list[str]]:
+    """The sidecar of a video (any URI pyarrow.fs reads): the first of name.json, name.txt with a caption; and,
+    one line each, the sidecars found but not usable (any error, wrong types, a link, over `max_bytes`)."""
     filesystem, path = filesystem_and_path(video_uri)
+    local = isinstance(filesystem, pafs.LocalFileSystem)
     stem = posixpath.splitext(path)[0]
+    problems = []
     for ext in SIDECAR_EXTENSIONS:
         candidate = stem + ext
-        if filesystem.get_file_info(candidate).type != pafs.FileType.File:
-            continue
         uri = join_uri(video_uri, candidate)
         try:
-            with filesystem.open_input_stream(candidate) as f:
-                sidecar = parse_sidecar(uri, f.read())
-        except (OSError, UnicodeDecodeError, ValueError) as err:
-            log.warning("ignoring sidecar %s: %s", uri, err)
+            data = _read_local(candidate, max_bytes) if local else _read_remote(filesystem, candidate, max_bytes)
+            if data is None:
+                continue
+            sidecar = parse_sidecar(uri, data)
+        except Exception as err:  # noqa: BLE001 - an unusable sidecar means no sidecar; the reason is recorded
+            reason = str(err) if isinstance(err, (SidecarUnusable, ValueError)) else f"{type(err).__name__}: {err}"
+            reason = reason if reason.startswith(uri) else f"{uri}: {reason}"
+            log.warning("ignoring sidecar %s", reason)
+            problems.append(reason)
             continue
         if sidecar.caption or sidecar.segments:
-            return sidecar
-    return None
+            return sidecar, problems
+    return None, problems
+
+
+def read_sidecar(video_uri: str, max_bytes: int = CaptionConfig.sidecar_max_bytes) -> Sidecar | None:
+    """The sidecar of a video, or None (find_sidecar without the reasons)."""
+    return find_sidecar(video_uri, max_bytes)[0]
 
 
 class CaptionStage:
@@ -134,11 +215,17 @@ class CaptionStage:
 
     def __call__(self, batch: pa.Table | dict) -> pa.Table:
         batch = pa.table(batch) if isinstance(batch, dict) else batch
-        videos = batch.to_pylist()
+        return per_video(batch, self._caption, "caption_error")
+
+    def _caption(self, videos: list[dict]) -> None:
         wanted = []  # clips the captioner must caption
         for video in videos:
             clips = video["clips"] or []
-            sidecar = read_sidecar(video["uri"]) if self.config.sidecar and clips else None
+            sidecar = None
+            if self.config.sidecar and clips:
+                sidecar, problems = find_sidecar(video["uri"], self.config.sidecar_max_bytes)
+                if problems and video["status"] == "ok" and video["error_class"] is None:
+                    video.update(error_class=UNUSABLE, error_message="; ".join(problems)[:1000])
             for clip in clips:
                 if clip.get("caption"):
                     continue
@@ -156,7 +243,6 @@ class CaptionStage:
             captions = self.captioner.caption([middle_keyframe(clip) for clip in chunk])
             for clip, caption in zip(chunk, captions, strict=True):
                 clip.update(caption=caption or None, caption_source=self.captioner.name if caption else None)
-        return pa.Table.from_pylist(videos, schema=schema.STAGED)
 
 
 def middle_keyframe(clip: dict):

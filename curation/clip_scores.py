@@ -13,15 +13,15 @@ import io
 
 import pyarrow as pa
 
-from curation import schema
 from curation.config import ClipScoreConfig
+from curation.model_stage import per_video
 
 
 class ClipScoreStage:
     """Ray Data stage on staged video records: fills `clip_embedding`, `aesthetic`, `caption_match`, `score_model`.
 
     Runs after CaptionStage, so caption_match sees the final captions. With `skip_dropped`, clips already dropped
-    are left unscored (nulls).
+    are left unscored (nulls). An error in one video's clips (a keyframe that is not a JPEG) quarantines that video.
     """
 
     def __init__(self, config: ClipScoreConfig):
@@ -41,7 +41,9 @@ class ClipScoreStage:
 
     def __call__(self, batch: pa.Table | dict) -> pa.Table:
         batch = pa.table(batch) if isinstance(batch, dict) else batch
-        videos = batch.to_pylist()
+        return per_video(batch, self._fill, "clip_score_error")
+
+    def _fill(self, videos: list[dict]) -> None:
         clips = [clip for video in videos for clip in video["clips"] or []]
         for clip in clips:
             clip.update(clip_embedding=None, aesthetic=None, caption_match=None, score_model=None)
@@ -49,7 +51,6 @@ class ClipScoreStage:
         size = max(1, self.config.batch_size)
         for i in range(0, len(wanted), size):
             self._score(wanted[i : i + size])
-        return pa.Table.from_pylist(videos, schema=schema.STAGED)
 
     def _score(self, clips: list[dict]) -> None:
         import torch
