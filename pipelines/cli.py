@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 from pipelines.config import ConfigError, load_config
 
@@ -26,9 +27,12 @@ def _train(args: argparse.Namespace) -> int:
     from training.config import TrainConfig
 
     base = {k: v for k, v in (("data", args.data), ("output", args.output)) if v}
+    if args.accept_data_change:
+        base["accept_data_change"] = True
     config = load_config(TrainConfig, args.config, args.set, base=base)
-    print(summary_text(run_train(config)))
-    return 0
+    summary = run_train(config)
+    print(summary_text(summary))
+    return 0 if summary["step"] >= summary["total_steps"] else 3  # 3: stopped early; rerun to continue
 
 
 def _make_sample_dump(args: argparse.Namespace) -> int:
@@ -62,13 +66,19 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
+
+
 def _run(args: argparse.Namespace) -> int:
-    """The whole workflow; with no --config, on the embedded defaults (sample dump -> curate -> train -> distill ->
-    evaluate)."""
+    """The whole workflow; with no --config, the quickstart (sample dump -> curate -> train -> distill -> evaluate
+    on this machine's CPUs)."""
     from pipelines.workflow import WorkflowConfig, run_workflow, summary_text
 
+    if not args.config and not QUICKSTART.is_file():
+        raise ConfigError(f"no --config given and {QUICKSTART} is missing: pass --config (see configs/ in the "
+                          "reelforge repository)")
     base = {"workdir": args.workdir} if args.workdir else {}
-    config = load_config(WorkflowConfig, args.config, args.set, base=base)
+    config = load_config(WorkflowConfig, args.config or QUICKSTART, args.set, base=base)
     results = run_workflow(config)
     print(summary_text(results))
     return 3 if results.get("stopped") else 0
@@ -96,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--data", help="a curated dataset (the --output of `reelforge curate`)")
     train.add_argument("--output", help="directory or URI for checkpoints, the exported model and the MLflow store")
     _config_arguments(train, "configs/train/")
+    train.add_argument("--accept-data-change", action="store_true",
+                       help="resume even though the curated dataset changed since the checkpoint (e.g. it grew)")
     train.set_defaults(func=_train)
 
     distill = sub.add_parser("distill", help="progressive distillation of a trained model into fewer-step students")
@@ -121,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="the whole workflow: (sample dump) -> curate -> train -> distill -> evaluate")
     run.add_argument("--workdir", help="where every step writes (default runs/quickstart)")
-    _config_arguments(run, "configs/quickstart.yaml")
+    _config_arguments(run, "configs/quickstart.yaml, the default")
     run.set_defaults(func=_run)
     return parser
 

@@ -14,11 +14,9 @@ from typing import Any, TypeVar
 
 import yaml
 
+from training.config import ConfigError  # noqa: F401 (one error class for every config; the CLI exits 2 on it)
+
 T = TypeVar("T")
-
-
-class ConfigError(ValueError):
-    """A config key or value a user wrote is wrong; the message names the key."""
 
 
 def _type_name(tp: Any) -> str:

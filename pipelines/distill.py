@@ -18,6 +18,7 @@ from pipelines import tracking
 from pipelines.config import ConfigError, flatten, to_yaml
 from pipelines.train import _absolute, run_train
 from training.distill import DistillConfig, round_train_config
+from training.objective import DistillRound
 
 log = logging.getLogger("reelforge.distill")
 
@@ -79,8 +80,8 @@ def run_distill(config: DistillConfig) -> dict:
                      teacher_steps, teacher_dir, round_cfg_scale)
             result = run_train(
                 round_config,
-                distill={"teacher": teacher_dir, "student_steps": steps, "cfg_scale": round_cfg_scale,
-                         "round": index, "base_model": config.teacher},
+                distill=DistillRound(teacher=teacher_dir, student_steps=steps, cfg_scale=round_cfg_scale,
+                                     round=index, base_model=config.teacher),
                 step="distill-round",
                 register_tags={"sampling_steps": steps, "round": index, "distilled_from": teacher_dir,
                                "base_model": config.teacher},

@@ -5,13 +5,18 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import threading
 import time
 from pathlib import Path
 
 from curation.outputs import OutputDir
 from pipelines import tracking
-from pipelines.config import flatten, to_dict, to_yaml
+from pipelines.config import ConfigError, flatten, to_yaml
 from training.config import TrainConfig
+from training.loop import TrainJob
+from training.objective import DistillRound
+from training.preemption import clear_stop, request_stop
 
 log = logging.getLogger("reelforge.train")
 
@@ -21,75 +26,112 @@ def _absolute(uri: str) -> str:
     return uri if "://" in uri else str(Path(uri).resolve())
 
 
-def run_train(config: TrainConfig, distill: dict | None = None, step: str = "train",
+def run_train(config: TrainConfig, distill: DistillRound | None = None, step: str = "train",
               register_tags: dict[str, str] | None = None, alias: str | None = None) -> dict:
     """Train `config.data` into `config.output`; rerunning the same command resumes from the last checkpoint.
 
     `distill` makes the run a progressive-distillation round (see pipelines/distill.py); `register_tags` and
-    `alias` go on the registered model version."""
+    `alias` go on the registered model version. SIGTERM saves a checkpoint at the current step and returns."""
     if not config.data or not config.output:
         raise ValueError("train needs --data (a curated dataset) and --output")
     config.validate()
     config.data, config.output = _absolute(config.data), _absolute(config.output)
-    from training.data import shard_files
+    from training.dataset import ClipTable
 
-    files = shard_files(config.data)  # fail on a wrong --data before starting anything
+    table = ClipTable.open(config.data)  # fail on a wrong --data before starting anything
     out = OutputDir(config.output)
+    _check_resume(out, config, table.version)
     out.makedirs()
+    clear_stop(config.output)
     out.write_bytes_atomic("train-config.yaml", to_yaml(config).encode())
 
     uri, run_id = tracking.output_run(config.output, config.tracking.uri, config.tracking.experiment,
                                       {"reelforge.step": step, "reelforge.data": config.data,
+                                       "reelforge.data_version": table.version,
                                        "reelforge.output": config.output}, config.tracking.parent_run_id)
     client = tracking.client_for(uri)
-    tracking.log_params(client, run_id, flatten(config))
-    log.info("MLflow run %s in %s", run_id, uri)
+    tracking.log_params(client, run_id, {**flatten(config), "data_version": table.version})
+    log.info("MLflow run %s in %s; data %s (%s, %d clips)", run_id, uri, config.data, table.version, len(table))
 
     from pipelines.cluster import init_ray
 
     init_ray(config)
-    import ray.data
-    import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    from training.data import stage_dataset
-    from training.loop import train_loop_per_worker
-
     started = time.perf_counter()
-    ray.data.DataContext.get_current().enable_progress_bars = False  # per-epoch split bars drown the step log
-    per_pass = 64 * config.deepspeed.micro_batch_size * config.scaling.num_workers
-    datasets = {f"stage{i}": stage_dataset(files, stage, config.data_loading, min_rows=per_pass)
-                for i, stage in enumerate(config.curriculum)}
-    use_gpu = config.scaling.use_gpu
-    resources = {"CPU": config.scaling.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"config": to_dict(config), "output": config.output, "tracking_uri": uri,
-                           "run_id": run_id, "distill": distill},
-        scaling_config=ray.train.ScalingConfig(num_workers=config.scaling.num_workers, use_gpu=use_gpu,
-                                               resources_per_worker=resources),
-        run_config=ray.train.RunConfig(
-            name="ray-train", storage_path=config.output,
-            failure_config=ray.train.FailureConfig(max_failures=config.checkpoint.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.checkpoint.num_to_keep)),
-        datasets=datasets,
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-    )
-    try:
-        result = trainer.fit()
-    except Exception:
-        tracking.finish_run(uri, run_id, status="FAILED")
-        raise
+    with StopOnSigterm(config.output):
+        try:
+            result = _trainer(config, TrainJob(config, uri, run_id, distill)).fit()
+        except Exception:
+            tracking.finish_run(uri, run_id, status="FAILED")
+            raise
     wall = time.perf_counter() - started
     reached = int((result.metrics or {}).get("step", 0))
     finished = reached >= config.total_steps
     version = _register(client, run_id, config, register_tags, alias) if finished else None
     tracking.finish_run(uri, run_id, status="FINISHED" if finished else "KILLED")
     summary = {"run_id": run_id, "step": reached, "total_steps": config.total_steps, "tracking_uri": uri,
-               "model": f"{config.output.rstrip('/')}/model",
+               "model": f"{config.output.rstrip('/')}/model", "data_version": table.version,
                "registered_model": config.tracking.registered_model, "model_version": version,
                "wall_seconds": wall, "checkpoint": result.checkpoint.path if result.checkpoint else None}
     return summary
+
+
+def _check_resume(out: OutputDir, config: TrainConfig, data_version: str) -> None:
+    """An output with a checkpoint is resumed; refuse, before anything starts, what cannot continue it."""
+    from training.checkpoint import STATE_FILE, TrainState, resume_problems
+
+    if not out.exists(STATE_FILE):
+        return
+    problems = resume_problems(TrainState.read(out.read_text(STATE_FILE)), config, data_version)
+    if problems:
+        raise ConfigError(f"{config.output} holds a run this config cannot resume: {'; '.join(problems)} "
+                          "(or train into a new --output)")
+
+
+def _trainer(config: TrainConfig, job: TrainJob):
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from training.loop import train_loop_per_worker
+
+    use_gpu = config.scaling.use_gpu
+    resources = {"CPU": config.scaling.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"job": job},
+        scaling_config=ray.train.ScalingConfig(num_workers=config.scaling.num_workers, use_gpu=use_gpu,
+                                               resources_per_worker=resources),
+        run_config=ray.train.RunConfig(
+            name="ray-train", storage_path=config.output,
+            failure_config=ray.train.FailureConfig(max_failures=config.checkpoint.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.checkpoint.num_to_keep)),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+    )
+
+
+class StopOnSigterm:
+    """While the trainer runs, SIGTERM leaves a stop request for the workers instead of killing the driver: they
+    save a checkpoint at the step they are on and end, and `fit()` returns. A second SIGTERM exits at once."""
+
+    def __init__(self, output: str):
+        self.output = output
+        self.previous = None
+        self.requested = False
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise SystemExit(128 + signum)
+        self.requested = True
+        log.warning("SIGTERM: asking the workers to save a checkpoint at their current step and stop")
+        request_stop(self.output)
+
+    def __exit__(self, *exc) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
 
 
 def _register(client, run_id: str, config: TrainConfig, extra_tags: dict[str, str] | None = None,
@@ -129,7 +171,7 @@ def _register(client, run_id: str, config: TrainConfig, extra_tags: dict[str, st
 def summary_text(summary: dict) -> str:
     registered = (f"registered as {summary['registered_model']} version {summary['model_version']}"
                   if summary["model_version"] else f"stopped at step {summary['step']} of {summary['total_steps']}; "
-                  "rerun without stop_after_steps to continue")
+                  "rerun the same command to continue")
     return "\n".join([
         f"model: {summary['model']} ({registered})",
         f"MLflow run: {summary['run_id']} in {summary['tracking_uri']}",

@@ -34,11 +34,11 @@ STATE_FILE = "workflow.json"
 class SampleDumpConfig:
     """The generated dumps used when `input` is empty: one to train on, one held out for evaluation."""
 
-    num_videos: int = 800  # the demo needs many distinct clips to learn the direction word, not memorise clips
+    num_videos: int = 60  # the quickstart uses 800: the demo needs many distinct clips to learn the direction word
     seed: int = 0
-    heldout_videos: int = 40  # a second dump (another seed): its captions are the evaluation prompts
+    heldout_videos: int = 12  # a second dump (another seed): its captions are the evaluation prompts
     heldout_seed: int = 1
-    shape_size: float = 0.4  # the shapes' side as a fraction of the frame height (0.25 in `make-sample-dump`)
+    shape_size: float = 0.25  # the shapes' side as a fraction of the frame height
 
 
 @dataclass

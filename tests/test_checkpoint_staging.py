@@ -5,7 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from training.loop import STAGING_PREFIX, _staging_directory, sweep_stale_staging
+from training.checkpoint import STAGING_PREFIX, _staging_directory, sweep_stale_staging
 
 
 def _dead_pid() -> int:

@@ -47,15 +47,23 @@ def test_shipped_config_matches_the_dataclasses_and_round_trips(tmp_path):
     assert flatten(config)["shots.min_seconds"] == config.shots.min_seconds
 
 
-def test_the_demo_configs_spell_out_the_embedded_defaults():
-    # Both files say they are what `reelforge run` / `reelforge train` do with no config: keep them from drifting.
+def test_the_quickstart_trains_the_demo_and_the_library_defaults_stay_neutral():
+    # quickstart.yaml (what `reelforge run` does with no config) and demo.yaml say they are the same training run:
+    # keep them from drifting. The demo's tuning lives in those files, not in the dataclass defaults.
     from pipelines.workflow import WorkflowConfig
     from training.config import TrainConfig
 
-    quickstart = flatten(load_config(WorkflowConfig, ROOT / "configs" / "quickstart.yaml"))
-    embedded = flatten(WorkflowConfig())
-    assert {k: v for k, v in quickstart.items() if embedded[k] != v} == {}
-    demo = flatten(load_config(TrainConfig, ROOT / "configs" / "train" / "demo.yaml"))
-    train_embedded = flatten(TrainConfig())
-    assert {k: v for k, v in demo.items() if train_embedded[k] != v} == {}
-    assert demo["schedule.logsnr_shift"] < 0 and demo["data_loading.windows_per_clip"] == 1
+    quickstart = load_config(WorkflowConfig, ROOT / "configs" / "quickstart.yaml")
+    demo = load_config(TrainConfig, ROOT / "configs" / "train" / "demo.yaml")
+    differing = {k: v for k, v in flatten(quickstart.train).items() if flatten(demo)[k] != v}
+    assert differing == {}
+    assert demo.schedule.logsnr_shift < 0 and len(demo.curriculum) == 2 and len(demo.sampling.prompts) == 4
+    library = TrainConfig()
+    assert library.schedule.logsnr_shift == 0.0 and library.sampling.prompts == []
+    assert len(library.curriculum) == 1 and WorkflowConfig().sample_dump.num_videos < quickstart.sample_dump.num_videos
+
+
+def test_reelforge_run_without_a_config_runs_the_quickstart_file():
+    from pipelines.cli import QUICKSTART
+
+    assert QUICKSTART == ROOT / "configs" / "quickstart.yaml" and QUICKSTART.is_file()

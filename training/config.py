@@ -1,18 +1,28 @@
-"""The training config: one nested dataclass per concern. Defaults train the tiny demo model on 2 CPU workers."""
+"""The training config: one nested dataclass per concern. Defaults are neutral library values that run a tiny model
+on 2 CPU workers; the demo's tuning lives in configs/train/demo.yaml and configs/quickstart.yaml."""
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from models.codec import CODEC_KINDS, CodecConfig
 from models.schedules import ScheduleConfig
 from models.text_encoder import TextEncoderConfig
+
+
+class ConfigError(ValueError):
+    """A config key or value a user wrote is wrong; the message names the key and, where there is one, the fix."""
 
 
 @dataclass
 class ModelConfig:
     preset: str = "VDiT-T/2"  # a key of models.vdit.PRESETS
     overrides: dict[str, Any] = field(default_factory=dict)  # fields of VDiTConfig, e.g. {depth: 4}
+    compile: bool = False  # torch.compile each transformer block (one graph reused by every block: short compile)
 
 
 @dataclass
@@ -56,7 +66,6 @@ class DeepSpeedConfig:
     precision: str = "fp32"  # "fp32" | "bf16"
     offload_optimizer: bool = False  # ZeRO >= 1: optimizer state on the CPU
     offload_params: bool = False  # ZeRO-3 only: parameters on the CPU
-    torch_adam: bool | None = None  # None: True without a GPU (DeepSpeed's fused Adam is a CUDA op)
 
 
 @dataclass
@@ -77,13 +86,7 @@ class CheckpointConfig:
 @dataclass
 class SamplingConfig:
     every_steps: int = 1000  # 0: only at the end
-    prompts: list[str] = field(default_factory=lambda: [
-        # the sample dump's grammar (curation/sample_dump.py), so the demo's samples can be checked by eye
-        "a red triangle moving right on a black background",
-        "a yellow square moving up on a grey background",
-        "a blue circle moving left on a grey background",
-        "a white square moving down on a grey background",
-    ])
+    prompts: list[str] = field(default_factory=list)  # none: no sample videos are made
     num_steps: int = 32  # the teacher's sampling steps (distillation halves them)
     cfg_scale: float = 3.0
     seed: int = 0
@@ -111,23 +114,17 @@ class TrainConfig:
     seed: int = 0
     model: ModelConfig = field(default_factory=ModelConfig)
     text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
-    # The demo's schedule: cosine with log-SNR shifted by -2.77 (-2 ln 4: SNR / 16 at every t), noisier where the
-    # demo's big shapes are laid out. bench/caption_probe.py: without it the direction word is not learned at all.
-    schedule: ScheduleConfig = field(default_factory=lambda: ScheduleConfig(logsnr_shift=-2.77))
+    codec: CodecConfig = field(default_factory=CodecConfig)  # what the model denoises (models/codec.py)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     cfg_dropout: float = 0.1  # probability of training on the empty prompt (classifier-free guidance)
     ema_decay: float = 0.995
     # End this invocation at this global step (checkpointed and exported); rerunning without it continues.
     # For time-sliced clusters and for tests of the resume path. None: train to the end of the curriculum.
     stop_after_steps: int | None = None
-    curriculum: list[CurriculumStage] = field(default_factory=lambda: [
-        # The demo (issue 4/5 notes): colours and backgrounds are cheap to learn at 12 px x 2 frames; shapes and their
-        # motion need 16 px x 4 frames. 1 fps and the middle window of each clip (data_loading.windows_per_clip=1):
-        # the 3 s window sees the shape cross the frame centre, so the direction word decides where the shape is in
-        # each frame. With 4 windows at 2 fps (start anywhere, 1 px per frame) the 0.3 M model never tied the word
-        # to the motion; with this, 800 clips and the shifted schedule it does (bench/caption_probe.py, README).
-        CurriculumStage(name="low", steps=1000, num_frames=2, fps=1.0, size=12),
-        CurriculumStage(name="high", steps=8000, num_frames=4, fps=1.0, size=16),
-    ])
+    # Resume even though the curated dataset changed since the checkpoint (grown by a new dump): the sample order
+    # from the resume on is the new dataset's. Off: resuming against other data stops with what differs.
+    accept_data_change: bool = False
+    curriculum: list[CurriculumStage] = field(default_factory=lambda: [CurriculumStage()])
     data_loading: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
@@ -151,17 +148,106 @@ class TrainConfig:
         return len(self.curriculum) - 1, self.curriculum[-1]
 
     def validate(self) -> None:
-        from pipelines.config import ConfigError
-
+        """Every mistake a config can hold, found before any cluster or tracking run starts."""
         if not self.curriculum:
             raise ConfigError("curriculum: at least one stage is needed")
-        if self.deepspeed.zero_stage not in (0, 1, 2, 3):
-            raise ConfigError(f"deepspeed.zero_stage: expected 0, 1, 2 or 3, got {self.deepspeed.zero_stage}")
-        if self.deepspeed.precision not in ("fp32", "bf16"):
-            raise ConfigError(f"deepspeed.precision: expected fp32 or bf16, got {self.deepspeed.precision!r}")
-        if self.deepspeed.offload_params and self.deepspeed.zero_stage != 3:
-            raise ConfigError("deepspeed.offload_params needs deepspeed.zero_stage=3")
-        if self.optim.decay not in ("cosine", "linear", "constant"):
-            raise ConfigError(f"optim.decay: expected cosine, linear or constant, got {self.optim.decay!r}")
+        _positive(self, ["checkpoint.every_steps", "checkpoint.num_to_keep", "tracking.log_every_steps",
+                         "deepspeed.micro_batch_size", "deepspeed.grad_accum", "scaling.num_workers",
+                         "scaling.threads_per_worker", "data_loading.decode_batch_size",
+                         "data_loading.windows_per_clip", "optim.lr"])
+        _non_negative(self, ["sampling.every_steps", "sampling.num_steps", "data_loading.prefetch_batches",
+                             "optim.warmup_steps", "checkpoint.max_failures"])
+        if self.stop_after_steps is not None and self.stop_after_steps < 1:
+            raise ConfigError(f"stop_after_steps: expected a step >= 1 or null, got {self.stop_after_steps}")
+        self._validate_engine()
         if not 0.0 <= self.cfg_dropout < 1.0:
             raise ConfigError(f"cfg_dropout: expected a probability in [0, 1), got {self.cfg_dropout}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ConfigError(f"ema_decay: expected a number in [0, 1), got {self.ema_decay}")
+        if self.codec.kind not in CODEC_KINDS:
+            raise ConfigError(f"codec.kind: expected one of {list(CODEC_KINDS)}, got {self.codec.kind!r}")
+        patch = self.model_config()
+        for index, stage in enumerate(self.curriculum):
+            _validate_stage(f"curriculum[{index}] ({stage.name})", stage, patch.patch_size, patch.patch_frames)
+
+    def _validate_engine(self) -> None:
+        ds = self.deepspeed
+        if ds.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(f"deepspeed.zero_stage: expected 0, 1, 2 or 3, got {ds.zero_stage}")
+        if ds.precision not in ("fp32", "bf16"):
+            raise ConfigError(f"deepspeed.precision: expected fp32 or bf16, got {ds.precision!r}")
+        if ds.offload_params and ds.zero_stage != 3:
+            raise ConfigError("deepspeed.offload_params needs deepspeed.zero_stage=3")
+        if ds.offload_optimizer and ds.zero_stage == 0:
+            raise ConfigError("deepspeed.offload_optimizer needs deepspeed.zero_stage 1, 2 or 3")
+        if self.optim.decay not in ("cosine", "linear", "constant"):
+            raise ConfigError(f"optim.decay: expected cosine, linear or constant, got {self.optim.decay!r}")
+
+    def model_config(self):
+        """The VDiT config the preset and overrides give (context_dim follows the text encoder at build time)."""
+        from models.vdit import PRESETS, vdit_config
+
+        if self.model.preset not in PRESETS:
+            raise ConfigError(f"model.preset: unknown preset {self.model.preset!r}; expected one of {sorted(PRESETS)}")
+        known = {f.name for f in dataclasses.fields(PRESETS[self.model.preset])}
+        unknown = sorted(set(self.model.overrides) - known)
+        if unknown:
+            raise ConfigError(f"model.overrides.{unknown[0]}: not a VDiTConfig field; expected among {sorted(known)}")
+        model_config = vdit_config(self.model.preset, **self.model.overrides)
+        if model_config.patch_size < 1 or model_config.patch_frames < 1:
+            raise ConfigError("model.overrides: patch_size and patch_frames must be at least 1")
+        return model_config
+
+
+def _lookup(config: Any, key: str) -> Any:
+    value = config
+    for part in key.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def _positive(config: Any, keys: list[str]) -> None:
+    for key in keys:
+        if _lookup(config, key) <= 0:
+            raise ConfigError(f"{key}: expected a value above 0, got {_lookup(config, key)}")
+
+
+def _non_negative(config: Any, keys: list[str]) -> None:
+    for key in keys:
+        if _lookup(config, key) < 0:
+            raise ConfigError(f"{key}: expected 0 or more, got {_lookup(config, key)}")
+
+
+def _validate_stage(name: str, stage: CurriculumStage, patch_size: int, patch_frames: int) -> None:
+    """A stage's clip shape must split into whole patches: the model cannot run otherwise (say so now, not on a
+    GPU an hour into the run)."""
+    if stage.steps <= 0 or stage.num_frames <= 0 or stage.size <= 0 or stage.fps <= 0:
+        raise ConfigError(f"{name}: steps, num_frames, size and fps must be above 0, got steps={stage.steps} "
+                          f"num_frames={stage.num_frames} size={stage.size} fps={stage.fps}")
+    if stage.size % patch_size:
+        fix = stage.size - stage.size % patch_size
+        raise ConfigError(f"{name}: size {stage.size} is not divisible by the model's patch_size {patch_size}; "
+                          f"use size {fix} or {fix + patch_size}")
+    if stage.num_frames % patch_frames:
+        fix = stage.num_frames - stage.num_frames % patch_frames
+        raise ConfigError(f"{name}: num_frames {stage.num_frames} is not divisible by the model's patch_frames "
+                          f"{patch_frames}; use num_frames {fix or patch_frames} or {fix + patch_frames}")
+
+
+# What a resumed run may change without changing what it computes: where it logs, how often it saves or samples,
+# how it is scheduled, where it stops this time.
+RESUME_FREE_KEYS = ("data", "output", "stop_after_steps", "accept_data_change", "tracking", "ray", "checkpoint",
+                    "sampling.every_steps", "scaling.cpus_per_worker", "scaling.threads_per_worker",
+                    "data_loading.prefetch_batches", "data_loading.decode_concurrency", "model.compile")
+
+
+def resume_hash(config: TrainConfig) -> str:
+    """sha256 of the resolved config less RESUME_FREE_KEYS: equal for a run and its resumption."""
+    data = dataclasses.asdict(config)
+    for key in RESUME_FREE_KEYS:
+        *parents, last = key.split(".")
+        section = data
+        for part in parents:
+            section = section[part]
+        section.pop(last, None)
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()

@@ -58,7 +58,7 @@ class DistillConfig:
 
     def round_steps(self) -> list[int]:
         """Student step counts, one per round: [16, 8, 4] for 32 -> 4."""
-        from pipelines.config import ConfigError
+        from training.config import ConfigError
 
         steps, out = self.teacher_steps, []
         if self.final_steps < 1 or self.teacher_steps <= self.final_steps:

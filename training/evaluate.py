@@ -91,7 +91,7 @@ class EvaluateConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def validate(self) -> None:
-        from pipelines.config import ConfigError
+        from training.config import ConfigError
 
         if not self.models:
             raise ConfigError("models: name at least one exported model, e.g. --set 'models=[{path: runs/x/model}]'")
@@ -155,7 +155,7 @@ def model_folder(path: str | Path) -> Path:
 def resolve_models(specs: list[ModelSpec]) -> list[ResolvedModel]:
     """Read each model's config.json: sampling defaults, and a derived name ("teacher-32", "student-4") when none
     is given; repeated derived names get "-2", "-3"."""
-    from pipelines.config import ConfigError
+    from training.config import ConfigError
 
     resolved: list[ResolvedModel] = []
     taken = {s.name for s in specs if s.name}
@@ -188,7 +188,7 @@ class VideoFormat:
 
 def video_format(config: EvaluateConfig, reference: ResolvedModel) -> VideoFormat:
     """The configured frames/size/fps, each None taken from the reference model's last curriculum stage."""
-    from pipelines.config import ConfigError
+    from training.config import ConfigError
 
     native = (reference.config.get("curriculum") or [{}])[-1]
     values = {}

@@ -75,3 +75,47 @@ def write_mp4(frames: np.ndarray, path: str | Path, fps: float, min_side: int = 
             container.mux(stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame[:h, :w]),
                                                                    format="rgb24")))
         container.mux(stream.encode())
+
+
+class SampleLogger:
+    """Sample videos for the configured prompts during training, scored and logged to MLflow by rank 0. Every rank
+    runs the sampler (under ZeRO-3 the forward is a collective)."""
+
+    def __init__(self, config, text_encoder, schedule: NoiseSchedule, codec, tracker, dtype, device):
+        self.config = config  # training.config.SamplingConfig
+        self.text_encoder, self.schedule, self.codec = text_encoder, schedule, codec
+        self.tracker, self.dtype, self.device = tracker, dtype, device
+
+    def due(self, step: int, total_steps: int) -> bool:
+        every = self.config.every_steps
+        return bool(self.config.prompts) and bool(every) and step % every == 0 and step < total_steps
+
+    def log(self, model, ema, stage, tag: str, step: int) -> None:
+        if not self.config.prompts:
+            return
+        s = self.config
+        model.eval()
+        with ema.swapped_in():
+            latents = generate(model, self.text_encoder, self.schedule, s.prompts, stage.num_frames, stage.size,
+                               s.num_steps, s.cfg_scale, s.seed, self.codec.channels, self.dtype, self.device,
+                               clip_x0=self.codec.clip_range)
+        model.train()
+        if self.tracker.client is not None:
+            self._write(self.codec.decode(latents), stage.fps, tag, step)
+
+    def _write(self, clips: np.ndarray, fps: float, tag: str, step: int) -> None:
+        import tempfile
+
+        from training.metrics import prompt_adherence
+
+        scores = prompt_adherence(clips, self.config.prompts)  # 0 scored when the prompts are not the sample dump's
+        if scores["num_scored"]:
+            self.tracker.metrics({f"samples_{k}": float(v) for k, v in scores.items() if k != "num_scored"}, step)
+        frames = tile(clips)
+        with tempfile.TemporaryDirectory() as directory:
+            paths = [Path(directory) / f"{tag}.gif", Path(directory) / f"{tag}.mp4", Path(directory) / "prompts.txt"]
+            write_gif(frames, paths[0], fps)
+            write_mp4(frames, paths[1], fps)
+            paths[2].write_text("\n".join(self.config.prompts) + "\n")
+            for path in paths:
+                self.tracker.artifact(str(path), "samples")
