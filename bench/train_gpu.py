@@ -1,0 +1,372 @@
+"""Training throughput of the VDiT on one device, all figures from one run: samples/s, tokens/s, model TFLOP/s, MFU
+and peak memory of a plain PyTorch step and of the project's engine (training.engine.Engine: DeepSpeed ZeRO-2).
+
+    python bench/train_gpu.py [--device cpu|cuda] [--presets VDiT-S/2,VDiT-B/2] [--shapes latent|shipped|all]
+        [--steps 10] [--warmup 3] [--compile] [--peak-tflops 989] [--threads N] [--json OUT]
+
+Shapes: `latent` is 4 x 16 x 32 x 32 (a VAE latent of 16 frames at 256 px: 4,096 tokens a sample at patch 2; on the
+CPU a tiny 4 x 4 x 16 x 16); `shipped` are the two curriculum stages of configs/train/vdit-s.yaml for its preset
+(VDiT-S/2, CUDA only). FLOPs are counted, not estimated: torch.utils.flop_counter on one forward and backward of the
+model on the meta device (see bench/README.md). Only torch and einops are needed for the plain path; the engine path
+also needs deepspeed and the project's training config (open_clip) and is skipped with a note where they are missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import resource
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from models.vdit import VDiT, vdit_config  # noqa: E402
+
+GPU_PRESETS = ["VDiT-S/2", "VDiT-B/2", "VDiT-L/2", "VDiT-XL/2"]
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0}  # dense bf16 without sparsity, by a substring of the device name
+
+
+@dataclass(frozen=True)
+class Shape:
+    """One training input: clips of (channels, frames, size, size), `batch` of them per step."""
+
+    name: str
+    channels: int
+    frames: int
+    size: int
+    batch: int
+    grad_checkpointing: bool = False
+    context_dim: int | None = None  # None: the preset's
+    preset: str | None = None  # only this preset (a shipped config's)
+
+    def tokens(self, patch_frames: int, patch_size: int) -> int:
+        return (self.frames // patch_frames) * (self.size // patch_size) ** 2
+
+
+LATENT = Shape("latent", channels=4, frames=16, size=32, batch=4)
+LATENT_CPU = Shape("latent-tiny", channels=4, frames=4, size=16, batch=2)
+# configs/train/vdit-s.yaml: its two curriculum stages at micro-batch 16 with grad checkpointing, text from ViT-L-14
+# (768 wide); tests/test_bench_train_gpu.py keeps these equal to the YAML
+SHIPPED = [
+    Shape("vdit-s low-res", 3, 8, 64, 16, grad_checkpointing=True, context_dim=768, preset="VDiT-S/2"),
+    Shape("vdit-s full", 3, 16, 128, 16, grad_checkpointing=True, context_dim=768, preset="VDiT-S/2"),
+]
+
+
+@dataclass
+class Row:
+    preset: str
+    shape: str
+    path: str
+    batch: int
+    tokens_per_sample: int
+    flops_per_step: int = 0
+    seconds_per_step: float | None = None
+    samples_per_s: float | None = None
+    tokens_per_s: float | None = None
+    tflops: float | None = None
+    mfu: float | None = None
+    peak_mem_bytes: int | None = None
+    real_over_plain: float | None = None
+    note: str = ""
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Inputs, FLOPs, memory
+
+
+def make_model(preset: str, shape: Shape, device: torch.device) -> VDiT:
+    overrides = {"in_channels": shape.channels, "grad_checkpointing": shape.grad_checkpointing}
+    if shape.context_dim:
+        overrides["context_dim"] = shape.context_dim
+    torch.manual_seed(0)
+    return VDiT(vdit_config(preset, **overrides)).to(device)
+
+
+def make_batch(model: VDiT, shape: Shape, text_tokens: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """Noisy clips, timesteps, random text tokens with a padding mask (cross-attention runs masked, as in training)
+    and a target."""
+    g = torch.Generator().manual_seed(0)
+    b = shape.batch
+    x_t = torch.randn(b, shape.channels, shape.frames, shape.size, shape.size, generator=g)
+    t = torch.randint(0, 1000, (b,), generator=g)
+    context = torch.randn(b, text_tokens, model.config.context_dim, generator=g)
+    lengths = torch.randint(1, text_tokens + 1, (b, 1), generator=g)
+    mask = torch.arange(text_tokens)[None] < lengths  # (B, L)
+    target = torch.randn(x_t.shape, generator=g)
+    return tuple(v.to(device) for v in (x_t, t, context, mask, target))
+
+
+def count_flops(preset: str, shape: Shape, text_tokens: int) -> int:
+    """FLOPs of one forward and backward of the model, counted on the meta device: no memory or time for any shape,
+    attention counted as the matmuls it is (the CPU's fused kernel has no formula and would count 0, flash's backward
+    would add its recomputation), and without grad checkpointing's recomputation: model FLOPs, not hardware FLOPs."""
+    meta = torch.device("meta")
+    model = make_model(preset, Shape(**{**asdict(shape), "grad_checkpointing": False}), meta)
+    x_t, t, context, mask, target = make_batch(model, shape, text_tokens, meta)
+    with FlopCounterMode(display=False) as counter:
+        F.mse_loss(model(x_t, t, context, mask).float(), target).backward()
+    return counter.get_total_flops()
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        try:  # Linux: reset this process's RSS high-water mark (VmHWM)
+            Path("/proc/self/clear_refs").write_text("5")
+        except OSError:
+            pass
+
+
+def peak_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB, never reset
+
+
+def release(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The two paths: each returns a step function (no host sync inside) and the model
+
+
+def plain_step(model: VDiT, batch: tuple[torch.Tensor, ...], device: torch.device, grad_clip: float):
+    """Plain PyTorch: bf16 autocast and fused AdamW on a GPU, fp32 on the CPU; same clipping as the engine."""
+    x_t, t, context, mask, target = batch
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0, fused=device.type == "cuda")
+    cuda = device.type == "cuda"
+
+    def step() -> None:
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+            out = model(x_t, t, context, mask)
+        F.mse_loss(out.float(), target).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def engine_step(model: VDiT, batch: tuple[torch.Tensor, ...], device: torch.device, grad_clip: float):
+    """The project's path: training.engine.Engine (DeepSpeed ZeRO-2, bf16 on a GPU, fp32 on the CPU)."""
+    from training.config import TrainConfig
+    from training.engine import Engine
+
+    init_single_process_group(device)
+    config = TrainConfig()
+    config.deepspeed.zero_stage = 2
+    config.deepspeed.precision = "bf16" if device.type == "cuda" else "fp32"
+    config.deepspeed.micro_batch_size = batch[0].shape[0]
+    config.deepspeed.grad_accum = 1
+    config.scaling.use_gpu = device.type == "cuda"
+    config.optim.lr, config.optim.weight_decay, config.optim.grad_clip = 1e-4, 0.0, grad_clip
+    engine = Engine(model, config, world_size=1, use_gpu=device.type == "cuda")
+    x_t, t, context, mask, target = batch
+
+    def step() -> None:
+        out = engine(x_t, t, context, mask)
+        engine.backward(F.mse_loss(out.float(), target))
+        engine.step()
+
+    step.engine = engine  # keeps it alive with the step
+    return step
+
+
+def init_single_process_group(device: torch.device) -> None:
+    """DeepSpeed wants torch.distributed; here it is one process (as a Ray Train worker of a 1-worker run)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    for key, value in {
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": "29517",
+        "RANK": "0",
+        "LOCAL_RANK": "0",
+        "WORLD_SIZE": "1",
+    }.items():
+        os.environ.setdefault(key, value)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1)
+
+
+def engine_missing() -> str | None:
+    """Why the engine path cannot run here, or None."""
+    try:
+        import deepspeed  # noqa: F401
+
+        import training.engine  # noqa: F401
+    except ImportError as err:
+        return f"engine path skipped: {err}"
+    return None
+
+
+def measure(row: Row, shape: Shape, device: torch.device, args) -> Row:
+    model = make_model(row.preset, shape, device)
+    batch = make_batch(model, shape, args.text_tokens, device)
+    if args.compile:
+        model.compile_blocks()
+    reset_peak_memory(device)
+    build = plain_step if row.path == "plain" else engine_step
+    step = build(model, batch, device, grad_clip=1.0)
+    for _ in range(args.warmup):
+        step()
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    sync(device)
+    seconds = (time.perf_counter() - start) / args.steps
+    row.peak_mem_bytes = peak_memory(device)
+    row.seconds_per_step = seconds
+    row.samples_per_s = shape.batch / seconds
+    row.tokens_per_s = shape.batch * row.tokens_per_sample / seconds
+    row.tflops = row.flops_per_step / seconds / 1e12
+    if args.peak_tflops:
+        row.mfu = row.tflops / args.peak_tflops
+    return row
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Report
+
+
+def table(rows: list[Row]) -> str:
+    lines = [
+        "| preset | shape | path | batch | samples/s | tokens/s | TFLOP/s | MFU | peak mem | real/plain |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in rows:
+        if r.samples_per_s is None:
+            lines.append(f"| {r.preset} | {r.shape} | {r.path} | {r.batch} | {r.note} | | | | | |")
+            continue
+        mfu = f"{100 * r.mfu:.1f} %" if r.mfu is not None else "n/a"
+        ratio = f"{r.real_over_plain:.3f}" if r.real_over_plain is not None else ""
+        lines.append(
+            f"| {r.preset} | {r.shape} | {r.path} | {r.batch} | {r.samples_per_s:.2f} | "
+            f"{r.tokens_per_s:,.0f} | {r.tflops:.3g} | {mfu} | {r.peak_mem_bytes / 2**30:.2f} GiB | {ratio} |"
+        )
+    return "\n".join(lines)
+
+
+def device_peak_tflops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_TFLOPS.items() if key in name), None)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--presets", help="comma-separated; default: VDiT-T/2 on the CPU, S/2 to XL/2 on CUDA")
+    parser.add_argument("--shapes", choices=["latent", "shipped", "all"], default="latent")
+    parser.add_argument("--latent-batch", type=int, help="clips a step at the latent shape (default 4; CPU 2)")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps")
+    parser.add_argument("--warmup", type=int, default=3, help="steps before the timed window")
+    parser.add_argument("--compile", action="store_true", help="VDiT.compile_blocks() on both paths")
+    parser.add_argument("--peak-tflops", type=float, help="for MFU; default by device name (H100/H200: 989)")
+    parser.add_argument("--text-tokens", type=int, help="text tokens a clip (default 77; CPU 16)")
+    parser.add_argument("--threads", type=int, help="CPU: torch intra-op threads (1 on a busy box: 10x faster)")
+    parser.add_argument("--paths", default="plain,real", help="plain, real (the engine), or both")
+    parser.add_argument("--json", help="write the rows here too (rewritten after each row)")
+    args = parser.parse_args()
+
+    cuda = args.device == "cuda"
+    if cuda and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is visible to torch")
+    device = torch.device("cuda", 0) if cuda else torch.device("cpu")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if cuda:
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+    presets = args.presets.split(",") if args.presets else (GPU_PRESETS if cuda else ["VDiT-T/2"])
+    args.text_tokens = args.text_tokens or (77 if cuda else 16)
+    args.peak_tflops = args.peak_tflops or device_peak_tflops(device)
+    latent = LATENT if cuda else LATENT_CPU
+    if args.latent_batch:
+        latent = Shape(**{**asdict(latent), "batch": args.latent_batch})
+    shapes = [latent] if args.shapes in ("latent", "all") else []
+    if args.shapes in ("shipped", "all"):
+        if cuda:
+            shapes += SHIPPED
+        else:
+            print("shipped shapes: CUDA only (16 clips of 16 x 128 x 128 pixels a step), left out on the CPU")
+    paths = args.paths.split(",")
+    missing = engine_missing() if "real" in paths else None
+    if missing:
+        print(missing)
+
+    name = torch.cuda.get_device_name(device) if cuda else f"CPU ({torch.get_num_threads()} threads)"
+    report = {
+        "device": name,
+        "torch": torch.__version__,
+        "peak_tflops": args.peak_tflops,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "compile": args.compile,
+        "text_tokens": args.text_tokens,
+        "rows": [],
+    }
+    print(f"{name}, torch {torch.__version__}, peak {args.peak_tflops or 'n/a'} TFLOP/s, {args.steps} timed steps")
+    rows: list[Row] = []
+    for preset in presets:
+        for shape in shapes:
+            if shape.preset and shape.preset != preset:
+                continue
+            flops = count_flops(preset, shape, args.text_tokens)
+            config = vdit_config(preset)
+            tokens = shape.tokens(config.patch_frames, config.patch_size)
+            plain = None
+            for path in paths:
+                row = Row(preset, shape.name, path, shape.batch, tokens, flops)
+                if path == "real" and missing:
+                    row.note = "skipped: no engine (see above)"
+                else:
+                    try:
+                        measure(row, shape, device, args)
+                    except torch.cuda.OutOfMemoryError:
+                        row.note = "out of memory"
+                    release(device)
+                if path == "plain":
+                    plain = row
+                elif plain and plain.samples_per_s and row.samples_per_s:
+                    row.real_over_plain = row.samples_per_s / plain.samples_per_s
+                rows.append(row)
+                print(table([row]).splitlines()[-1], flush=True)
+                if args.json:
+                    report["rows"] = [asdict(r) for r in rows]
+                    Path(args.json).write_text(json.dumps(report, indent=2))
+    print()
+    print(table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
