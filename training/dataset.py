@@ -13,6 +13,7 @@ from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from threading import Lock
+from typing import TYPE_CHECKING
 
 import av
 import numpy as np
@@ -21,6 +22,9 @@ import pyarrow.parquet as pq
 
 from training.config import CurriculumStage, DataConfig
 from training.data import SHARD_COLUMNS, decode_row, shard_files, window_indices
+
+if TYPE_CHECKING:
+    from curation.outputs import OutputDir
 
 log = logging.getLogger("reelforge.train.dataset")
 
@@ -34,7 +38,7 @@ class ClipTable:
     is the Parquet shards: an index maps a row to (file, row group, offset) and whole row groups are read and kept
     while recent (`cache_bytes`), since Parquet cannot read less than a row group of a column."""
 
-    def __init__(self, data_uri: str, version: str, out, paths: list[str], metas: list[pq.FileMetaData],
+    def __init__(self, data_uri: str, version: str, out: OutputDir, paths: list[str], metas: list[pq.FileMetaData],
                  cache_bytes: int = 256 * 2**20):
         self.data_uri = data_uri
         self._version = version
@@ -161,9 +165,13 @@ class ClipTable:
                     del self._cache[k]
 
 
-def _epoch_rng(seed: int, stage: CurriculumStage, epoch: int) -> np.random.Generator:
+def _permutation(seed: int, stage: CurriculumStage, epoch: int, n: int) -> np.ndarray:
+    """A permutation of range(n) from (seed, stage name, epoch). Sorting raw PCG64 output rather than calling
+    Generator.permutation: NumPy keeps bit generator streams fixed across releases, not Generator methods, and a
+    resume must not change order with a NumPy upgrade."""
     digest = hashlib.sha256(repr((int(seed), stage.name, int(epoch))).encode()).digest()
-    return np.random.default_rng(int.from_bytes(digest[:16], "little"))
+    keys = np.random.PCG64(int.from_bytes(digest[:16], "little")).random_raw(n)
+    return np.argsort(keys, kind="stable")
 
 
 class StageSampler:
@@ -202,7 +210,7 @@ class StageSampler:
         """Positions into `items` of the whole epoch (every rank's slice, then the dropped remainder)."""
         order = self._orders.get(epoch)
         if order is None:
-            order = _epoch_rng(self.seed, self.stage, epoch).permutation(len(self.items))
+            order = _permutation(self.seed, self.stage, epoch, len(self.items))
             self._orders[epoch] = order
             if len(self._orders) > 2:  # the current epoch and the next, which prefetching reaches first
                 self._orders.popitem(last=False)
