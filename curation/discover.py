@@ -165,5 +165,14 @@ class DiscoverStage:
         batch = pa.table(batch) if isinstance(batch, dict) else batch
         uris = batch["uri"].to_pylist()
         sizes = batch["size_bytes"].to_pylist()
-        ids = [content_id(u, s, self.config.id_sample_bytes) for u, s in zip(uris, sizes, strict=True)]
+        ids = [self._id(u, s) for u, s in zip(uris, sizes, strict=True)]
         return pa.table({"video_id": ids, "uri": uris, "size_bytes": pa.array(sizes, pa.int64())})
+
+    def _id(self, uri: str, size: int) -> str:
+        """The content id; for a file gone or unreadable since it was listed, an id from its path, so that the
+        decode stage quarantines it (not_found, unreadable) instead of the whole run failing here."""
+        try:
+            return content_id(uri, size, self.config.id_sample_bytes)
+        except (FileNotFoundError, PermissionError, IsADirectoryError) as err:
+            log.warning("cannot read %s to hash it (%s); the decode stage will quarantine it", uri, err)
+            return "path-" + hashlib.blake2b(uri.encode(), digest_size=12).hexdigest()

@@ -120,3 +120,18 @@ def test_the_workflow_fingerprint_of_a_dump_with_a_name_that_is_not_utf8(tmp_pat
     before = input_fingerprint(str(tmp_path))
     _write_bytes_name(tmp_path, b"bad\xff.mp4", videos[1])
     assert input_fingerprint(str(tmp_path)) != before
+
+
+def test_a_file_gone_after_listing_is_quarantined_not_a_failed_run(tmp_path, videos):
+    from curation.config import CurateConfig
+    from curation.video_stage import VideoStage
+
+    (tmp_path / "a.mp4").write_bytes(videos[0])
+    (tmp_path / "gone.mp4").write_bytes(videos[1])
+    config = CurateConfig()
+    config.decode.isolate = False
+    listed = list_videos(str(tmp_path), config.discover)
+    (tmp_path / "gone.mp4").unlink()  # a dump still being uploaded or cleaned up
+    rows = VideoStage(config)(DiscoverStage(config.discover)(pa.Table.from_pylist(listed))).to_pylist()
+    assert [(os.path.basename(r["uri"]), r["status"], r["error_class"]) for r in rows] == [
+        ("a.mp4", "ok", None), ("gone.mp4", "quarantined", "not_found")]
