@@ -14,10 +14,10 @@ also needs deepspeed and the project's training config (open_clip) and is skippe
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import resource
+import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -34,6 +34,7 @@ from models.vdit import VDiT, vdit_config  # noqa: E402
 
 GPU_PRESETS = ["VDiT-S/2", "VDiT-B/2", "VDiT-L/2", "VDiT-XL/2"]
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0}  # dense bf16 without sparsity, by a substring of the device name
+ROW_PREFIX = "TRAIN_GPU_ROW "
 
 
 @dataclass(frozen=True)
@@ -90,7 +91,8 @@ def make_model(preset: str, shape: Shape, device: torch.device) -> VDiT:
     if shape.context_dim:
         overrides["context_dim"] = shape.context_dim
     torch.manual_seed(0)
-    return VDiT(vdit_config(preset, **overrides)).to(device)
+    with device:  # built where it runs: on the meta device an XL/2 costs no memory and no init time
+        return VDiT(vdit_config(preset, **overrides))
 
 
 def make_batch(model: VDiT, shape: Shape, text_tokens: int, device: torch.device) -> tuple[torch.Tensor, ...]:
@@ -119,43 +121,44 @@ def count_flops(preset: str, shape: Shape, text_tokens: int) -> int:
     return counter.get_total_flops()
 
 
-def reset_peak_memory(device: torch.device) -> None:
+def memory_now(device: torch.device) -> int:
+    """Bytes in use: allocated by torch on a GPU, this process's resident set on the CPU."""
     if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    else:
-        try:  # Linux: reset this process's RSS high-water mark (VmHWM)
-            Path("/proc/self/clear_refs").write_text("5")
-        except OSError:
-            pass
+        return torch.cuda.memory_allocated(device)
+    return _proc_status_bytes("VmRSS")
 
 
 def peak_memory(device: torch.device) -> int:
+    """The high-water mark of memory_now since the process started."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
+    return _proc_status_bytes("VmHWM")
+
+
+def _proc_status_bytes(key: str) -> int:
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(f"{key}:"):
                 return int(line.split()[1]) * 1024
     except OSError:
         pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB, never reset
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # no /proc: the peak in KiB (Linux, BSD)
 
 
-def release(device: torch.device) -> None:
-    gc.collect()
+def sync(device: torch.device) -> None:
     if device.type == "cuda":
-        torch.cuda.empty_cache()
+        torch.cuda.synchronize(device)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# The two paths: each returns a step function (no host sync inside) and the model
+# The two paths: each returns a step function with no host sync inside
 
 
 def plain_step(model: VDiT, batch: tuple[torch.Tensor, ...], device: torch.device, grad_clip: float):
-    """Plain PyTorch: bf16 autocast and fused AdamW on a GPU, fp32 on the CPU; same clipping as the engine."""
+    """Plain PyTorch: bf16 autocast and fused AdamW on a GPU, fp32 on the CPU; the engine's gradient clipping."""
     x_t, t, context, mask, target = batch
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0, fused=device.type == "cuda")
     cuda = device.type == "cuda"
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0, fused=cuda)
 
     def step() -> None:
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
@@ -174,14 +177,15 @@ def engine_step(model: VDiT, batch: tuple[torch.Tensor, ...], device: torch.devi
     from training.engine import Engine
 
     init_single_process_group(device)
+    cuda = device.type == "cuda"
     config = TrainConfig()
     config.deepspeed.zero_stage = 2
-    config.deepspeed.precision = "bf16" if device.type == "cuda" else "fp32"
+    config.deepspeed.precision = "bf16" if cuda else "fp32"
     config.deepspeed.micro_batch_size = batch[0].shape[0]
     config.deepspeed.grad_accum = 1
-    config.scaling.use_gpu = device.type == "cuda"
+    config.scaling.use_gpu = cuda
     config.optim.lr, config.optim.weight_decay, config.optim.grad_clip = 1e-4, 0.0, grad_clip
-    engine = Engine(model, config, world_size=1, use_gpu=device.type == "cuda")
+    engine = Engine(model, config, world_size=1, use_gpu=cuda)
     x_t, t, context, mask, target = batch
 
     def step() -> None:
@@ -189,67 +193,89 @@ def engine_step(model: VDiT, batch: tuple[torch.Tensor, ...], device: torch.devi
         engine.backward(F.mse_loss(out.float(), target))
         engine.step()
 
-    step.engine = engine  # keeps it alive with the step
     return step
 
 
 def init_single_process_group(device: torch.device) -> None:
-    """DeepSpeed wants torch.distributed; here it is one process (as a Ray Train worker of a 1-worker run)."""
+    """DeepSpeed wants torch.distributed: one process here, as the worker of a 1-worker Ray Train run."""
     import torch.distributed as dist
 
     if dist.is_initialized():
         return
-    for key, value in {
-        "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": "29517",
-        "RANK": "0",
-        "LOCAL_RANK": "0",
-        "WORLD_SIZE": "1",
-    }.items():
+    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29517", "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"}
+    for key, value in env.items():
         os.environ.setdefault(key, value)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1)
 
 
-def engine_missing() -> str | None:
-    """Why the engine path cannot run here, or None."""
-    try:
-        import deepspeed  # noqa: F401
+def measure(row: Row, shape: Shape, device: torch.device, spec: dict) -> None:
+    """Fill row with one path's figures. Runs in its own process (see run_row)."""
+    if row.path == "real":
+        try:
+            import deepspeed  # noqa: F401
 
-        import training.engine  # noqa: F401
-    except ImportError as err:
-        return f"engine path skipped: {err}"
-    return None
-
-
-def measure(row: Row, shape: Shape, device: torch.device, args) -> Row:
+            import training.engine  # noqa: F401
+        except ImportError as err:
+            row.note = f"skipped: {err}"
+            return
+    baseline = memory_now(device)  # after the imports: what the row itself adds is measured
     model = make_model(row.preset, shape, device)
-    batch = make_batch(model, shape, args.text_tokens, device)
-    if args.compile:
+    batch = make_batch(model, shape, spec["text_tokens"], device)
+    if spec["compile"]:
         model.compile_blocks()
-    reset_peak_memory(device)
     build = plain_step if row.path == "plain" else engine_step
     step = build(model, batch, device, grad_clip=1.0)
-    for _ in range(args.warmup):
+    for _ in range(spec["warmup"]):
         step()
     sync(device)
     start = time.perf_counter()
-    for _ in range(args.steps):
+    for _ in range(spec["steps"]):
         step()
     sync(device)
-    seconds = (time.perf_counter() - start) / args.steps
-    row.peak_mem_bytes = peak_memory(device)
+    seconds = (time.perf_counter() - start) / spec["steps"]
+    row.peak_mem_bytes = peak_memory(device) - baseline
     row.seconds_per_step = seconds
     row.samples_per_s = shape.batch / seconds
     row.tokens_per_s = shape.batch * row.tokens_per_sample / seconds
     row.tflops = row.flops_per_step / seconds / 1e12
-    if args.peak_tflops:
-        row.mfu = row.tflops / args.peak_tflops
-    return row
+    if spec["peak_tflops"]:
+        row.mfu = row.tflops / spec["peak_tflops"]
 
 
-def sync(device: torch.device) -> None:
+def child(spec: dict) -> int:
+    """One measurement in a fresh process: its own peak memory, nothing left by an earlier row (DeepSpeed keeps an
+    engine alive through its gradient hooks), and a CUDA error or an out-of-memory ends this row only."""
+    device = torch.device(spec["device"], 0) if spec["device"] == "cuda" else torch.device("cpu")
+    if spec["threads"]:
+        torch.set_num_threads(spec["threads"])
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+    row = Row(**spec["row"])
+    try:
+        measure(row, Shape(**spec["shape"]), device, spec)
+    except torch.cuda.OutOfMemoryError:
+        row.note = "out of memory"
+    print(ROW_PREFIX + json.dumps(asdict(row)), flush=True)
+    return 0
+
+
+def run_row(row: Row, shape: Shape, spec: dict, timeout: float) -> Row:
+    """measure() in a child process; a row that fails or times out comes back with a note saying so."""
+    spec = {**spec, "row": asdict(row), "shape": asdict(shape)}
+    command = [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec)]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        row.note = f"timed out after {timeout:.0f} s"
+        return row
+    lines = [line for line in done.stdout.splitlines() if line.startswith(ROW_PREFIX)]
+    if done.returncode or not lines:
+        sys.stderr.write(done.stdout[-4000:] + done.stderr[-4000:])
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        row.note = f"failed (exit {done.returncode}): {last[:160]}"
+        return row
+    return Row(**json.loads(lines[-1][len(ROW_PREFIX) :]))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -269,9 +295,15 @@ def table(rows: list[Row]) -> str:
         ratio = f"{r.real_over_plain:.3f}" if r.real_over_plain is not None else ""
         lines.append(
             f"| {r.preset} | {r.shape} | {r.path} | {r.batch} | {r.samples_per_s:.2f} | "
-            f"{r.tokens_per_s:,.0f} | {r.tflops:.3g} | {mfu} | {r.peak_mem_bytes / 2**30:.2f} GiB | {ratio} |"
+            f"{r.tokens_per_s:,.0f} | {r.tflops:.3g} | {mfu} | {gib(r.peak_mem_bytes)} | {ratio} |"
         )
     return "\n".join(lines)
+
+
+def gib(size: int | None) -> str:
+    if size is None:
+        return ""
+    return f"{size / 2**30:.2f} GiB" if size >= 2**30 else f"{size / 2**20:.0f} MiB"
 
 
 def device_peak_tflops(device: torch.device) -> float | None:
@@ -294,21 +326,20 @@ def main() -> int:
     parser.add_argument("--text-tokens", type=int, help="text tokens a clip (default 77; CPU 16)")
     parser.add_argument("--threads", type=int, help="CPU: torch intra-op threads (1 on a busy box: 10x faster)")
     parser.add_argument("--paths", default="plain,real", help="plain, real (the engine), or both")
+    parser.add_argument("--row-timeout", type=float, default=600.0, help="seconds one measurement may take")
     parser.add_argument("--json", help="write the rows here too (rewritten after each row)")
+    parser.add_argument("--child", help=argparse.SUPPRESS)  # one measurement, run by run_row
     args = parser.parse_args()
+    if args.child:
+        return child(json.loads(args.child))
 
     cuda = args.device == "cuda"
     if cuda and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is visible to torch")
-    device = torch.device("cuda", 0) if cuda else torch.device("cpu")
     if args.threads:
         torch.set_num_threads(args.threads)
-    if cuda:
-        torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = True
+    device = torch.device("cuda", 0) if cuda else torch.device("cpu")
     presets = args.presets.split(",") if args.presets else (GPU_PRESETS if cuda else ["VDiT-T/2"])
-    args.text_tokens = args.text_tokens or (77 if cuda else 16)
-    args.peak_tflops = args.peak_tflops or device_peak_tflops(device)
     latent = LATENT if cuda else LATENT_CPU
     if args.latent_batch:
         latent = Shape(**{**asdict(latent), "batch": args.latent_batch})
@@ -318,46 +349,36 @@ def main() -> int:
             shapes += SHIPPED
         else:
             print("shipped shapes: CUDA only (16 clips of 16 x 128 x 128 pixels a step), left out on the CPU")
-    paths = args.paths.split(",")
-    missing = engine_missing() if "real" in paths else None
-    if missing:
-        print(missing)
-
     name = torch.cuda.get_device_name(device) if cuda else f"CPU ({torch.get_num_threads()} threads)"
-    report = {
-        "device": name,
-        "torch": torch.__version__,
-        "peak_tflops": args.peak_tflops,
+    spec = {
+        "device": args.device,
         "steps": args.steps,
         "warmup": args.warmup,
         "compile": args.compile,
-        "text_tokens": args.text_tokens,
-        "rows": [],
+        "peak_tflops": args.peak_tflops or device_peak_tflops(device),
+        "text_tokens": args.text_tokens or (77 if cuda else 16),
+        "threads": args.threads or (None if cuda else torch.get_num_threads()),
     }
-    print(f"{name}, torch {torch.__version__}, peak {args.peak_tflops or 'n/a'} TFLOP/s, {args.steps} timed steps")
+    report = {"device": name, "torch": torch.__version__, **spec, "rows": []}
+    print(f"{name}, torch {torch.__version__}, peak {spec['peak_tflops'] or 'n/a'} TFLOP/s, {args.steps} timed steps")
+
     rows: list[Row] = []
-    for preset in presets:
-        for shape in shapes:
+    for shape in shapes:  # every preset at the latent shape first: a run cut short still has the MFU targets' rows
+        for preset in presets:
             if shape.preset and shape.preset != preset:
                 continue
-            flops = count_flops(preset, shape, args.text_tokens)
             config = vdit_config(preset)
             tokens = shape.tokens(config.patch_frames, config.patch_size)
+            flops = count_flops(preset, shape, spec["text_tokens"])
             plain = None
-            for path in paths:
-                row = Row(preset, shape.name, path, shape.batch, tokens, flops)
-                if path == "real" and missing:
-                    row.note = "skipped: no engine (see above)"
-                else:
-                    try:
-                        measure(row, shape, device, args)
-                    except torch.cuda.OutOfMemoryError:
-                        row.note = "out of memory"
-                    release(device)
+            for path in args.paths.split(","):
+                row = run_row(Row(preset, shape.name, path, shape.batch, tokens, flops), shape, spec, args.row_timeout)
                 if path == "plain":
                     plain = row
                 elif plain and plain.samples_per_s and row.samples_per_s:
                     row.real_over_plain = row.samples_per_s / plain.samples_per_s
+                if row.note.startswith("skipped") and not any(r.note.startswith("skipped") for r in rows):
+                    print(f"engine path {row.note}")
                 rows.append(row)
                 print(table([row]).splitlines()[-1], flush=True)
                 if args.json:
