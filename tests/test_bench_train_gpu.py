@@ -116,4 +116,15 @@ def test_shipped_shapes_are_those_of_the_shipped_config():
     ]
     shipped = [(s.preset, s.frames, s.size, s.batch, s.grad_checkpointing, s.context_dim) for s in train_gpu.SHIPPED]
     assert shipped == expected
-    assert all(s.channels == 3 for s in train_gpu.SHIPPED)  # pixels: the config has no latent codec
+    assert config.codec.kind == "pixels" and all(s.channels == 3 for s in train_gpu.SHIPPED)
+
+
+def test_gpu_check_script_parses_and_passes_flags_the_bench_has():
+    script = ROOT / "bench" / "gpu_check.sh"
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+    lines = script.read_text().replace("\\\n", " ").splitlines()  # continuation lines joined
+    command = next(line for line in lines if "bench/train_gpu.py" in line and "timeout" in line)
+    help_text = subprocess.run([sys.executable, str(BENCH), "--help"], capture_output=True, text=True).stdout
+    flags = [word for word in command.split() if word.startswith("--")]
+    assert {"--device", "--shapes", "--json"} <= set(flags)
+    assert all(flag in help_text for flag in flags), flags
