@@ -20,7 +20,7 @@ from pathlib import Path
 from curation.config import CurateConfig
 from pipelines import tracking
 from pipelines.config import ConfigError, flatten
-from training.config import TrainConfig
+from training.config import RayConfig, TrainConfig
 from training.distill import DistillConfig
 from training.evaluate import EvaluateConfig
 
@@ -49,6 +49,9 @@ class WorkflowConfig:
     tracking_uri: str | None = None  # None: MLFLOW_TRACKING_URI, else sqlite:///WORKDIR/mlflow.db for every step
     experiment: str = "reelforge"  # the parent run and every step's nested run (nesting needs one experiment)
     steps: list[str] = field(default_factory=lambda: list(STEPS))
+    # The cluster every step runs on, handed down to each step (a step section's own `ray` is for its standalone
+    # command); the tracking store and experiment above are handed down the same way.
+    ray: RayConfig = field(default_factory=RayConfig)
     sample_dump: SampleDumpConfig = field(default_factory=SampleDumpConfig)
     curate: CurateConfig = field(default_factory=CurateConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -74,7 +77,7 @@ def input_fingerprint(root: str) -> dict:
     count = 0
     for file in sorted(p for p in path.rglob("*") if p.is_file()):
         stat = file.stat()
-        digest.update(f"{file.relative_to(path)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+        digest.update(os.fsencode(f"{file.relative_to(path)}\0{stat.st_size}\0{stat.st_mtime_ns}\n"))
         count += 1
     return {"files": count, "listing_sha256": digest.hexdigest()}
 
@@ -124,6 +127,7 @@ def run_workflow(config: WorkflowConfig) -> dict:
     unknown = [s for s in config.steps if s not in STEPS]
     if unknown:
         raise ConfigError(f"steps: unknown step {unknown[0]!r} (known: {', '.join(STEPS)})")
+    _validate_steps(config)
     workdir = Path(config.workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     uri = tracking.tracking_uri(config.tracking_uri, workdir)
@@ -151,6 +155,9 @@ def run_workflow(config: WorkflowConfig) -> dict:
         section.tracking.uri = section.tracking.uri or uri
         section.tracking.experiment = config.experiment
         section.tracking.parent_run_id = parent
+    for section in (config.curate, config.train, config.distill):
+        section.ray.address = config.ray.address or section.ray.address
+        section.ray.num_cpus = config.ray.num_cpus or section.ray.num_cpus
 
     results: dict = {"workdir": str(workdir), "tracking_uri": uri, "run_id": parent, "ran": [], "skipped": []}
     hashes: dict[str, str] = {}
@@ -260,6 +267,17 @@ def run_workflow(config: WorkflowConfig) -> dict:
         raise
     tracking.finish_run(uri, parent)
     return results
+
+
+def _validate_steps(config: WorkflowConfig) -> None:
+    """The training steps' config mistakes, before the first step starts rather than when that step begins."""
+    checks = {"train": config.train.validate, "distill": config.distill.round_steps}
+    for name in config.steps:
+        if name in checks:
+            try:
+                checks[name]()
+            except ConfigError as err:
+                raise ConfigError(f"{name}.{err}") from None
 
 
 class _Stopped(Exception):

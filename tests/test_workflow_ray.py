@@ -19,7 +19,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
 TINY = {
     "sample_dump": {"num_videos": 6, "heldout_videos": 6},
-    "curate": {"output_files": {"shard_rows": 4}, "ray": {"address": "local", "num_cpus": 2}},
+    "ray": {"address": "local", "num_cpus": 2},  # one section for every step: never join another cluster here
+    "curate": {"output_files": {"shard_rows": 4}},
     "train": {
         "curriculum": [{"name": "low", "steps": 16, "num_frames": 4, "fps": 4.0, "size": 16},
                        {"name": "high", "steps": 8, "num_frames": 4, "fps": 4.0, "size": 16}],
@@ -28,10 +29,9 @@ TINY = {
         "checkpoint": {"every_steps": 4},
         "sampling": {"every_steps": 0, "num_steps": 4, "prompts": ["a red circle moving left on a black background"]},
         "tracking": {"log_every_steps": 2},
-        "ray": {"address": "local", "num_cpus": 2},  # never join another cluster of this machine (the first
-    },                                                # step to start Ray decides; curate is skipped on reruns)
+    },
     "distill": {"teacher_steps": 4, "final_steps": 2, "steps_per_round": 4, "deepspeed": {"micro_batch_size": 2},
-                "checkpoint": {"every_steps": 4}, "ray": {"address": "local", "num_cpus": 2}},
+                "checkpoint": {"every_steps": 4}},
     "evaluate": {"max_videos": 3, "grid_prompts": 3, "metrics": {"clip": {"num_frames": 2}}},
 }
 

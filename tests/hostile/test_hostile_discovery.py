@@ -111,8 +111,6 @@ def test_a_fifo_with_a_video_name_is_reported_not_opened(tmp_path, videos):
     assert listing.skipped == [(str(tmp_path / "b.mp4"), "not a regular file")]
 
 
-@pytest.mark.xfail(strict=True, reason="pipelines/workflow.py input_fingerprint must encode names with "
-                                       "os.fsencode (issue 13, item 2); remove this mark when it does")
 def test_the_workflow_fingerprint_of_a_dump_with_a_name_that_is_not_utf8(tmp_path, videos):
     from pipelines.workflow import input_fingerprint
 
