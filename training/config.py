@@ -39,10 +39,11 @@ class CurriculumStage:
 
 @dataclass
 class DataConfig:
-    cache: bool = True  # keep decoded clips in the Ray object store (right for small datasets, not for a big one)
-    decode_batch_size: int = 8
-    decode_concurrency: int | None = None  # decode actors; None lets Ray Data decide
-    prefetch_batches: int = 2
+    cache: bool = True  # keep decoded clips in each worker's memory (up to cache_mib): later epochs skip decoding
+    cache_mib: int = 1024
+    decode_batch_size: int = 8  # rows per decode batch where clips are decoded in batches (evaluation, benches)
+    decode_concurrency: int | None = None  # decode threads per worker; None: min(4, CPUs)
+    prefetch_batches: int = 2  # micro-batches decoded ahead of the step
     windows_per_clip: int = 1  # training clips per curated clip, spread over its length (more data from few clips)
 
 
@@ -238,7 +239,8 @@ def _validate_stage(name: str, stage: CurriculumStage, patch_size: int, patch_fr
 # how it is scheduled, where it stops this time.
 RESUME_FREE_KEYS = ("data", "output", "stop_after_steps", "accept_data_change", "tracking", "ray", "checkpoint",
                     "sampling.every_steps", "scaling.cpus_per_worker", "scaling.threads_per_worker",
-                    "data_loading.prefetch_batches", "data_loading.decode_concurrency", "model.compile")
+                    "data_loading.prefetch_batches", "data_loading.decode_concurrency", "data_loading.cache",
+                    "data_loading.cache_mib", "data_loading.decode_batch_size", "model.compile")
 
 
 def resume_hash(config: TrainConfig) -> str:

@@ -1,5 +1,5 @@
-"""Training data from curated shards: read the Parquet shards a curation run listed, decode each clip's bytes to a
-fixed number of frames at a target fps, resize and centre-crop; one Ray Dataset per curriculum stage."""
+"""Training clips from curated shards: list the Parquet shards a curation run wrote, decode each clip's bytes to a
+fixed number of frames at a target fps, resize and centre-crop. training/dataset.py reads them replayably."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from training.config import CurriculumStage, DataConfig
+from models.codec import PixelCodec
+from training.config import CurriculumStage
 
 log = logging.getLogger("reelforge.train.data")
 
@@ -125,38 +126,11 @@ class ClipDecodeStage:
                 "caption": np.array(captions, dtype=object), "clip_id": np.array(ids, dtype=object)}
 
 
-def _decode_batch(batch: pa.Table, stage: CurriculumStage, windows: int = 1) -> dict:
-    return ClipDecodeStage(stage, windows)(batch)
-
-
-def stage_dataset(files: list[str], stage: CurriculumStage, config: DataConfig, min_rows: int = 0):
-    """The decoded clips of one curriculum stage as a Ray Dataset.
-
-    Decoding has no per-worker state, so it runs as tasks (worker processes are reused, nothing to load). With
-    `config.cache` the result is materialized and, for a small dataset, repeated until one pass holds `min_rows`
-    rows: every pass over a Ray Dataset re-plans its split across workers, which costs more than a few tiny batches.
-    """
-    import ray
-
-    ds = ray.data.read_parquet(files).select_columns(SHARD_COLUMNS)  # Ray pushes the projection into the read
-    ds = ds.map_batches(_decode_batch, fn_kwargs={"stage": stage, "windows": config.windows_per_clip},
-                        batch_size=config.decode_batch_size,
-                        batch_format="pyarrow", num_cpus=1, concurrency=config.decode_concurrency)
-    if config.cache:
-        ds = ds.materialize()
-        rows = ds.count()
-        if rows and rows < min_rows:
-            ds = ds.union(*[ds] * (-(-min_rows // rows) - 1))
-    return ds
-
-
 def to_model_input(video_uint8) -> torch.Tensor:
-    """(B, T, H, W, 3) uint8 -> (B, 3, T, H, W) float in [-1, 1]."""
-    video = torch.as_tensor(video_uint8).float().div_(127.5).sub_(1.0)
-    return video.permute(0, 4, 1, 2, 3).contiguous()
+    """(B, T, H, W, 3) uint8 -> (B, 3, T, H, W) float in [-1, 1]: the pixel codec's encoding."""
+    return PixelCodec().encode(video_uint8)
 
 
 def to_uint8(video: torch.Tensor) -> np.ndarray:
-    """(B, 3, T, H, W) float in [-1, 1] -> (B, T, H, W, 3) uint8."""
-    video = (video.clamp(-1, 1) + 1) * 127.5
-    return video.round().to(torch.uint8).permute(0, 2, 3, 4, 1).cpu().numpy()
+    """(B, 3, T, H, W) float in [-1, 1] -> (B, T, H, W, 3) uint8: the pixel codec's decoding."""
+    return PixelCodec().decode(video)

@@ -95,7 +95,8 @@ class CurriculumBatches:
             self.close()
             self.stage_index = index
             self.loader = StageLoader(self.table, stage, self.config.data_loading, self.config.seed + index,
-                                      self.rank, self.world_size, self.config.deepspeed.micro_batch_size)
+                                      self.rank, self.world_size, self.config.deepspeed.micro_batch_size,
+                                      cache_bytes=self.config.data_loading.cache_mib * 2**20)
         start = sum(s.steps for s in self.config.curriculum[:index])
         return self.loader.batch((step - start) * self.config.deepspeed.grad_accum + micro)
 
