@@ -121,7 +121,7 @@ def test_stopped_and_resumed_equals_uninterrupted_at_every_later_step(curated_sa
     assert _history(resumed, "resumed_weights_fingerprint") == {20: pytest.approx(state["weights_fingerprint"],
                                                                                   rel=1e-12)}
     for s in range(1, TOTAL + 1):
-        assert losses[s] == pytest.approx(reference[s], rel=1e-5, abs=1e-7), s
+        assert losses[s] == pytest.approx(reference[s], rel=1e-6, abs=1e-9), s  # measured: bit-identical
     lrs, reference_lrs = _history(resumed, "lr"), _history(reference_summary, "lr")
     assert [lrs[s] for s in range(21, TOTAL + 1)] == pytest.approx([reference_lrs[s] for s in range(21, TOTAL + 1)])
 

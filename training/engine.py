@@ -90,6 +90,10 @@ class Engine:
     def train(self) -> None:
         self._engine.train()
 
+    def close(self) -> None:
+        """Release the engine: DeepSpeed's gradient hooks otherwise keep it (and its optimizer state) alive."""
+        self._engine.destroy()
+
     def lr(self) -> float:
         return float(self.lr_scheduler.get_last_lr()[0]) if self.lr_scheduler else self.base_lr
 
