@@ -190,10 +190,11 @@ class CaptionConfig:
     sidecar_max_bytes: int = 1 << 20
     enabled: bool = True  # caption the clips that have no sidecar caption; false leaves them null
     captioner: str = "coca"  # a key of models/captioner.py CAPTIONERS
-    # "tiny" (random init), an open_clip CoCa name (coca_ViT-L-14) or hf-hub:org/repo.
+    # "tiny" (random init), an open_clip CoCa name (coca_ViT-L-14) or hf-hub:org/repo@<40-hex commit>.
     model_name: str = "tiny"
     # An open_clip tag (mscoco_finetuned_laion2B-s13B-b90k) or a local checkpoint file; None: random init.
     pretrained: str | None = None
+    pretrained_sha256: str | None = None  # of a checkpoint file named by `pretrained`; checked before it loads
     max_tokens: int = 30  # generated tokens per caption at most (greedy decoding)
     batch_size: int = 16  # clips per model call
     videos_per_batch: int = 1  # staged video records per Ray Data batch (raise it to fill batch_size on GPUs)
@@ -214,8 +215,9 @@ class ClipScoreConfig:
     "(untrained)". LAION's head needs ViT-L-14 with the openai weights (see configs/curate-production.yaml)."""
 
     enabled: bool = True
-    model_name: str = "tiny"  # "tiny" (random init), an open_clip model name (ViT-L-14) or hf-hub:org/repo
+    model_name: str = "tiny"  # "tiny" (random init), an open_clip model name (ViT-L-14), hf-hub:org/repo@<commit>
     pretrained: str | None = None  # an open_clip tag (openai) or a local checkpoint file; None: random init
+    pretrained_sha256: str | None = None  # of a checkpoint file named by `pretrained`; checked before it loads
     # LAION's sac+logos+ava1-l14-linearMSE.pth as a local path or http(s) URL (downloaded once into cache_dir),
     # checked against aesthetic_sha256; None: a random head sized to the CLIP embedding (untrained).
     aesthetic_head: str | None = None

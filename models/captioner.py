@@ -30,8 +30,10 @@ class CocaCaptioner:
 
     def __init__(self, model_name: str = "coca_ViT-L-14",
                  pretrained: str | None = "mscoco_finetuned_laion2B-s13B-b90k", max_tokens: int = 30,
-                 min_tokens: int = 4, device: str = "auto", precision: str = "fp32", cache_dir: str | None = None):
-        self.loaded = load_open_clip(model_name, pretrained, self.PRESETS, device, precision, cache_dir)
+                 min_tokens: int = 4, device: str = "auto", precision: str = "fp32", cache_dir: str | None = None,
+                 sha256: str | None = None):
+        # `pretrained` may be a checkpoint file (checked against `sha256` when given) or a pinned hf-hub: id
+        self.loaded = load_open_clip(model_name, pretrained, self.PRESETS, device, precision, cache_dir, sha256)
         self.model = self.loaded.model
         if not hasattr(self.model, "text_decoder"):
             raise ValueError(f"captions.model_name={model_name!r} is not a CoCa model (it has no text decoder)")

@@ -1,15 +1,19 @@
 """open_clip CLIP as an embedding model: L2-normalised image and text embeddings.
 
 Weights come the ways users have them: an open_clip pretrained tag (`ViT-L-14` + `openai`), a Hugging Face hub id
-(`hf-hub:org/repo`), a local checkpoint file (`pretrained=/path/to/ckpt.pt`), or none at all: a tiny randomly
-initialised config (`tiny`, from open_clip_configs/) that runs anywhere and whose scores mean nothing.
+pinned to a commit (`hf-hub:org/repo@<40-hex commit>`), a local checkpoint file (`pretrained=/path/to/ckpt.pt`, with
+an optional sha256 that is then checked), or none at all: a tiny randomly initialised config (`tiny`, from
+open_clip_configs/) that runs anywhere and whose scores mean nothing. Checkpoints load tensors-only
+(open_clip's `weights_only=True`, or safetensors).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +37,57 @@ UNTRAINED_SEED = 0
 
 class WeightsError(ValueError):
     """Weights a user named cannot be found, fetched or used; the message names them and the fix."""
+
+
+HF_HUB_PREFIX = "hf-hub:"
+_PINNED_HUB_ID = re.compile(r"^hf-hub:(?P<repo>[^@\s]+)@(?P<revision>[0-9a-f]{40})$")
+_SHA256 = re.compile(r"^[0-9a-fA-F]{64}$")
+
+
+def weights_problem(model_name: str | None, pretrained: str | None, sha256: str | None = None) -> str | None:
+    """Why these weights are not pinned, or None: a hub id must name a commit (a branch or tag can move to other
+    weights), and a sha256 must be 64 hex digits. Configs call this to fail before any download."""
+    for name in (model_name, pretrained):
+        if name and name.startswith(HF_HUB_PREFIX) and not _PINNED_HUB_ID.match(name):
+            repo = name.removeprefix(HF_HUB_PREFIX).split("@")[0]
+            return (f"{name} is not pinned: name the commit of its weights, hf-hub:{repo}@<40-hex commit> (the "
+                    "commit hash on the repository's 'Files and versions' page)")
+    if sha256 and not _SHA256.match(sha256.strip()):
+        return f"sha256 {sha256!r} is not 64 hex digits (`sha256sum FILE` prints it)"
+    return None
+
+
+def check_checkpoint(pretrained: str | None, sha256: str) -> None:
+    """Raise WeightsError unless `pretrained` is a local file whose sha256 is `sha256`."""
+    if not pretrained or not os.path.isfile(pretrained):
+        raise WeightsError(f"a sha256 is given but pretrained={pretrained!r} is not a local checkpoint file; the "
+                           "sha256 checks a file named by path (pin a hub id by its commit instead)")
+    digest = hashlib.sha256()
+    with open(pretrained, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    actual, expected = digest.hexdigest(), sha256.strip().lower()
+    if actual != expected:
+        raise WeightsError(f"{pretrained}: sha256 mismatch: expected {expected}, got {actual} (a different or damaged "
+                           "file; fetch it again or correct the sha256)")
+
+
+def _hub_snapshot(hub_id: str, cache_dir: str | None) -> str:
+    """The local folder of a pinned hub id's open_clip config and weights (downloaded once at that commit)."""
+    from open_clip.pretrained import download_pretrained_from_hf
+
+    pinned = _PINNED_HUB_ID.match(hub_id)
+    repo, revision = pinned["repo"], pinned["revision"]
+    try:
+        config = download_pretrained_from_hf(repo, filename="open_clip_config.json", revision=revision,
+                                             cache_dir=cache_dir)
+        weights = download_pretrained_from_hf(repo, revision=revision, cache_dir=cache_dir)  # safetensors first
+    except (FileNotFoundError, RuntimeError, OSError) as err:
+        raise WeightsError(f"could not fetch {hub_id}: {err} (no network? download the repository at that commit "
+                           "and set pretrained to its checkpoint file)") from err
+    if Path(config).parent != Path(weights).parent:
+        raise WeightsError(f"{hub_id}: its config and weights did not land in one snapshot folder")
+    return str(Path(config).parent)
 
 
 @dataclass
@@ -61,25 +116,37 @@ def resolve_device(device: str) -> torch.device:
 
 
 def load_open_clip(model_name: str, pretrained: str | None, presets: dict[str, str], device: str = "auto",
-                   precision: str = "fp32", cache_dir: str | None = None) -> OpenClipModel:
+                   precision: str = "fp32", cache_dir: str | None = None, sha256: str | None = None) -> OpenClipModel:
     """Build an open_clip model (CLIP or CoCa, whichever its config describes) with its eval transform and tokenizer.
 
-    `model_name` is a key of `presets`, an open_clip model name, or `hf-hub:org/repo` / `local-dir:/path` (these
-    carry their own weights; `pretrained` is then ignored). `pretrained` is an open_clip tag, a checkpoint file, or
-    `hf-hub:org/repo` (which then replaces `model_name`).
+    `model_name` is a key of `presets`, an open_clip model name, or `hf-hub:org/repo@<commit>` / `local-dir:/path`
+    (these carry their own weights; `pretrained` is then ignored). `pretrained` is an open_clip tag, a checkpoint
+    file (checked against `sha256` when one is given), or `hf-hub:org/repo@<commit>` (which then replaces
+    `model_name`).
     """
     if precision not in PRECISIONS:
         raise WeightsError(f"precision {precision!r} is not one of {sorted(PRECISIONS)}")
-    if pretrained and pretrained.startswith("hf-hub:"):  # a hub id names the architecture and its weights at once
+    problem = weights_problem(model_name, pretrained, sha256)
+    if problem:
+        raise WeightsError(problem)
+    if pretrained and pretrained.startswith(HF_HUB_PREFIX):  # a hub id names the architecture and its weights
         model_name, pretrained = pretrained, None
     arch = presets.get(model_name, model_name)
+    if arch.startswith(HF_HUB_PREFIX):
+        # open_clip's own hf-hub: loader always takes the repository's newest commit; load the pinned one from disk
+        arch = "local-dir:" + _hub_snapshot(arch, cache_dir)
     has_schema = arch.startswith(("hf-hub:", "local-dir:"))
     pretrained = None if has_schema else (pretrained or None)
+    if sha256:
+        check_checkpoint(pretrained, sha256)
     quick_gelu = False
     if pretrained and not os.path.isfile(pretrained):
         if arch not in open_clip.list_models():
             raise WeightsError(f"open_clip has no model config named {model_name!r}; "
                                f"use one of {sorted(presets)} or an open_clip model name")
+        # An open_clip tag downloads from open_clip's own table: its OpenAI and mlfoundations URLs carry a sha256 that
+        # open_clip checks, but its hf_hub entries take the repository's newest commit (open_clip 3.3 takes no
+        # revision there). For a pinned load, download the file once and name it with its sha256.
         tag = open_clip.get_pretrained_cfg(arch, pretrained)
         if not tag:
             tags = open_clip.list_pretrained_tags_by_model(arch) or ["none"]
@@ -93,7 +160,8 @@ def load_open_clip(model_name: str, pretrained: str | None, presets: dict[str, s
         torch.manual_seed(UNTRAINED_SEED)
         try:
             model, _, preprocess = open_clip.create_model_and_transforms(
-                arch, pretrained=pretrained, device=torch_device, force_quick_gelu=quick_gelu, cache_dir=cache_dir)
+                arch, pretrained=pretrained, device=torch_device, force_quick_gelu=quick_gelu, cache_dir=cache_dir,
+                weights_only=True)  # torch.load of .bin/.pt checkpoints unpickles tensors only
         except (RuntimeError, OSError) as err:
             raise WeightsError(f"could not load open_clip {model_name} with pretrained={pretrained!r}: {err} "
                                "(no network? download the checkpoint and set pretrained to its path)") from err
@@ -119,8 +187,8 @@ class ClipScorer:
     """CLIP image and text embeddings, L2-normalised, as float32 tensors on the CPU."""
 
     def __init__(self, model_name: str = "tiny", pretrained: str | None = None, device: str = "auto",
-                 precision: str = "fp32", cache_dir: str | None = None):
-        self.loaded = load_open_clip(model_name, pretrained, PRESETS, device, precision, cache_dir)
+                 precision: str = "fp32", cache_dir: str | None = None, sha256: str | None = None):
+        self.loaded = load_open_clip(model_name, pretrained, PRESETS, device, precision, cache_dir, sha256)
         self.model = self.loaded.model
         self.embed_dim = int(self.embed_images([Image.new("RGB", (32, 32))]).shape[1])
 

@@ -9,17 +9,17 @@ import open_clip
 import torch
 from torch import nn
 
-from models.clip_scorer import PRESETS, load_open_clip
+from models.clip_scorer import HF_HUB_PREFIX, PRESETS, load_open_clip
 
 logger = logging.getLogger(__name__)
-
-HF_HUB_PREFIX = "hf-hub:"
 
 
 @dataclass
 class TextEncoderConfig:
     model_name: str = "tiny"  # an open_clip model name (e.g. "ViT-B-32"), or "tiny": a small random tower for CPU runs
-    pretrained: str | None = None  # open_clip tag ("laion2b_s34b_b79k"), "hf-hub:org/name", a checkpoint file, or None
+    # open_clip tag ("laion2b_s34b_b79k"), "hf-hub:org/name@<40-hex commit>", a checkpoint file, or None
+    pretrained: str | None = None
+    pretrained_sha256: str | None = None  # of a checkpoint file named by `pretrained`; checked before it loads
     context_length: int = 32  # tokens kept (CLIP's 77 truncated for speed); at most the model's context
 
 
@@ -40,7 +40,7 @@ class FrozenTextEncoder(nn.Module):
             )
         # the CLIP scorer's loader resolves tags and files, sets QuickGELU for OpenAI weights, seeds random weights
         # (so every worker and every later evaluation encodes prompts alike) and explains missing weights
-        loaded = load_open_clip(model_name, pretrained, PRESETS, device="cpu")
+        loaded = load_open_clip(model_name, pretrained, PRESETS, device="cpu", sha256=config.pretrained_sha256)
         clip = loaded.model
         # CLIP inlines its text tower's modules; CustomTextCLIP (and CoCa) keep a TextTransformer in .text
         tower = clip.text if hasattr(clip, "text") else clip

@@ -129,7 +129,10 @@ def parse_override(text: str) -> dict:
     key = key.strip()
     if not key:
         raise ConfigError(f"--set {text!r}: the key is empty")
-    value = yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(f"--set {text!r}: {_yaml_problem(err)}") from None
     out: dict = value
     for part in reversed(key.split(".")):
         out = {part: out}
@@ -144,7 +147,10 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
-        loaded = yaml.safe_load(path.read_text()) or {}
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:  # a syntax error, or a tag such as !!python/object that safe_load refuses
+            raise ConfigError(f"config file {path}: {_yaml_problem(err)}") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {path}: the top level must be a mapping")
         data = _merge(data, loaded)
@@ -153,6 +159,17 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
     for text in overrides or []:
         data = _merge(data, parse_override(text))
     return _build(cls, data)
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """One line: where in the file and what is wrong (PyYAML's own message spans several lines)."""
+    mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    if "could not determine a constructor" in problem:
+        problem = problem.replace("could not determine a constructor for the tag",
+                                  "the tag") + " is not allowed (plain YAML values only)"
+    return where + " ".join(problem.split())
 
 
 def to_dict(config: Any) -> dict:

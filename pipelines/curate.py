@@ -26,7 +26,8 @@ from curation.outputs import (
     write_version,
 )
 from pipelines.cluster import init_ray
-from pipelines.config import flatten, to_dict, to_yaml
+from pipelines.config import flatten
+from pipelines.redact import redact_config, redact_uri, redacted_yaml
 from pipelines.tracking import client_for, finish_run, log_params, open_run, tracking_uri
 
 log = logging.getLogger("reelforge.curate")
@@ -46,7 +47,7 @@ def curate_tracking_uri(config: CurateConfig, out: OutputDir) -> str | None:
         return tracking_uri(None, out.root)
     default = Path.cwd() / "mlruns"
     log.info("the output %s is remote: MLflow runs go to %s/mlflow.db in the working directory (set tracking.uri "
-             "or MLFLOW_TRACKING_URI to share a store)", out.uri, default)
+             "or MLFLOW_TRACKING_URI to share a store)", redact_uri(out.uri), default)
     return tracking_uri(None, default)
 
 
@@ -68,9 +69,30 @@ def _start_run(uri: str, config: CurateConfig, out: OutputDir, manifest: dict | 
 def _public_uri(uri: str) -> str:
     """The tracking URI without any user:password, for the manifest."""
     parts = urlsplit(uri)
-    if parts.password is None and parts.username is None:
-        return uri
-    return urlunsplit(parts._replace(netloc=parts.hostname + (f":{parts.port}" if parts.port else "")))
+    if parts.password is not None or parts.username is not None:
+        uri = urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+    return redact_uri(uri)
+
+
+def check_weights(config: CurateConfig) -> None:
+    """The model stages' weights, before any work: a hub id must name its commit, and a checkpoint file given with a
+    sha256 must be that file (checked here once; the stages then load it on the workers)."""
+    from pipelines.config import ConfigError
+
+    for key, section in (("captions", config.captions), ("clip_scores", config.clip_scores)):
+        names = f"{section.model_name or ''} {section.pretrained or ''}"
+        if not section.enabled or not (section.pretrained_sha256 or "hf-hub:" in names):
+            continue  # nothing to pin (and open_clip, slow to import, is not needed on the driver)
+        from models.clip_scorer import WeightsError, check_checkpoint, weights_problem
+
+        problem = weights_problem(section.model_name, section.pretrained, section.pretrained_sha256)
+        if problem:
+            raise ConfigError(f"{key}: {problem}")
+        if section.pretrained_sha256:
+            try:
+                check_checkpoint(section.pretrained, section.pretrained_sha256)
+            except WeightsError as err:
+                raise ConfigError(f"{key}.pretrained_sha256: {err}") from None
 
 
 def curation_metrics(counts: dict, run: dict) -> dict[str, float]:
@@ -108,18 +130,18 @@ def log_version_to_mlflow(uri: str, run_id: str, config: CurateConfig, written: 
         untrained_filters = "applied" if config.filters.apply_on_untrained else "skipped"
     tags = {
         "dataset_version": str(written.version),
-        "output_uri": config.output,
-        "input_uri": config.input,
+        "output_uri": redact_uri(config.output),
+        "input_uri": redact_uri(config.input),
         "scores_untrained": str(written.untrained).lower(),
         "untrained_filters": untrained_filters,
         "retry_quarantined": str(retry_quarantined).lower(),
     }
     if written.warnings:
-        tags["warnings"] = " | ".join(written.warnings)[:5000]
+        tags["warnings"] = redact_uri(" | ".join(written.warnings))[:5000]
     for start in range(0, len(metrics), 500):
         client.log_batch(run_id, metrics=metrics[start:start + 500])
     client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
-    client.log_text(run_id, to_yaml(config), "config.yaml")
+    client.log_text(run_id, redacted_yaml(config), "config.yaml")
     if report_dir is not None:
         client.log_artifacts(run_id, str(report_dir), artifact_path="report")
 
@@ -146,6 +168,7 @@ def run_curate(config: CurateConfig, retry_quarantined: bool = False) -> dict:
     if not config.input or not config.output:
         raise ValueError("curate needs --input and --output")
     ClipFilter(config.filters)  # a bad filter setting fails before any work
+    check_weights(config)
     started = time.perf_counter()
     out = OutputDir(config.output)
     out.makedirs(STAGING)
@@ -155,7 +178,7 @@ def run_curate(config: CurateConfig, retry_quarantined: bool = False) -> dict:
     from curation.plan import curate_plan, discover_ids
 
     files = list_videos(config.input, config.discover)
-    log.info("found %d video files under %s", len(files), config.input)
+    log.info("found %d video files under %s", len(files), redact_uri(config.input))
     listed = discover_ids(files, config)
     by_id: dict[str, dict] = {}
     duplicates: dict[str, str] = {}
@@ -190,7 +213,7 @@ def run_curate(config: CurateConfig, retry_quarantined: bool = False) -> dict:
                 processed_seconds += float(batch["seconds"].sum())
                 processed += len(batch)
         wall = time.perf_counter() - started
-        written = write_version(out, config, to_yaml(config), version, known)
+        written = write_version(out, config, redacted_yaml(config), version, known)
         for warning in written.warnings:
             log.warning("!!! %s", warning)
         run = {"wall_seconds": wall, "videos_processed": processed, "video_seconds_processed": processed_seconds,
@@ -208,7 +231,7 @@ def run_curate(config: CurateConfig, retry_quarantined: bool = False) -> dict:
                 written.warnings.append("the run report could not be written (see the log)")
             if run_id:
                 log_version_to_mlflow(uri, run_id, config, written, run, report_dir, retry_quarantined)
-        new_manifest = commit_version(out, written, to_dict(config), manifest, duplicates, run, report)
+        new_manifest = commit_version(out, written, redact_config(config), manifest, duplicates, run, report)
         if run_id:
             out.delete(RUN_ID_FILE)
             finish_run(uri, run_id)

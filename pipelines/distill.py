@@ -15,7 +15,8 @@ from pathlib import Path
 
 from curation.outputs import OutputDir
 from pipelines import tracking
-from pipelines.config import ConfigError, flatten, to_yaml
+from pipelines.config import ConfigError, flatten
+from pipelines.redact import redact_uri, redacted_yaml
 from pipelines.train import _absolute, run_train
 from training.distill import DistillConfig, round_train_config
 from training.objective import DistillRound
@@ -54,14 +55,14 @@ def run_distill(config: DistillConfig) -> dict:
 
     out = OutputDir(config.output)
     out.makedirs()
-    out.write_bytes_atomic("distill-config.yaml", to_yaml(config).encode())
+    out.write_bytes_atomic("distill-config.yaml", redacted_yaml(config).encode())
     uri, run_id = tracking.output_run(config.output, config.tracking.uri, config.tracking.experiment,
                                       {"reelforge.step": "distill", "reelforge.teacher": config.teacher,
                                        "reelforge.output": config.output}, config.tracking.parent_run_id)
     client = tracking.client_for(uri)
     tracking.log_params(client, run_id, {**flatten(config), "rounds": rounds, "teacher_cfg_scale_used": cfg_scale})
     log.info("distilling %s: %d -> %s steps; MLflow run %s in %s", config.teacher, config.teacher_steps,
-             " -> ".join(map(str, rounds)), run_id, uri)
+             " -> ".join(map(str, rounds)), run_id, redact_uri(uri))
 
     started = time.perf_counter()
     summaries: list[dict] = []
@@ -116,5 +117,5 @@ def summary_text(summary: dict) -> str:
         else:
             lines.append(f"  round {s['round']}: stopped at step {s['step']} of {s['total_steps']}; rerun to "
                          "continue")
-    lines.append(f"MLflow run: {summary['run_id']} in {summary['tracking_uri']}")
+    lines.append(f"MLflow run: {summary['run_id']} in {redact_uri(summary['tracking_uri'])}")
     return "\n".join(lines)

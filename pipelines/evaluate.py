@@ -13,7 +13,8 @@ from pathlib import Path
 
 from curation.outputs import OutputDir
 from pipelines import tracking
-from pipelines.config import flatten, to_dict, to_yaml
+from pipelines.config import flatten
+from pipelines.redact import redact_config, redact_uri, redacted_yaml
 from training.evaluate import (
     UNTRAINED_NOTE,
     EvaluateConfig,
@@ -36,7 +37,7 @@ PARENT_ARTIFACTS = ("comparison.csv", "comparison.md", "grid.gif", "prompts.txt"
 
 def _config_params(config: EvaluateConfig) -> dict:
     """The resolved config as MLflow params, one key per model field (models.0.path ...) rather than one long list."""
-    data = to_dict(config)
+    data = redact_config(config)
     data["models"] = {str(i): spec for i, spec in enumerate(data["models"])}
     return flatten(data)
 
@@ -128,9 +129,9 @@ def _log_parent(client, run_id: str, config: EvaluateConfig, result: EvaluationR
         _log_metrics(client, run_id, {f"real_{k}": v for k, v in result.real.items()})
     tags = {"reelforge.models": ",".join(m.name for m in result.models), **_untrained_tags(result)}
     if result.notes:
-        tags["notes"] = " | ".join(result.notes)[:5000]
+        tags["notes"] = redact_uri(" | ".join(result.notes))[:5000]
     client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
-    client.log_text(run_id, to_yaml(config), CONFIG_FILE)
+    client.log_text(run_id, redacted_yaml(config), CONFIG_FILE)
     for name in PARENT_ARTIFACTS:
         if (directory / name).is_file():
             client.log_artifact(run_id, str(directory / name), os.path.dirname(name) or None)
@@ -147,7 +148,7 @@ def run_evaluate(config: EvaluateConfig) -> dict:
     started = time.perf_counter()
     out = OutputDir(config.output)
     out.makedirs()
-    config_yaml = to_yaml(config)
+    config_yaml = redacted_yaml(config)  # written beside the outputs: credentials in its URIs masked
     same_config = out.exists(CONFIG_FILE) and out.read_text(CONFIG_FILE) == config_yaml
     recorded = out.read_text(RUN_ID_FILE).strip() if same_config and out.exists(RUN_ID_FILE) else None
     recorded_children = json.loads(out.read_text(CHILD_RUNS_FILE)) if recorded and out.exists(CHILD_RUNS_FILE) else {}
@@ -164,7 +165,7 @@ def run_evaluate(config: EvaluateConfig) -> dict:
     out.write_bytes_atomic(RUN_ID_FILE, run_id.encode())
     client = tracking.client_for(uri)
     tracking.log_params(client, run_id, _config_params(config))
-    log.info("MLflow run %s in %s", run_id, uri)
+    log.info("MLflow run %s in %s", run_id, redact_uri(uri))
 
     opened: list[str] = []
     try:
@@ -234,7 +235,8 @@ def summary_text(summary: dict) -> str:
     for note in summary["notes"]:
         lines.append(f"note: {note}")
     lines.append(f"outputs: {summary['output']} (comparison.md, comparison.csv, grid.gif, samples/)")
-    lines.append(f"MLflow run: {summary['run_id']} (experiment {summary['experiment']}, {summary['tracking_uri']}), "
+    lines.append(f"MLflow run: {summary['run_id']} (experiment {summary['experiment']}, "
+                 f"{redact_uri(summary['tracking_uri'])}), "
                  f"one child run per model")
     lines.append(f"wall time: {summary['wall_seconds']:.1f} s")
     return "\n".join(lines)

@@ -6,6 +6,8 @@ import logging
 import os
 from pathlib import Path
 
+from pipelines.redact import redact_config, redact_uri
+
 log = logging.getLogger("reelforge.tracking")
 
 
@@ -55,10 +57,13 @@ def open_run(uri: str, experiment: str, run_id: str | None = None, run_name: str
                 if run.info.status != "RUNNING":
                     client.update_run(run_id, status="RUNNING")
                 return run_id
-            log.warning("run %s was deleted from %s; starting a new run", run_id, uri)
+            log.warning("run %s was deleted from %s; starting a new run", run_id, redact_uri(uri))
         except Exception as err:  # noqa: BLE001 - a run from another store: start afresh
-            log.warning("run %s is not usable in %s (%s); starting a new run", run_id, uri, err)
-    all_tags = dict(tags or {})
+            log.warning("run %s is not usable in %s (%s); starting a new run", run_id, redact_uri(uri),
+                        redact_uri(str(err)))
+    # Tags and names are written into the store: they carry paths and URIs, never their credentials.
+    all_tags = {key: redact_uri(str(value)) for key, value in (tags or {}).items()}
+    run_name = redact_uri(run_name) if run_name else run_name
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
     if run_name:
@@ -69,12 +74,13 @@ def open_run(uri: str, experiment: str, run_id: str | None = None, run_name: str
 
 def log_params(client, run_id: str, params: dict) -> None:
     """Log flattened params, skipping keys already logged with the same value (MLflow refuses to change a param,
-    and a resumed run logs its config again)."""
+    and a resumed run logs its config again). Every param passes through the scrubber: this is where configs with
+    credentials in their URIs reach the store."""
     from mlflow.entities import Param
 
     existing = client.get_run(run_id).data.params
     fresh = []
-    for key, value in params.items():
+    for key, value in redact_config(dict(params)).items():
         text = str(value)[:6000]
         if key in existing:
             if existing[key] != text:

@@ -12,7 +12,8 @@ from pathlib import Path
 
 from curation.outputs import OutputDir
 from pipelines import tracking
-from pipelines.config import ConfigError, flatten, to_yaml
+from pipelines.config import ConfigError, flatten
+from pipelines.redact import redact_uri, redacted_yaml
 from training.config import TrainConfig
 from training.loop import TrainJob
 from training.objective import DistillRound
@@ -43,7 +44,7 @@ def run_train(config: TrainConfig, distill: DistillRound | None = None, step: st
     _check_resume(out, config, table.version)
     out.makedirs()
     clear_stop(config.output)
-    out.write_bytes_atomic("train-config.yaml", to_yaml(config).encode())
+    out.write_bytes_atomic("train-config.yaml", redacted_yaml(config).encode())
 
     uri, run_id = tracking.output_run(config.output, config.tracking.uri, config.tracking.experiment,
                                       {"reelforge.step": step, "reelforge.data": config.data,
@@ -51,7 +52,8 @@ def run_train(config: TrainConfig, distill: DistillRound | None = None, step: st
                                        "reelforge.output": config.output}, config.tracking.parent_run_id)
     client = tracking.client_for(uri)
     tracking.log_params(client, run_id, {**flatten(config), "data_version": table.version})
-    log.info("MLflow run %s in %s; data %s (%s, %d clips)", run_id, uri, config.data, table.version, len(table))
+    log.info("MLflow run %s in %s; data %s (%s, %d clips)", run_id, redact_uri(uri), redact_uri(config.data),
+             table.version, len(table))
 
     from pipelines.cluster import init_ray
 
@@ -174,6 +176,6 @@ def summary_text(summary: dict) -> str:
                   "rerun the same command to continue")
     return "\n".join([
         f"model: {summary['model']} ({registered})",
-        f"MLflow run: {summary['run_id']} in {summary['tracking_uri']}",
+        f"MLflow run: {summary['run_id']} in {redact_uri(summary['tracking_uri'])}",
         f"wall time: {summary['wall_seconds']:.1f} s",
     ])

@@ -20,6 +20,7 @@ from pathlib import Path
 from curation.config import CurateConfig
 from pipelines import tracking
 from pipelines.config import ConfigError, flatten
+from pipelines.redact import redact_config, redact_uri
 from training.config import RayConfig, TrainConfig
 from training.distill import DistillConfig
 from training.evaluate import EvaluateConfig
@@ -91,7 +92,8 @@ class _State:
 
     def save(self) -> None:
         tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.data, indent=2, sort_keys=True))
+        # Step summaries carry URIs (tracking stores, inputs): the file gets them without their credentials.
+        tmp.write_text(json.dumps(redact_config(self.data), indent=2, sort_keys=True))
         os.replace(tmp, self.path)
 
     def step(self, name: str) -> dict:
@@ -140,7 +142,7 @@ def run_workflow(config: WorkflowConfig) -> dict:
     client = tracking.client_for(uri)
     tracking.log_params(client, parent, {"workdir": str(workdir), "input": config.input or "(sample dump)",
                                          "steps": ",".join(config.steps)})
-    log.info("workflow MLflow run %s in %s", parent, uri)
+    log.info("workflow MLflow run %s in %s", parent, redact_uri(uri))
 
     dump, heldout = config.input, config.heldout_input
     if not dump:
@@ -328,6 +330,6 @@ def summary_text(results: dict) -> str:
     lines.append(f"workdir: {results['workdir']}")
     lines.append(f"MLflow parent run: {results['run_id']}")
     uri = results["tracking_uri"]
-    ui = f"mlflow ui --backend-store-uri {uri}" if uri.startswith("sqlite:") else f"open {uri}"
+    ui = f"mlflow ui --backend-store-uri {uri}" if uri.startswith("sqlite:") else f"open {redact_uri(uri)}"
     lines.append(f"look at the runs: {ui}  (then http://127.0.0.1:5000, experiment of run {results['run_id']})")
     return "\n".join(lines)

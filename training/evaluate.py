@@ -50,6 +50,7 @@ class ClipScorerConfig:
 
     model_name: str = "tiny"  # "tiny" (random init: its scores mean nothing), an open_clip name (ViT-L-14), hf-hub:
     pretrained: str | None = None  # an open_clip tag (openai) or a local checkpoint file; None: random init
+    pretrained_sha256: str | None = None  # of a checkpoint file named by `pretrained`; checked before it loads
     precision: str = "fp32"
     num_frames: int = 8  # evenly spaced frames per video that are embedded
 
@@ -59,7 +60,7 @@ class MetricsConfig:
     clip: ClipScorerConfig = field(default_factory=ClipScorerConfig)
     # The standard FVD: a local i3d_torchscript.pt (see training.metrics.I3DExtractor); None: no FVD is computed.
     i3d_path: str | None = None
-    i3d_sha256: str | None = None  # checked before loading when given
+    i3d_sha256: str | None = None  # required with i3d_path (`sha256sum i3d_torchscript.pt`), checked before loading
     i3d_num_frames: int = 16  # the standard protocol's 16; another count names the metric fvd_i3d_<n>f
     min_confidence: float = 0.5  # prompt adherence: a detection below this counts as a miss
 
@@ -115,6 +116,18 @@ class EvaluateConfig:
                               f"{self.metrics.i3d_num_frames}: generate longer videos or lower i3d_num_frames")
         if self.grid_prompts < 1:
             raise ConfigError(f"grid_prompts: expected >= 1, got {self.grid_prompts}")
+        # The I3D file is TorchScript, code as well as weights (no tensors-only form exists): only a pinned file loads.
+        i3d_path, i3d_sha256 = self.metrics.i3d_path, self.metrics.i3d_sha256
+        if i3d_path and not (i3d_sha256 and re.fullmatch(r"[0-9a-fA-F]{64}", i3d_sha256.strip())):
+            what = "expected 64 hex digits for" if i3d_sha256 else "required with"
+            raise ConfigError(f"metrics.i3d_sha256: {what} metrics.i3d_path={i3d_path} (`sha256sum {i3d_path}` "
+                              "prints it)")
+        from models.clip_scorer import weights_problem
+
+        clip = self.metrics.clip
+        problem = weights_problem(clip.model_name, clip.pretrained, clip.pretrained_sha256)
+        if problem:
+            raise ConfigError(f"metrics.clip: {problem}")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -281,7 +294,8 @@ class Scorers:
         from training.metrics import ClipFrameExtractor, I3DExtractor, frechet_name
 
         self.config = config
-        self.clip = ClipScorer(config.clip.model_name, config.clip.pretrained, device, config.clip.precision)
+        self.clip = ClipScorer(config.clip.model_name, config.clip.pretrained, device, config.clip.precision,
+                               sha256=config.clip.pretrained_sha256)
         self.extractors = [ClipFrameExtractor(self.clip, config.clip.num_frames)]
         if config.i3d_path:
             self.extractors.append(I3DExtractor(config.i3d_path, config.i3d_sha256, config.i3d_num_frames,

@@ -173,6 +173,8 @@ class I3DExtractor:
         self.num_frames = num_frames
         self.device = torch.device(device)
         self.batch_size = batch_size
+        # A TorchScript archive is code as well as weights and torch.jit.load has no tensors-only mode (the detector
+        # ships only in this form): the file is trusted by its sha256, which EvaluateConfig requires with i3d_path.
         with warnings.catch_warnings():  # torch deprecates TorchScript, but the standard detector only ships as one
             warnings.simplefilter("ignore", FutureWarning)
             self.model = torch.jit.load(str(path), map_location=self.device).eval()
