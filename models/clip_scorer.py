@@ -51,7 +51,8 @@ def weights_problem(model_name: str | None, pretrained: str | None, sha256: str 
         if name and name.startswith(HF_HUB_PREFIX) and not _PINNED_HUB_ID.match(name):
             repo = name.removeprefix(HF_HUB_PREFIX).split("@")[0]
             return (f"{name} is not pinned: name the commit of its weights, hf-hub:{repo}@<40-hex commit> (the "
-                    "commit hash on the repository's 'Files and versions' page)")
+                    "commit hash on the repository's 'Files and versions' page), or download the checkpoint and set "
+                    "pretrained to its path")
     if sha256 and not _SHA256.match(sha256.strip()):
         return f"sha256 {sha256!r} is not 64 hex digits (`sha256sum FILE` prints it)"
     return None
