@@ -211,7 +211,7 @@ class CaptionStage:
             c = self.config
             self.captioner = build_captioner(c.captioner, model_name=c.model_name, pretrained=c.pretrained,
                                              max_tokens=c.max_tokens, device=c.device, precision=c.precision,
-                                             cache_dir=c.cache_dir)
+                                             cache_dir=c.cache_dir, sha256=c.pretrained_sha256)
 
     def __call__(self, batch: pa.Table | dict) -> pa.Table:
         batch = pa.table(batch) if isinstance(batch, dict) else batch

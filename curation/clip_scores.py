@@ -35,7 +35,7 @@ class ClipScoreStage:
 
         c = self.config
         torch.set_num_threads(max(1, int(c.num_cpus)))
-        self.scorer = ClipScorer(c.model_name, c.pretrained, c.device, c.precision, c.cache_dir)
+        self.scorer = ClipScorer(c.model_name, c.pretrained, c.device, c.precision, c.cache_dir, c.pretrained_sha256)
         self.head = AestheticHead.load(c.aesthetic_head, c.aesthetic_sha256, self.scorer.embed_dim, c.cache_dir)
         self.score_model = f"{self.scorer.name}; {self.head.name}"
 

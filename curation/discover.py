@@ -11,6 +11,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from curation.config import DiscoverConfig
+from curation.redact import redact_uri
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +136,7 @@ def list_videos(uri: str, config: DiscoverConfig) -> list[dict]:
         by_reason.setdefault(reason, []).append(path)
     for reason, paths in sorted(by_reason.items()):
         shown = ", ".join(paths[:3]) + (f" and {len(paths) - 3} more" if len(paths) > 3 else "")
-        log.warning("discovery skipped %d path(s) under %s: %s: %s", len(paths), uri, reason, shown)
+        log.warning("discovery skipped %d path(s) under %s: %s: %s", len(paths), redact_uri(uri), reason, shown)
     return listing.videos
 
 
@@ -174,5 +175,5 @@ class DiscoverStage:
         try:
             return content_id(uri, size, self.config.id_sample_bytes)
         except (FileNotFoundError, PermissionError, IsADirectoryError) as err:
-            log.warning("cannot read %s to hash it (%s); the decode stage will quarantine it", uri, err)
+            log.warning("cannot read %s to hash it (%s); the decode stage will quarantine it", redact_uri(uri), err)
             return "path-" + hashlib.blake2b(uri.encode(), digest_size=12).hexdigest()

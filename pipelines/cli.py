@@ -7,6 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
+from curation.redact import redact_uri
 from pipelines.config import ConfigError, load_config
 
 
@@ -18,7 +19,7 @@ def _curate(args: argparse.Namespace) -> int:
     config = load_config(CurateConfig, args.config, args.set, base=base)
     manifest = run_curate(config, retry_quarantined=args.retry_quarantined)
     print(summary_text(manifest))
-    print(f"outputs: {config.output} (manifest.json lists every file)")
+    print(f"outputs: {redact_uri(config.output)} (manifest.json lists every file)")
     return 0
 
 

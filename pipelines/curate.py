@@ -25,9 +25,9 @@ from curation.outputs import (
     version_video_ids,
     write_version,
 )
+from curation.redact import redact_config, redact_uri, redacted_yaml
 from pipelines.cluster import init_ray
 from pipelines.config import flatten
-from pipelines.redact import redact_config, redact_uri, redacted_yaml
 from pipelines.tracking import client_for, finish_run, log_params, open_run, tracking_uri
 
 log = logging.getLogger("reelforge.curate")

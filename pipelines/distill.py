@@ -14,9 +14,9 @@ from dataclasses import replace
 from pathlib import Path
 
 from curation.outputs import OutputDir
+from curation.redact import redact_uri, redacted_yaml
 from pipelines import tracking
 from pipelines.config import ConfigError, flatten
-from pipelines.redact import redact_uri, redacted_yaml
 from pipelines.train import _absolute, run_train
 from training.distill import DistillConfig, round_train_config
 from training.objective import DistillRound

@@ -12,9 +12,9 @@ import time
 from pathlib import Path
 
 from curation.outputs import OutputDir
+from curation.redact import redact_config, redact_uri, redacted_yaml
 from pipelines import tracking
 from pipelines.config import flatten
-from pipelines.redact import redact_config, redact_uri, redacted_yaml
 from training.evaluate import (
     UNTRAINED_NOTE,
     EvaluateConfig,

@@ -6,7 +6,7 @@ import logging
 import os
 from pathlib import Path
 
-from pipelines.redact import redact_config, redact_uri
+from curation.redact import redact_config, redact_uri
 
 log = logging.getLogger("reelforge.tracking")
 

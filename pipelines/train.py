@@ -11,9 +11,9 @@ import time
 from pathlib import Path
 
 from curation.outputs import OutputDir
+from curation.redact import redact_uri, redacted_yaml
 from pipelines import tracking
 from pipelines.config import ConfigError, flatten
-from pipelines.redact import redact_uri, redacted_yaml
 from training.config import TrainConfig
 from training.loop import TrainJob
 from training.objective import DistillRound

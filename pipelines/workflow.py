@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from curation.config import CurateConfig
+from curation.redact import redact_config, redact_uri
 from pipelines import tracking
 from pipelines.config import ConfigError, flatten
-from pipelines.redact import redact_config, redact_uri
 from training.config import RayConfig, TrainConfig
 from training.distill import DistillConfig
 from training.evaluate import EvaluateConfig

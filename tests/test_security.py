@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
+from curation.redact import redact_config, redact_uri
 from pipelines import tracking
 from pipelines.config import ConfigError, load_config
-from pipelines.redact import redact_config, redact_uri
 
 PASSWORD = "pw-Zq81xPw7"
 SECRET_KEY = "sk-Wd93LmQ2"
