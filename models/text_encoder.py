@@ -5,11 +5,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-import open_clip
 import torch
 from torch import nn
-
-from models.clip_scorer import HF_HUB_PREFIX, PRESETS, load_open_clip
 
 logger = logging.getLogger(__name__)
 
@@ -27,6 +24,11 @@ class FrozenTextEncoder(nn.Module):
     """Per-token features after ln_final of a frozen open_clip text tower; the vision tower is dropped."""
 
     def __init__(self, config: TextEncoderConfig):
+        # imported here: configs (and the training engine) import this module on machines that have only torch
+        import open_clip
+
+        from models.clip_scorer import HF_HUB_PREFIX, PRESETS, load_open_clip
+
         super().__init__()
         self.config = config
         hub = config.pretrained is not None and config.pretrained.startswith(HF_HUB_PREFIX)

@@ -29,6 +29,7 @@ CASES = {
     "unknown ZeRO stage": (["deepspeed.zero_stage=4"], "deepspeed.zero_stage"),
     "unknown key": (["deepspeed.zero=2"], "deepspeed.zero"),
     "unknown codec": (["codec.kind=vae"], "codec.kind"),
+    "text tower hub id without a commit": (["text.pretrained=hf-hub:org/some-clip"], "text.pretrained"),
 }
 
 

@@ -165,11 +165,19 @@ class TrainConfig:
             raise ConfigError(f"cfg_dropout: expected a probability in [0, 1), got {self.cfg_dropout}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ConfigError(f"ema_decay: expected a number in [0, 1), got {self.ema_decay}")
+        self._validate_text_weights()
         if self.codec.kind not in CODEC_KINDS:
             raise ConfigError(f"codec.kind: expected one of {list(CODEC_KINDS)}, got {self.codec.kind!r}")
         patch = self.model_config()
         for index, stage in enumerate(self.curriculum):
             _validate_stage(f"curriculum[{index}] ({stage.name})", stage, patch.patch_size, patch.patch_frames)
+
+    def _validate_text_weights(self) -> None:
+        from models.clip_scorer import weights_problem
+
+        problem = weights_problem(self.text.model_name, self.text.pretrained, self.text.pretrained_sha256)
+        if problem:
+            raise ConfigError(f"text.pretrained: {problem}")
 
     def _validate_engine(self) -> None:
         ds = self.deepspeed
