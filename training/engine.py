@@ -52,6 +52,18 @@ def _scheduler(config: TrainConfig) -> dict:
                                            "warmup_max_lr": optim.lr, "warmup_type": "linear"}}
 
 
+def all_reduce_host(values: torch.Tensor) -> torch.Tensor:
+    """Sum a small CPU tensor over all ranks, whatever the backend (NCCL reduces device tensors only)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return values
+    if dist.get_backend() == "nccl":
+        on_device = values.to(torch.device("cuda", torch.cuda.current_device()))
+        dist.all_reduce(on_device)
+        return on_device.cpu()
+    dist.all_reduce(values)
+    return values
+
+
 def local_tensor(p: torch.Tensor) -> torch.Tensor:
     """What this rank holds of a parameter: the whole tensor under ZeRO 0-2, its partition under ZeRO-3."""
     return p.ds_tensor if hasattr(p, "ds_tensor") else p.data
@@ -131,9 +143,7 @@ class Engine:
         total = torch.zeros(1, dtype=torch.float64)
         for t in self.local_tensors():
             total += t.double().abs().sum().cpu()
-        if self.zero3 and dist.is_initialized():
-            dist.all_reduce(total)
-        return float(total)
+        return float(all_reduce_host(total) if self.zero3 else total)
 
     def state_bytes(self) -> int:
         """Bytes this rank holds for parameters and optimizer state (fp32 master partitions, Adam moments): what

@@ -21,7 +21,7 @@ from training.checkpoint import Checkpointer, sweep_stale_staging
 from training.config import TrainConfig
 from training.dataset import ClipTable, StageLoader
 from training.ema import EMA
-from training.engine import Engine
+from training.engine import Engine, all_reduce_host
 from training.objective import DiffusionObjective, DistillationObjective, DistillRound
 from training.preemption import StopWatcher
 from training.sample import SampleLogger
@@ -114,11 +114,10 @@ class MetricsWindow:
         self.count = self.steps = 0
         self.data_wait = self.step_time = 0.0
 
-    def reduce(self, world_size: int, device: torch.device) -> dict[str, float]:
+    def reduce(self, world_size: int) -> dict[str, float]:
         loss = self.loss.detach().double().cpu() if isinstance(self.loss, torch.Tensor) else torch.tensor(0.0)
         totals = torch.tensor([float(loss), self.count, self.data_wait, self.step_time], dtype=torch.float64)
-        if world_size > 1:
-            dist.all_reduce(totals.to(device) if device.type == "cuda" else totals)  # every rank: the same steps
+        totals = all_reduce_host(totals)  # every rank reaches the log step at the same step
         step_time = float(totals[3]) / (world_size * self.steps)
         return {"loss": float(totals[0] / totals[1]), "step_time_s": step_time,
                 "data_wait_s": float(totals[2]) / (world_size * self.steps),
@@ -184,7 +183,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if step == resumed_at + 1:  # optimizer state exists after the first step
             _log_state_sizes(engine, tracker, world, step)
         if step % config.tracking.log_every_steps == 0 or step == final_step:
-            _log_window(window.reduce(world, device), engine, config, tracker, step, world)
+            _log_window(window.reduce(world), engine, config, tracker, step, world)
             window = MetricsWindow()
         if samples.due(step, config.total_steps):
             samples.log(engine.module, ema, config.stage_at(step - 1)[1], f"step_{step:08d}", step)
@@ -220,12 +219,9 @@ def _device(config: TrainConfig, local_rank: int) -> torch.device:
 
 def _log_state_sizes(engine: Engine, tracker: WorkerTracker, world: int, step: int) -> None:
     """MiB of parameters + optimizer state on each rank: what ZeRO's stage changes."""
-    mine = torch.tensor([engine.state_bytes() / 2**20], dtype=torch.float64)
-    held = [torch.zeros(1, dtype=torch.float64) for _ in range(world)]
-    if world > 1 and dist.get_backend() == "gloo":
-        dist.all_gather(held, mine)
-    else:
-        held = [mine] + held[1:]
+    held = torch.zeros(world, dtype=torch.float64)
+    held[dist.get_rank() if world > 1 else 0] = engine.state_bytes() / 2**20
+    held = all_reduce_host(held)  # each rank fills its own slot
     tracker.metrics({f"state_mib_rank{r}": float(v) for r, v in enumerate(held)}, step)
 
 
