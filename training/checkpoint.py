@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from curation.outputs import OutputDir
 from training.config import TrainConfig, resume_hash
 from training.ema import EMA
 from training.engine import Engine
@@ -126,7 +127,8 @@ class Checkpointer:
                           weights_fingerprint=fingerprint)
 
     def save(self, step: int, metrics: dict) -> TrainState:
-        """A collective: every rank writes its shard, then `ray.train.report` persists the folder."""
+        """A collective: every rank writes its shard, then `ray.train.report` persists the folder. Rank 0 then
+        leaves the state beside the output too, where the driver checks a resumption before starting anything."""
         import ray.train
         from ray.train import Checkpoint
 
@@ -139,4 +141,6 @@ class Checkpointer:
                 (Path(directory) / STATE_FILE).write_text(state.to_json())
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(directory),
                              checkpoint_dir_name=f"step_{step:08d}")
+        if self.rank == 0:
+            OutputDir(self.config.output).write_bytes_atomic(STATE_FILE, state.to_json().encode())
         return state

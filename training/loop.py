@@ -189,11 +189,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             samples.log(engine.module, ema, config.stage_at(step - 1)[1], f"step_{step:08d}", step)
         stopped = stop.requested()
         if stopped or step % config.checkpoint.every_steps == 0 or step == final_step:
-            state = checkpointer.save(step, {"step": step, "stopped": stopped})
-            if rank == 0:
-                from curation.outputs import OutputDir
-
-                OutputDir(config.output).write_bytes_atomic("train_state.json", state.to_json().encode())
+            checkpointer.save(step, {"step": step, "stopped": stopped})
         if stopped and rank == 0:
             log.warning("stop requested: saved a checkpoint at step %d; rerun the same command to continue", step)
     batches.close()

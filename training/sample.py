@@ -16,18 +16,22 @@ from models.schedules import NoiseSchedule
 @torch.no_grad()
 def generate(model, text_encoder, schedule: NoiseSchedule, prompts: list[str], num_frames: int, size: int,
              num_steps: int, cfg_scale: float, seed: int, in_channels: int = 3, dtype=torch.float32,
-             device="cpu", clip_x0: float | None = 1.0) -> torch.Tensor:
+             device="cpu", clip_x0: float | None = 1.0, negative_prompts: list[str] | None = None,
+             noise: torch.Tensor | None = None) -> torch.Tensor:
     """Videos for `prompts`, (B, C, T, H, W) in the model's data range. Same seed, same prompts: same videos.
-    `clip_x0` (default 1: pixels in [-1, 1]) clamps each step's x0 prediction; None for latents of unknown range."""
+    `clip_x0` (default 1: pixels in [-1, 1]) clamps each step's x0 prediction; None for latents of unknown range.
+    `negative_prompts` take the empty prompt's place in guidance; `noise` (B, C, T, H, W), when given, is the start
+    instead of noise drawn from `seed` (per-video seeds, any H and W)."""
     batch = len(prompts)
     context, mask = text_encoder(prompts)
-    null_context, null_mask = text_encoder([""] * batch)
+    null_context, null_mask = text_encoder(list(negative_prompts) if negative_prompts else [""] * batch)
     context, null_context = context.to(device, dtype), null_context.to(device, dtype)
     mask, null_mask = mask.to(device), null_mask.to(device)
     sampler = DDIMSampler(schedule)
     timesteps = sampler.set_timesteps(num_steps).tolist()
     generator = torch.Generator().manual_seed(seed)
-    x = torch.randn((batch, in_channels, num_frames, size, size), generator=generator).to(device)
+    x = (noise if noise is not None else
+         torch.randn((batch, in_channels, num_frames, size, size), generator=generator)).to(device)
     guided = cfg_scale != 1.0
     for i, t in enumerate(timesteps):
         t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1
@@ -58,16 +62,20 @@ def tile(videos: np.ndarray, pad: int = 2) -> np.ndarray:
     return out
 
 
-def write_gif(frames: np.ndarray, path: str | Path, fps: float, min_side: int = 128) -> None:
+def write_gif(frames: np.ndarray, path: str | Path, fps: float, min_side: int = 128, comment: str = "") -> None:
     frames = _upscale(frames, min_side)
     images = [Image.fromarray(f) for f in frames]
-    images[0].save(path, save_all=True, append_images=images[1:], duration=max(20, round(1000 / fps)), loop=0)
+    images[0].save(path, save_all=True, append_images=images[1:], duration=max(20, round(1000 / fps)), loop=0,
+                   **({"comment": comment} if comment else {}))
 
 
-def write_mp4(frames: np.ndarray, path: str | Path, fps: float, min_side: int = 128) -> None:
+def write_mp4(frames: np.ndarray, path: str | Path, fps: float, min_side: int = 128,
+              metadata: dict[str, str] | None = None) -> None:
+    """`metadata`: container tags; the MP4 muxer keeps the standard keys (title, comment, description, ...)."""
     frames = _upscale(frames, min_side)
     h, w = frames.shape[1] // 2 * 2, frames.shape[2] // 2 * 2  # yuv420p needs even sides
     with av.open(str(path), "w") as container:
+        container.metadata.update(metadata or {})
         stream = container.add_stream("libx264", rate=max(1, round(fps)))
         stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
         stream.options = {"crf": "18"}
