@@ -44,9 +44,18 @@ class DecodeConfig:
     # Decode each video in a sandboxed child process (curation/isolate.py, one per worker, reused): a native crash
     # (SIGSEGV in FFmpeg or decord) or a hang then quarantines that one file instead of killing or blocking the worker.
     isolate: bool = True
-    timeout_s: float = 600.0  # per video wall-clock limit while isolated; 0 = none
+    # Wall-clock limit per video while isolated: timeout_s, plus timeout_per_video_second for each second of the
+    # probed duration (a long video is not a hung decoder; the whole pass runs about 10x realtime at 720p on one
+    # core, so 1.0 leaves room for a loaded node; raise it for 4K or high frame rates). 0 = no limit.
+    timeout_s: float = 600.0
+    timeout_per_video_second: float = 1.0
+    # Frames in a row whose timestamp does not advance before the file is quarantined as bad_timestamps.
+    max_stalled_frames: int = 16
 
     def __post_init__(self) -> None:
+        for key in ("timeout_s", "timeout_per_video_second", "max_stalled_frames"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"decode.{key} must be 0 or more, got {getattr(self, key)!r}")
         if self.analysis_interpolation not in SCALER_FILTERS:
             raise ValueError(f"decode.analysis_interpolation must be one of {', '.join(SCALER_FILTERS)}, "
                              f"got {self.analysis_interpolation!r}")

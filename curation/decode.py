@@ -9,9 +9,9 @@ working size for keyframes and clip encoding (made on first use).
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import os
-import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -27,6 +27,27 @@ class VideoRejected(Exception):
     def __init__(self, reason: str, message: str):
         super().__init__(message)
         self.reason = reason
+
+
+# Errors of the machine or the run, never of the file: a full or failing disk, too many open files, no memory.
+_RUN_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EMFILE, errno.ENFILE, errno.ENOMEM,
+                         errno.EROFS, errno.EAGAIN})
+# pyarrow's object-store errors carry no errno; these words mark the transient ones (AWS SDK names such as SLOW_DOWN,
+# THROTTLING, NETWORK_CONNECTION, SERVICE_UNAVAILABLE, INTERNAL_FAILURE, REQUEST_TIMEOUT, with "_" read as " ").
+_RUN_ERROR_WORDS = ("slow down", "slowdown", "throttl", "timed out", "timeout", "time out", "connection",
+                    "temporarily", "service unavailable", "internal failure", "internal error", "try again",
+                    "reduce your request rate", "too skewed")
+
+
+def is_run_error(err: BaseException) -> bool:
+    """Whether `err` says something about this run or machine rather than the file: such errors fail the task so
+    that a rerun retries the video, instead of quarantining a good file for good."""
+    if isinstance(err, MemoryError | ConnectionError) or type(err).__name__ == "OutOfMemoryError":
+        return True
+    if isinstance(err, OSError):
+        text = str(err).lower().replace("_", " ")
+        return err.errno in _RUN_ERRNOS or any(word in text for word in _RUN_ERROR_WORDS)
+    return False
 
 
 @dataclass
@@ -113,11 +134,25 @@ def local_path(uri: str, max_bytes: int) -> Iterator[str]:
         yield os.path.abspath(path)
         return
     suffix = os.path.splitext(path)[1]
+    # In the sandbox the temporary directory is the child's scratch directory, removed when the child is killed.
     with tempfile.NamedTemporaryFile(suffix=suffix) as tmp:
-        with filesystem.open_input_stream(path) as src:
-            shutil.copyfileobj(src, tmp, length=8 << 20)
+        for chunk in _chunks(filesystem, path, uri):
+            tmp.write(chunk)  # an error writing (a full disk) is the run's, never the file's
         tmp.flush()
         yield tmp.name
+
+
+def _chunks(filesystem, path: str, uri: str) -> Iterator[bytes]:
+    """The bytes of a remote file. An error reading them quarantines the file (VideoRejected "unreadable"), unless it
+    is a run error (throttling, a dropped connection), which is raised for a rerun to retry."""
+    try:
+        with filesystem.open_input_stream(path) as src:
+            while chunk := src.read(8 << 20):
+                yield chunk
+    except OSError as err:
+        if is_run_error(err):
+            raise
+        raise VideoRejected("unreadable", f"cannot read {uri}: {err}") from err
 
 
 def _rotation_of(first_frame) -> int:
@@ -144,16 +179,6 @@ def probe(path: str, config: DecodeConfig) -> VideoInfo:
         stream.thread_count = 1  # one frame is decoded: threads would only cost their start-up
         ctx = stream.codec_context
         width, height = int(ctx.width or 0), int(ctx.height or 0)
-        first = None
-        with contextlib.suppress(av.error.FFmpegError, StopIteration):
-            first = next(container.decode(stream))
-        if first is None:
-            raise VideoRejected("no_decodable_frames", "no frame of the video stream could be decoded")
-        if not width or not height:
-            width, height = first.width, first.height
-        rotation = _rotation_of(first)
-        if rotation in (90, 270):
-            width, height = height, width
         time_base = stream.time_base
         start = float(stream.start_time * time_base) if stream.start_time is not None else 0.0
         duration = None
@@ -167,33 +192,81 @@ def probe(path: str, config: DecodeConfig) -> VideoInfo:
         if duration and num_frames > 1:
             fps = num_frames / duration
         codec = ctx.name or ""
+        # What the header declares is checked before the first frame is decoded: a header that claims a huge
+        # picture or frame count is rejected without the decoder allocating for it.
+        _check_declared(width, height, "declared", config)
+        _check_length(duration, num_frames, fps, config)
+        first = None
+        with contextlib.suppress(av.error.FFmpegError, StopIteration):
+            first = next(container.decode(stream))
+        if first is None:
+            raise VideoRejected("no_decodable_frames", "no frame of the video stream could be decoded")
+        # Headers can lie the other way too: the decoded picture is what the workers pay for.
+        _check_declared(first.width, first.height, "the first decoded frame is", config)
+        if not width or not height:
+            width, height = first.width, first.height
+        rotation = _rotation_of(first)
+        if rotation in (90, 270):
+            width, height = height, width
 
-    if min(width, height) < config.min_side:
-        raise VideoRejected("resolution_too_small", f"{width}x{height} is below decode.min_side={config.min_side}")
+    return VideoInfo(width=width, height=height, fps=fps, num_frames=num_frames, duration_s=duration,
+                     rotation=rotation, codec=codec, start_time_s=start)
+
+
+def _check_declared(width: int, height: int, what: str, config: DecodeConfig) -> None:
+    """The picture-size limits; 0 (not declared) passes, the decoded frame is checked then."""
+    if width and height and min(width, height) < config.min_side:
+        raise VideoRejected("resolution_too_small",
+                            f"{what} {width}x{height}, below decode.min_side={config.min_side}")
     if max(width, height) > config.max_side:
-        raise VideoRejected("resolution_too_large", f"{width}x{height} is above decode.max_side={config.max_side}")
+        raise VideoRejected("resolution_too_large",
+                            f"{what} {width}x{height}, above decode.max_side={config.max_side}")
+
+
+def _check_length(duration: float | None, num_frames: int, fps: float, config: DecodeConfig) -> None:
     if duration is not None and duration > config.max_duration_s:
-        raise VideoRejected("too_long",
-                            f"duration {duration:.1f}s is above decode.max_duration_s={config.max_duration_s}")
+        raise VideoRejected("too_long", f"declared duration {duration:.1f}s is above "
+                                        f"decode.max_duration_s={config.max_duration_s}")
     if num_frames > config.max_frames:
         raise VideoRejected("too_many_frames",
                             f"{num_frames} frames declared, above decode.max_frames={config.max_frames}")
     if fps <= 0 or fps > config.max_fps:
         raise VideoRejected("bad_frame_rate", f"frame rate {fps:.3f} is outside (0, decode.max_fps={config.max_fps}]")
-    return VideoInfo(width=width, height=height, fps=fps, num_frames=num_frames, duration_s=duration,
-                     rotation=rotation, codec=codec, start_time_s=start)
 
 
 class DecodeFailed(Exception):
     """A backend failed part-way; the caller may try the next backend."""
 
 
-def _check_running_limits(index: int, time_s: float, config: DecodeConfig) -> None:
-    # Declared values can lie: enforce the limits on what is actually decoded too.
-    if index >= config.max_frames:
-        raise VideoRejected("too_many_frames", f"more than decode.max_frames={config.max_frames} frames decoded")
-    if time_s > config.max_duration_s:
-        raise VideoRejected("too_long", f"frames past decode.max_duration_s={config.max_duration_s}s")
+class _RunningLimits:
+    """Declared values can lie: the limits are enforced on what is actually decoded too, frame by frame."""
+
+    def __init__(self, config: DecodeConfig):
+        self.config = config
+        self.last_time_s: float | None = None
+        self.stalled = 0  # frames in a row whose timestamp did not advance past the previous frame's
+
+    def check(self, index: int, time_s: float, width: int = 0, height: int = 0) -> None:
+        config = self.config
+        if index >= config.max_frames:
+            raise VideoRejected("too_many_frames", f"more than decode.max_frames={config.max_frames} frames decoded")
+        if time_s > config.max_duration_s:
+            raise VideoRejected("too_long", f"frames past decode.max_duration_s={config.max_duration_s}s")
+        if max(width, height) > config.max_side:
+            raise VideoRejected("resolution_too_large", f"frame {index} is {width}x{height}, above "
+                                                        f"decode.max_side={config.max_side}")
+        # Frozen timestamps: frames would pile up at one instant and no clip would ever reach its length in
+        # seconds. A short run is tolerated (muxer glitches); a longer one quarantines the file.
+        if self.last_time_s is not None and time_s <= self.last_time_s:
+            self.stalled += 1
+            if self.stalled > config.max_stalled_frames:
+                raise VideoRejected("bad_timestamps", f"timestamps stopped advancing after frame "
+                                    f"{index - self.stalled} ({self.last_time_s:.3f}s): {self.stalled} frames in a "
+                                    f"row did not move past the one before, above "
+                                    f"decode.max_stalled_frames={config.max_stalled_frames}")
+        else:
+            self.stalled = 0
+        self.last_time_s = time_s
 
 
 def _frames_decord(path: str, info: VideoInfo, config: DecodeConfig) -> Iterator[Frame]:
@@ -209,6 +282,7 @@ def _frames_decord(path: str, info: VideoInfo, config: DecodeConfig) -> Iterator
         times = reader.get_frame_timestamp(range(count))[:, 0] if count else np.zeros(0)
     except decord.DECORDError as err:
         raise DecodeFailed(f"decord cannot open the stream: {str(err).splitlines()[-1][:200]}") from err
+    limits = _RunningLimits(config)
     for start in range(0, count, config.chunk_frames):
         stop = min(count, start + config.chunk_frames)
         try:
@@ -221,7 +295,7 @@ def _frames_decord(path: str, info: VideoInfo, config: DecodeConfig) -> Iterator
         for offset in range(batch.shape[0]):
             index = start + offset
             time_s = float(times[index])
-            _check_running_limits(index, time_s, config)
+            limits.check(index, time_s)
             rgb = batch[offset].copy()  # not a view: a kept frame must not pin its whole batch
             analysis = None
             if size is not None:
@@ -258,6 +332,7 @@ def _frames_pyav(path: str, info: VideoInfo, config: DecodeConfig) -> Iterator[F
         stream.thread_count = config.threads
         first_pts = None
         index = 0
+        limits = _RunningLimits(config)
         try:
             for frame in container.decode(stream):
                 if frame.pts is None:
@@ -265,7 +340,7 @@ def _frames_pyav(path: str, info: VideoInfo, config: DecodeConfig) -> Iterator[F
                 if first_pts is None:
                     first_pts = frame.pts
                 time_s = float((frame.pts - first_pts) * frame.time_base)
-                _check_running_limits(index, time_s, config)
+                limits.check(index, time_s, frame.width, frame.height)
                 make_rgb = functools.partial(picture, work_scaler, frame, out_w, out_h, "AREA")
                 if size is None:
                     yield Frame(index=index, time_s=time_s, rgb=make_rgb())

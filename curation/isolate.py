@@ -5,7 +5,11 @@ worker and a decoder stuck in a loop blocks it forever. `IsolatedWorker` runs ea
 process, started lazily with the "spawn" method (never fork: Ray workers are multi-threaded, and a forked child
 of a multi-threaded process can deadlock on a lock some other thread held) and reused, so its start-up cost is paid
 once per worker, not once per video. A call whose child dies raises `ChildCrashed`; a call past its time limit has
-its child killed and raises `ChildTimedOut`. Either way the next call starts a fresh child.
+its child killed and raises `ChildTimedOut`. Either way the next call starts a fresh child. A call may move its own
+time limit once it knows how much work it has (`set_time_limit`, capped by the caller).
+
+Each child gets its own scratch directory as its temporary directory (`tempfile`, TMPDIR), removed whenever the child
+is stopped: a child killed mid-call cannot leave a downloaded copy of a video behind.
 
 The child runs `fn(*args)` for a module-level `fn` (pickled by reference, so the child imports its module; spawn
 gives the child the parent's sys.path). Arguments and results travel pickled over a pipe.
@@ -14,8 +18,12 @@ gives the child the parent's sys.path). Arguments and results travel pickled ove
 from __future__ import annotations
 
 import multiprocessing
+import os
 import pickle
+import shutil
 import signal
+import tempfile
+import time
 import traceback
 import weakref
 from collections.abc import Callable
@@ -23,6 +31,15 @@ from multiprocessing.connection import Connection, wait
 from typing import Any
 
 _STOP_GRACE_S = 5.0  # close(): how long the child gets to exit on its own before it is killed
+
+_parent: Connection | None = None  # in a child: its end of the pipe to the parent
+
+
+def set_time_limit(seconds: float) -> None:
+    """From inside an isolated call: its wall-clock limit becomes `seconds` from the call's start (the caller's
+    `max_timeout_s` caps it). Outside an isolated child it does nothing, so code can call it either way."""
+    if _parent is not None:
+        _parent.send(("limit", float(seconds)))
 
 
 class ChildCrashed(RuntimeError):
@@ -51,10 +68,14 @@ def _signal_name(number: int) -> str:
         return f"signal {number}"
 
 
-def _serve(conn: Connection) -> None:
-    """The child's loop: run each (fn, args) received, send back ("ok", result) or ("error", exception, traceback)."""
+def _serve(conn: Connection, scratch: str) -> None:
+    """The child's loop: run each (fn, args) received, send back ("ok", result) or ("error", exception, traceback);
+    a call may also send ("limit", seconds) first."""
+    global _parent
     # Ctrl-C reaches the whole process group; the parent decides what happens to a call it interrupts.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _parent = conn
+    os.environ["TMPDIR"] = tempfile.tempdir = scratch
     while True:
         try:
             message = conn.recv()
@@ -90,8 +111,9 @@ def _name(fn: Callable) -> str:
     return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}"
 
 
-def _stop(process: multiprocessing.Process, conn: Connection, grace_s: float) -> None:
-    """Ask the child to exit, kill it if it does not within `grace_s`, and reap it (no zombie)."""
+def _stop(process: multiprocessing.Process, conn: Connection, grace_s: float, scratch: str) -> None:
+    """Ask the child to exit, kill it if it does not within `grace_s`, reap it (no zombie) and remove its scratch
+    directory."""
     if process.is_alive():
         try:
             conn.send(None)
@@ -103,6 +125,7 @@ def _stop(process: multiprocessing.Process, conn: Connection, grace_s: float) ->
         process.join()
     conn.close()
     process.close()
+    shutil.rmtree(scratch, ignore_errors=True)
 
 
 class IsolatedWorker:
@@ -122,14 +145,22 @@ class IsolatedWorker:
         self._process: multiprocessing.Process | None = None
         self._conn: Connection | None = None
         self._finalizer: weakref.finalize | None = None
+        self._scratch: str | None = None
 
     @property
     def pid(self) -> int | None:
         """The current child's process id; None before the first call and after a crash, timeout or close()."""
         return self._process.pid if self._process is not None else None
 
-    def call(self, fn: Callable[..., Any], *args: Any, timeout_s: float | None = None) -> Any:
-        """`fn(*args)` in the child. `timeout_s`: wall-clock limit for this call (None: no limit)."""
+    @property
+    def scratch_dir(self) -> str | None:
+        """The current child's temporary directory; removed with the child."""
+        return self._scratch
+
+    def call(self, fn: Callable[..., Any], *args: Any, timeout_s: float | None = None,
+             max_timeout_s: float | None = None) -> Any:
+        """`fn(*args)` in the child. `timeout_s`: wall-clock limit for this call (None: no limit). `max_timeout_s`:
+        the most the call may raise its own limit to with `set_time_limit` (None: it may not change it)."""
         if self._process is None or not self._process.is_alive():
             self._discard()
             self._start()
@@ -138,7 +169,7 @@ class IsolatedWorker:
         except (BrokenPipeError, ConnectionResetError):  # the child died between calls
             raise self._crashed() from None
         try:
-            reply = self._receive(timeout_s)
+            reply = self._receive(timeout_s, max_timeout_s)
         except BaseException:
             # Crashed, timed out or interrupted (Ctrl-C): the child is dead or its state (and any reply still on
             # its way) is unknown, so the next call starts afresh.
@@ -163,13 +194,14 @@ class IsolatedWorker:
 
     def _start(self) -> None:
         parent_end, child_end = self._context.Pipe(duplex=True)
-        process = self._context.Process(target=_serve, args=(child_end,), name=self.name, daemon=True)
+        scratch = tempfile.mkdtemp(prefix=f"{self.name}-")
+        process = self._context.Process(target=_serve, args=(child_end, scratch), name=self.name, daemon=True)
         process.start()
         # Only the child holds its end now, so the parent reads EOF the moment the child dies.
         child_end.close()
-        self._process, self._conn = process, parent_end
+        self._process, self._conn, self._scratch = process, parent_end, scratch
         # Also stops the child when the worker is garbage-collected or the interpreter exits.
-        self._finalizer = weakref.finalize(self, _stop, process, parent_end, _STOP_GRACE_S)
+        self._finalizer = weakref.finalize(self, _stop, process, parent_end, _STOP_GRACE_S, scratch)
 
     def _discard(self, kill: bool = False) -> None:
         """Stop and forget the current child, if any: at once with `kill`, else gracefully."""
@@ -177,19 +209,26 @@ class IsolatedWorker:
             return
         if kill and self._process.is_alive():
             self._process.kill()
-        self._finalizer()  # _stop: reaps the child, closes the pipe
-        self._process = self._conn = self._finalizer = None
+        self._finalizer()  # _stop: reaps the child, closes the pipe, removes its scratch directory
+        self._process = self._conn = self._finalizer = self._scratch = None
 
-    def _receive(self, timeout_s: float | None) -> tuple:
-        ready = wait([self._conn, self._process.sentinel], timeout_s)
-        if not ready:
-            raise ChildTimedOut(timeout_s)
-        if self._conn in ready or self._conn.poll():
+    def _receive(self, timeout_s: float | None, max_timeout_s: float | None) -> tuple:
+        start, limit = time.monotonic(), timeout_s
+        while True:
+            remaining = None if limit is None else max(0.0, start + limit - time.monotonic())
+            ready = wait([self._conn, self._process.sentinel], remaining)
+            if not ready:
+                raise ChildTimedOut(limit)
+            if not (self._conn in ready or self._conn.poll()):
+                raise self._crashed()
             try:
-                return self._conn.recv()
+                reply = self._conn.recv()
             except EOFError:
-                pass
-        raise self._crashed()
+                raise self._crashed() from None
+            if reply[0] != "limit":
+                return reply
+            if max_timeout_s is not None:
+                limit = min(reply[1], max_timeout_s)
 
     def _crashed(self) -> ChildCrashed:
         """The error for a child found dead (its pipe closed): how it died, read after reaping it."""

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 
 from curation import schema
-from curation.config import CurateConfig
+from curation.config import CurateConfig, DecodeConfig
 from curation.decode import (
     DecodeFailed,
     Frame,
@@ -22,13 +22,14 @@ from curation.decode import (
     VideoRejected,
     analysis_size,
     decode_frames,
+    is_run_error,
     local_path,
     probe,
     work_size,
 )
 from curation.encode import ClipEncoder, jpeg_bytes
 from curation.filters import ClipFilter
-from curation.isolate import ChildCrashed, ChildTimedOut, IsolatedWorker
+from curation.isolate import ChildCrashed, ChildTimedOut, IsolatedWorker, set_time_limit
 from curation.motion import MotionScorer
 from curation.shots import ShotDetector
 
@@ -56,6 +57,9 @@ class ClipAssembler:
         self.filter = ClipFilter(config.filters)
         fps = info.fps
         self.trim = max(0, round(config.shots.trim_seconds * fps))
+        # A clip never holds more frames than its longest window at twice the average rate (room for VFR passages),
+        # whatever the timestamps say: ones that crawl or freeze would otherwise keep one clip open for good.
+        self.max_clip_frames = max(1, math.ceil(min(2 * config.shots.max_seconds * fps, config.decode.max_frames)))
         self.clips: list[dict] = []
         self._open: _OpenClip | None = None
         self._segment: int = -1  # index of the last cut at or before the current frame
@@ -143,7 +147,8 @@ class ClipAssembler:
         if in_transition or near_cut:
             self._close()
             return
-        if self._open is not None and frame.time_s - self._open.start.time_s >= self.config.shots.max_seconds:
+        if self._open is not None and (frame.time_s - self._open.start.time_s >= self.config.shots.max_seconds
+                                       or self._open.num_frames >= self.max_clip_frames):
             self._close()
         if self._open is None:
             self._open_clip(frame)
@@ -177,6 +182,19 @@ def _quarantined(video_id: str, uri: str, size: int, error_class: str, message: 
     return row
 
 
+def decode_time_limit(config: DecodeConfig, info: VideoInfo | None) -> float | None:
+    """The wall-clock limit for one video: decode.timeout_s plus decode.timeout_per_video_second per second of its
+    probed duration (or of the longest duration allowed, when the header gives none). None: no limit."""
+    if not config.timeout_s:
+        return None
+    duration = config.max_duration_s
+    if info is not None and info.duration_s:
+        duration = min(info.duration_s, config.max_duration_s)
+    elif info is not None and info.num_frames and info.fps > 0:
+        duration = min(info.num_frames / info.fps, config.max_duration_s)
+    return config.timeout_s + config.timeout_per_video_second * duration
+
+
 _child_stage: VideoStage | None = None  # the isolated child's stage, set up once and reused across videos
 
 
@@ -194,6 +212,10 @@ class VideoStage:
 
     With decode.isolate (the default) each video is processed in a child process of this worker (curation/isolate.py),
     so a decoder that crashes or hangs quarantines its file (decoder_crash, decode_timeout) and the worker goes on.
+
+    A quarantine says "this file is bad" and a rerun skips it. An error that says "this run had a problem" (a full
+    disk, no memory, throttling or a dropped connection to the store: `is_run_error`) is raised instead, so the Ray
+    task fails, nothing is recorded for the video and a rerun retries it.
     """
 
     # What the child runs per video: a module-level function (config, video_id, uri, size) -> row. Tests swap it.
@@ -218,31 +240,44 @@ class VideoStage:
             return self._process_here(video_id, uri, size)
         if self._worker is None:
             self._worker = IsolatedWorker(name="reelforge-decode")
-        timeout_s = self.config.decode.timeout_s or None
+        decode = self.config.decode
+        # The child raises the limit to decode_time_limit once it has probed the duration; never past the longest
+        # video allowed.
+        timeout_s = decode.timeout_s or None
         try:
-            return self._worker.call(self.child_entry, self.config, video_id, uri, size, timeout_s=timeout_s)
+            return self._worker.call(self.child_entry, self.config, video_id, uri, size, timeout_s=timeout_s,
+                                     max_timeout_s=decode_time_limit(decode, None))
         except ChildCrashed as err:
             how = err.signal_name or f"exit code {err.exit_code}"
             message = f"the decoding process died with {how}; the file is quarantined"
             error_class = "decoder_crash"
-        except ChildTimedOut:
-            message = (f"decoding took longer than decode.timeout_s={timeout_s:g}s; the process was killed and the "
-                       "file is quarantined")
+        except ChildTimedOut as err:
+            message = (f"decoding took longer than its limit of {err.timeout_s:g}s (decode.timeout_s="
+                       f"{decode.timeout_s:g}s + decode.timeout_per_video_second={decode.timeout_per_video_second:g}"
+                       " x the probed duration); the process was killed and the file is quarantined")
             error_class = "decode_timeout"
         log.warning("%s: %s", uri, message)
         return _quarantined(video_id, uri, size, error_class, message)
 
     def _process_here(self, video_id: str, uri: str, size: int) -> dict:
-        """Decode and cut one video in this process. Errors in Python become a quarantined row."""
+        """Decode and cut one video in this process. Errors of the file become a quarantined row; errors of the run
+        are raised."""
         row = _video_row(video_id, uri, size)
         try:
             with local_path(uri, self.config.decode.max_file_bytes) as path:
                 info = probe(path, self.config.decode)
+                limit = decode_time_limit(self.config.decode, info)
+                if limit is not None:
+                    set_time_limit(limit)  # in the sandbox: a long video gets the time it needs
                 self._decode(path, info, row)
             row["status"] = "ok"
         except VideoRejected as err:
             return _quarantined(video_id, uri, size, err.reason, str(err))
         except Exception as err:  # noqa: BLE001 - one bad file must not stop the run; the reason is recorded
+            if is_run_error(err):
+                log.error("%s: %s: %s; not quarantined, the task fails and a rerun retries the video", uri,
+                          type(err).__name__, err)
+                raise
             log.exception("unexpected error on %s", uri)
             return _quarantined(video_id, uri, size, "internal_error", f"{type(err).__name__}: {err}")
         return row

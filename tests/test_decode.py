@@ -1,5 +1,7 @@
 """Decoding real files (rotation, timestamps, VFR, bad inputs) and generated files with known answers."""
 
+import os
+
 import numpy as np
 import pytest
 
@@ -117,3 +119,46 @@ def test_analysis_size_keeps_the_aspect_with_even_sides():
     assert analysis_size(454, 256, 128) == (128, 72)
     assert analysis_size(256, 454, 128) == (128, 228)
     assert analysis_size(100, 60, 128) == (100, 60)  # never upscaled
+
+
+class _Store:
+    """A remote store with one video on it (fsspec's in-memory file system behind pyarrow), whose reads can fail."""
+
+    def __init__(self, data: bytes, error: OSError | None):
+        import fsspec
+        import pyarrow.fs as pafs
+
+        memory = fsspec.filesystem("memory")
+        memory.pipe("/dump/v.mp4", data)
+        store = self
+
+        class Handler(pafs.FSSpecHandler):
+            def open_input_stream(self, path):
+                if store.error is not None:
+                    raise store.error
+                return super().open_input_stream(path)
+
+        self.error = error
+        self.fs = pafs.PyFileSystem(Handler(memory))
+
+    def from_uri(self, uri: str):
+        return self.fs, "/dump/v.mp4"
+
+
+def test_a_remote_read_error_quarantines_the_file_but_throttling_fails_the_run(monkeypatch):
+    import pyarrow.fs as pafs
+
+    from curation.decode import local_path
+
+    store = _Store(b"\0" * 1000, None)
+    monkeypatch.setattr(pafs, "FileSystem", store)  # local_path resolves s3://... through pafs.FileSystem.from_uri
+    with local_path("s3://dump/v.mp4", 1 << 20) as path:
+        assert open(path, "rb").read() == b"\0" * 1000  # a temporary copy, removed on exit
+    assert not os.path.exists(path)
+    store.error = OSError("AWS Error ACCESS_DENIED during GetObject operation: Access Denied")
+    with pytest.raises(VideoRejected) as err, local_path("s3://dump/v.mp4", 1 << 20):
+        pass
+    assert err.value.reason == "unreadable" and "ACCESS_DENIED" in str(err.value)
+    store.error = OSError("AWS Error SLOW_DOWN during GetObject operation: Please reduce your request rate.")
+    with pytest.raises(OSError, match="SLOW_DOWN"), local_path("s3://dump/v.mp4", 1 << 20):
+        pass
