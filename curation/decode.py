@@ -12,6 +12,7 @@ import contextlib
 import errno
 import functools
 import os
+import re
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -45,8 +46,12 @@ def is_run_error(err: BaseException) -> bool:
     if isinstance(err, MemoryError | ConnectionError) or type(err).__name__ == "OutOfMemoryError":
         return True
     if isinstance(err, OSError):
-        text = str(err).lower().replace("_", " ")
-        return err.errno in _RUN_ERRNOS or any(word in text for word in _RUN_ERROR_WORDS)
+        if err.errno is not None:
+            return err.errno in _RUN_ERRNOS
+        # Quoted parts are names (keys, buckets, paths): a file called "timeout.mp4" must not make its own error
+        # look like the store's.
+        text = re.sub(r"'[^']*'|\"[^\"]*\"", "", str(err)).lower().replace("_", " ")
+        return any(word in text for word in _RUN_ERROR_WORDS)
     return False
 
 

@@ -186,7 +186,9 @@ def test_errors_are_classified_by_what_they_say_about_the_file_or_the_run():
     for error in _RUN_ERRORS.values():
         assert is_run_error(error), error
     for error in [ValueError("bad frame"), OSError(errno.ENOENT, "gone"), KeyError("x"),
-                  OSError("AWS Error ACCESS_DENIED during GetObject operation"), av.error.InvalidDataError(1, "x")]:
+                  OSError("AWS Error ACCESS_DENIED during GetObject operation"), av.error.InvalidDataError(1, "x"),
+                  OSError("When reading information for key 'connection timed out.mp4' in bucket 'throttled': AWS "
+                          "Error ACCESS_DENIED during HeadObject operation")]:
         assert not is_run_error(error), error
 
 
