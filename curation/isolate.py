@@ -9,7 +9,8 @@ its child killed and raises `ChildTimedOut`. Either way the next call starts a f
 time limit once it knows how much work it has (`set_time_limit`, capped by the caller).
 
 Each child gets its own scratch directory as its temporary directory (`tempfile`, TMPDIR), removed whenever the child
-is stopped: a child killed mid-call cannot leave a downloaded copy of a video behind.
+is stopped: a child killed mid-call cannot leave a downloaded copy of a video behind. The directory is named after
+the host and the parent's pid, so the next worker on the host removes those a killed (kill -9) parent left.
 
 The child runs `fn(*args)` for a module-level `fn` (pickled by reference, so the child imports its module; spawn
 gives the child the parent's sys.path). Arguments and results travel pickled over a pipe.
@@ -17,11 +18,13 @@ gives the child the parent's sys.path). Arguments and results travel pickled ove
 
 from __future__ import annotations
 
+import glob
 import multiprocessing
 import os
 import pickle
 import shutil
 import signal
+import socket
 import tempfile
 import time
 import traceback
@@ -128,6 +131,25 @@ def _stop(process: multiprocessing.Process, conn: Connection, grace_s: float, sc
     shutil.rmtree(scratch, ignore_errors=True)
 
 
+def _scratch_prefix(name: str) -> str:
+    return f"{name}-{socket.gethostname()}-"
+
+
+def _sweep_scratch(name: str) -> None:
+    """Remove the scratch directories of this host's parents that are gone (killed before they could clean up)."""
+    prefix = os.path.join(tempfile.gettempdir(), _scratch_prefix(name))
+    for path in glob.glob(glob.escape(prefix) + "*"):
+        pid = path[len(prefix):].split("-", 1)[0]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+        except OSError:  # alive, another user's
+            pass
+
+
 class IsolatedWorker:
     """Runs module-level functions in one persistent child process, restarted after a crash or a timeout.
 
@@ -194,7 +216,8 @@ class IsolatedWorker:
 
     def _start(self) -> None:
         parent_end, child_end = self._context.Pipe(duplex=True)
-        scratch = tempfile.mkdtemp(prefix=f"{self.name}-")
+        _sweep_scratch(self.name)
+        scratch = tempfile.mkdtemp(prefix=f"{_scratch_prefix(self.name)}{os.getpid()}-")
         process = self._context.Process(target=_serve, args=(child_end, scratch), name=self.name, daemon=True)
         process.start()
         # Only the child holds its end now, so the parent reads EOF the moment the child dies.

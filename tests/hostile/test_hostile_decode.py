@@ -306,3 +306,18 @@ def test_a_killed_childs_temporary_copy_is_removed(how, videos, tmp_path):
         copy = Path(report.read_text())
         assert copy.name.endswith(".mp4") and not copy.exists()  # the old child left it in /tmp for good
         assert worker.call(tempfile.gettempdir) == worker.scratch_dir  # a fresh child, with a fresh scratch dir
+
+
+def test_scratch_left_by_a_killed_worker_is_swept_by_the_next_one(tmp_path):
+    import subprocess
+    import sys
+
+    # A worker process that started a child, then was killed with kill -9: its child's scratch stays behind.
+    script = ("import os; from curation.isolate import IsolatedWorker; w = IsolatedWorker(); w.call(os.getcwd); "
+              "print(w.scratch_dir, flush=True); os.kill(os.getpid(), 9)")
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    left = Path(run.stdout.strip())
+    assert run.returncode == -9 and left.is_dir(), run.stderr
+    with IsolatedWorker() as worker:
+        worker.call(os.getcwd)
+        assert not left.exists() and Path(worker.scratch_dir).is_dir()
