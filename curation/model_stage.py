@@ -8,16 +8,11 @@ from collections.abc import Callable
 import pyarrow as pa
 
 from curation import schema
+from curation.decode import is_run_error  # one rule for what is the run's fault, not the video's
 
 log = logging.getLogger(__name__)
 
 MAX_MESSAGE_CHARS = 1000
-
-
-def is_run_error(err: BaseException) -> bool:
-    """Errors of the run, not of a video (memory; CUDA's OutOfMemoryError is a RuntimeError): they fail the task so
-    that a rerun retries the video, instead of quarantining a good file for good."""
-    return isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError"
 
 
 def quarantined(video: dict, error_class: str, message: str) -> dict:
