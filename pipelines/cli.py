@@ -67,6 +67,18 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _generate(args: argparse.Namespace) -> int:
+    from pipelines.generate import GenerateConfig, run_generate, summary_text
+
+    config = GenerateConfig(
+        model=args.model, out=args.out, prompt=args.prompt, prompts_file=args.prompts_file,
+        negative_prompt=args.negative_prompt, steps=args.steps, cfg=args.cfg, seed=args.seed,
+        num_frames=args.num_frames, size=args.size, fps=args.fps, batch=args.batch, gif=args.gif, device=args.device,
+        min_side=args.min_side, overwrite=args.overwrite, tracking_uri=args.tracking_uri, cache_dir=args.cache_dir)
+    print(summary_text(run_generate(config)))
+    return 0
+
+
 QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
 
 
@@ -124,6 +136,31 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--output", help="directory for the comparison table, GIFs and the MLflow store")
     _config_arguments(evaluate, "configs/evaluate.yaml")
     evaluate.set_defaults(func=_evaluate)
+
+    gen = sub.add_parser("generate", help="videos from prompts with an exported model (MP4/GIF + JSON sidecars)")
+    gen.add_argument("--model", required=True,
+                     help="an exported model folder (the model/ of train or distill), models:/NAME/VERSION or "
+                     "runs:/RUN_ID/model")
+    prompts = gen.add_mutually_exclusive_group(required=True)
+    prompts.add_argument("--prompt", help="the text of one video")
+    prompts.add_argument("--prompts-file", help="one prompt per line; prompt i uses seed + i")
+    gen.add_argument("--out", required=True, help="a directory, or FILE.mp4 / FILE.gif for a single prompt")
+    gen.add_argument("--negative-prompt", default="", help="guide away from this (replaces the empty prompt in CFG)")
+    gen.add_argument("--steps", type=int, help="sampling steps (default: the model's; a student: its distilled steps)")
+    gen.add_argument("--cfg", type=float, help="guidance scale (default: the model's; 1 = no guidance)")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--num-frames", type=int, help="default: the model's last training stage")
+    gen.add_argument("--size", help="WxH or N pixels (default: the model's last training stage)")
+    gen.add_argument("--fps", type=float, help="default: the model's last training stage")
+    gen.add_argument("--batch", type=int, default=4, help="videos generated together")
+    gen.add_argument("--gif", action="store_true", help="also write a GIF beside each MP4")
+    gen.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    gen.add_argument("--min-side", type=int, default=0, help="upscale (nearest) so the short side is at least this")
+    gen.add_argument("--overwrite", action="store_true", help="replace outputs made with other settings")
+    gen.add_argument("--tracking-uri", help="MLflow store for models:/ and runs:/ (default MLFLOW_TRACKING_URI)")
+    gen.add_argument("--cache-dir", help="where downloaded models are kept (default $REELFORGE_CACHE or "
+                     "~/.cache/reelforge)")
+    gen.set_defaults(func=_generate)
 
     dump = sub.add_parser("make-sample-dump", help="generate synthetic videos with known cuts, motion and captions")
     dump.add_argument("dir")

@@ -1,0 +1,329 @@
+"""`reelforge generate`: videos from prompts with an exported model (a folder, or an MLflow `models:/` or `runs:/`
+URI), each written as MP4 (and GIF) with its prompt, seed and model in the file's metadata and a JSON sidecar beside.
+
+Output names are deterministic and each sidecar is written last, after its videos were renamed into place, so it is the
+completion record: a rerun (of a killed run, or with more prompts) skips every prompt whose sidecar matches."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from curation.redact import redact_uri
+
+log = logging.getLogger("reelforge.generate")
+
+VIDEO_SUFFIXES = (".mp4", ".gif")
+# what a sidecar must match for its videos to count as done; other fields (timings, device) may differ
+REQUEST_KEYS = ("prompt", "negative_prompt", "seed", "steps", "cfg_scale", "model_sha256", "num_frames", "width",
+                "height", "fps", "min_side", "files")
+
+
+@dataclass
+class GenerateConfig:
+    model: str  # an exported model folder, models:/NAME/VERSION or runs:/RUN_ID/model
+    out: str  # a directory, or FILE.mp4 / FILE.gif for a single prompt
+    prompt: str | None = None
+    prompts_file: str | None = None  # one prompt per line; blank lines are skipped; prompt i uses seed + i
+    negative_prompt: str = ""
+    steps: int | None = None  # None: config.json's sampling.num_steps (a student: the steps it was distilled to)
+    cfg: float | None = None  # None: config.json's sampling.cfg_scale (1.0 for a guidance-distilled student)
+    seed: int = 0
+    num_frames: int | None = None  # None: the last curriculum stage's
+    size: str | None = None  # "WxH" or "N" (square); None: the last curriculum stage's
+    fps: float | None = None  # None: the last curriculum stage's
+    batch: int = 4
+    gif: bool = False  # also a GIF beside each MP4 (an --out ending in .gif writes the GIF alone)
+    device: str = "auto"
+    min_side: int = 0  # nearest-neighbour upscale so the short side is at least this (0: the generated size)
+    overwrite: bool = False  # regenerate outputs whose sidecar records other settings instead of refusing
+    tracking_uri: str | None = None  # for models:/ and runs:/; None: MLFLOW_TRACKING_URI
+    cache_dir: str | None = None  # where downloaded models are kept; None: $REELFORGE_CACHE or ~/.cache/reelforge
+
+
+@dataclass
+class Job:
+    """One prompt's outputs."""
+
+    index: int
+    prompt: str
+    seed: int
+    files: list[Path] = field(default_factory=list)
+
+    @property
+    def sidecar(self) -> Path:
+        return self.files[0].with_suffix(".json")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Inputs: prompts, size, the model
+
+
+def read_prompts(config: GenerateConfig) -> list[str]:
+    if (config.prompt is None) == (config.prompts_file is None):
+        raise ValueError("give exactly one of --prompt and --prompts-file")
+    if config.prompt is not None:
+        if not config.prompt.strip():
+            raise ValueError("--prompt is empty: give the text of the video to generate")
+        return [config.prompt.strip()]
+    path = Path(config.prompts_file)
+    if not path.is_file():
+        raise FileNotFoundError(f"--prompts-file {path}: no such file (expected one prompt per line)")
+    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError(f"--prompts-file {path} holds no prompts (expected one prompt per line)")
+    return prompts
+
+
+def parse_size(size: str) -> tuple[int, int]:
+    """"WxH" or "N" -> (width, height)."""
+    match = re.fullmatch(r"\s*(\d+)\s*(?:[xX]\s*(\d+)\s*)?", size)
+    if not match or int(match[1]) < 1 or int(match[2] or match[1]) < 1:
+        raise ValueError(f"--size {size!r}: expected WIDTHxHEIGHT in pixels such as 32x32, or one number for a square")
+    return int(match[1]), int(match[2] or match[1])
+
+
+def _cache_root(config: GenerateConfig) -> Path:
+    if config.cache_dir:
+        return Path(config.cache_dir)
+    return Path(os.environ.get("REELFORGE_CACHE") or Path.home() / ".cache" / "reelforge")
+
+
+def _pinned(uri: str) -> bool:
+    """A run's artifacts and a numbered model version never change; an alias or `latest` may move."""
+    return uri.startswith("runs:/") or re.fullmatch(r"models:/[^/@]+/\d+/?", uri) is not None
+
+
+def resolve_model(config: GenerateConfig) -> tuple[Path, str]:
+    """(local folder holding config.json, the model's id for metadata: the URI as given, or the absolute path)."""
+    from training.evaluate import model_folder
+
+    model = config.model
+    if not model.startswith(("models:/", "runs:/")):
+        path = Path(model)
+        if not path.exists():
+            raise FileNotFoundError(f"--model {model}: no such folder (expected the model/ folder that `reelforge "
+                                    "train` or `distill` exports, models:/NAME/VERSION or runs:/RUN_ID/model)")
+        folder = model_folder(path)
+        return folder, str(folder.resolve())
+    uri = config.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        raise ValueError(f"--model {model}: an MLflow URI needs --tracking-uri or MLFLOW_TRACKING_URI (the store the "
+                         "model was registered in)")
+    key = hashlib.sha256(f"{uri}\n{model}".encode()).hexdigest()[:16]
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", model.split(":", 1)[1]).strip("-")
+    target = _cache_root(config) / "models" / f"{slug}-{key}"
+    if _pinned(model) and target.is_dir():
+        try:
+            return model_folder(target), model
+        except FileNotFoundError:
+            pass  # an incomplete copy: fetch again
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        import mlflow.artifacts
+        from mlflow.exceptions import MlflowException
+
+        try:
+            mlflow.artifacts.download_artifacts(artifact_uri=model, dst_path=str(staging), tracking_uri=uri,
+                                                registry_uri=uri)
+        except MlflowException as err:
+            first = str(err.message).strip().splitlines()[0] if str(err.message).strip() else type(err).__name__
+            raise ValueError(f"--model {model}: not found in {redact_uri(uri)} ({first})") from None
+        model_folder(staging)  # an artifact without config.json is not a reelforge model: say so before caching it
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    log.info("downloaded %s from %s to %s", model, redact_uri(uri), target)
+    return model_folder(target), model
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Outputs
+
+
+def plan_outputs(config: GenerateConfig, prompts: list[str]) -> list[Job]:
+    """Deterministic file names: FILE for a single prompt, else DIR/<index>-<prompt words>-seed<seed>.mp4 (.gif)."""
+    out = Path(config.out)
+    if out.suffix.lower() in VIDEO_SUFFIXES:
+        if len(prompts) != 1:
+            raise ValueError(f"--out {out} names one file but there are {len(prompts)} prompts: give a directory")
+        files = [out] if out.suffix.lower() == ".gif" or not config.gif else [out, out.with_suffix(".gif")]
+        return [Job(0, prompts[0], config.seed, files)]
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file: give a directory, or a name ending in .mp4 or .gif")
+    width = max(5, len(str(len(prompts) - 1)))
+    jobs = []
+    for i, prompt in enumerate(prompts):
+        words = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:48].rstrip("-") or "prompt"
+        stem = out / f"{i:0{width}d}-{words}-seed{config.seed + i}"
+        files = [stem.with_suffix(".mp4")] + ([stem.with_suffix(".gif")] if config.gif else [])
+        jobs.append(Job(i, prompt, config.seed + i, files))
+    return jobs
+
+
+def _is_done(job: Job, request: dict, overwrite: bool) -> bool:
+    """True when the sidecar records this request and its videos are in place; refuses to replace other settings'
+    outputs unless `overwrite`."""
+    if not job.sidecar.is_file() or not all(f.is_file() for f in job.files):
+        return False
+    try:
+        recorded = json.loads(job.sidecar.read_text())
+    except (OSError, ValueError):
+        return False  # a torn sidecar: regenerate
+    differing = [k for k in REQUEST_KEYS if recorded.get(k) != request[k]]
+    if not differing:
+        return True
+    if overwrite:
+        return False
+    changes = ", ".join(f"{k} {recorded.get(k)!r} -> {request[k]!r}" for k in differing)
+    raise ValueError(f"{job.sidecar} records other settings ({changes}): use another --out, or --overwrite to "
+                     "replace those outputs")
+
+
+def _write(job: Job, frames, record: dict, min_side: int) -> None:
+    """Each video to a temporary name then renamed; the sidecar last, so it marks the whole job done."""
+    from training.sample import write_gif, write_mp4
+
+    comment = json.dumps({k: record[k] for k in ("seed", "negative_prompt", "steps", "cfg_scale", "model",
+                                                 "model_sha256")}, sort_keys=True)
+    for path in job.files:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f".{path.stem}.partial{path.suffix}")
+        if path.suffix.lower() == ".gif":
+            write_gif(frames, partial, record["fps"], min_side=min_side, comment=f"{record['prompt']}\n{comment}")
+        else:
+            write_mp4(frames, partial, record["fps"], min_side=min_side,
+                      metadata={"title": record["prompt"], "comment": comment,
+                                "description": f"reelforge generate: {record['model']}"})
+        os.replace(partial, path)
+    partial = job.sidecar.with_name(f".{job.sidecar.name}.partial")
+    partial.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    os.replace(partial, job.sidecar)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The workflow
+
+
+def run_generate(config: GenerateConfig) -> dict:
+    """Generate every prompt not already done; returns the summary (files written and skipped, settings, timing)."""
+    import torch
+
+    from models.clip_scorer import resolve_device
+    from models.codec import CodecConfig, build_codec
+
+    started = time.perf_counter()
+    if config.batch < 1:
+        raise ValueError(f"--batch must be at least 1, got {config.batch}")
+    size = parse_size(config.size) if config.size is not None else None
+    prompts = read_prompts(config)
+    jobs = plan_outputs(config, prompts)
+    folder, model_id = resolve_model(config)
+    model_config = json.loads((folder / "config.json").read_text())
+    sampling = model_config.get("sampling") or {}
+    stage = (model_config.get("curriculum") or [{}])[-1]
+    steps = config.steps if config.steps is not None else sampling.get("num_steps")
+    cfg = config.cfg if config.cfg is not None else sampling.get("cfg_scale")
+    num_frames = config.num_frames if config.num_frames is not None else stage.get("num_frames")
+    width, height = size if size else (stage.get("size"), stage.get("size"))
+    fps = config.fps if config.fps is not None else stage.get("fps")
+    missing = [flag for flag, value in (("--steps", steps), ("--cfg", cfg), ("--num-frames", num_frames),
+                                        ("--size", width), ("--fps", fps)) if value is None]
+    if missing:
+        raise ValueError(f"{folder}/config.json does not say how to sample this model: give {' '.join(missing)}")
+    steps, cfg, num_frames, width, height, fps = int(steps), float(cfg), int(num_frames), int(width), int(height), \
+        float(fps)
+    codec = build_codec(CodecConfig(kind=model_config.get("codec", "pixels")))
+    model_params = model_config.get("model") or {}
+    patch, patch_frames = model_params.get("patch_size", 1), model_params.get("patch_frames", 1)
+    side, frame_step = patch * codec.space_compression, patch_frames * codec.time_compression
+    if width % side or height % side:
+        raise ValueError(f"--size {width}x{height}: width and height must be multiples of {side} (the model's patch "
+                         f"of {patch} pixels)")
+    if steps < 1 or num_frames < 1 or num_frames % frame_step or fps <= 0:
+        raise ValueError(f"--steps {steps}, --num-frames {num_frames}, fps {fps}: expected steps >= 1, fps > 0 and a "
+                         f"frame count that is a positive multiple of {frame_step}")
+    if width != height:
+        log.warning("the model was trained on squares (%s px); %dx%d is outside what it saw", stage.get("size"),
+                    width, height)
+    if config.negative_prompt and cfg == 1.0:
+        log.warning("--cfg 1 (no guidance, as a guidance-distilled student is sampled): the negative prompt has no "
+                    "effect; give --cfg above 1 to use it")
+    device = resolve_device(config.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA GPU is visible here; use --device cpu or auto")
+    sha256 = file_sha256(folder / "model.safetensors")
+
+    base = {"negative_prompt": config.negative_prompt, "steps": steps, "cfg_scale": cfg, "model": model_id,
+            "model_sha256": sha256, "num_frames": num_frames, "width": width, "height": height, "fps": fps,
+            "seconds": num_frames / fps, "min_side": config.min_side}
+
+    def request(job: Job) -> dict:
+        return {**base, "prompt": job.prompt, "seed": job.seed, "files": [f.name for f in job.files]}
+
+    pending = [job for job in jobs if not _is_done(job, request(job), config.overwrite)]
+    skipped = len(jobs) - len(pending)
+    log.info("%d prompts: %d already done, %d to generate with %s (%d steps, cfg %g, %d frames of %dx%d px) on %s",
+             len(jobs), skipped, len(pending), model_id, steps, cfg, num_frames, width, height, device)
+    written: list[str] = []
+    generation_seconds = 0.0
+    if pending:
+        from training.export import load_model
+        from training.generate import generate_videos
+
+        loaded = load_model(folder, str(device))
+        if loaded.model.config.in_channels != codec.channels:
+            raise ValueError(f"{folder}: the model denoises {loaded.model.config.in_channels} channels but its codec "
+                             f"{codec.id!r} has {codec.channels}")
+        batches = [pending[i:i + config.batch] for i in range(0, len(pending), config.batch)]
+        for number, batch in enumerate(batches, 1):
+            tick = time.perf_counter()
+            videos = generate_videos(loaded, codec, [j.prompt for j in batch], [j.seed for j in batch], num_frames,
+                                     height, width, steps, cfg, device, config.negative_prompt)
+            elapsed = time.perf_counter() - tick
+            generation_seconds += elapsed
+            for job, frames in zip(batch, videos, strict=True):
+                _write(job, frames, {**request(job), "generation_seconds": elapsed / len(batch),
+                                     "device": str(device), "batch_size": len(batch)}, config.min_side)
+                written.extend(str(f) for f in job.files)
+            done = skipped + sum(len(b) for b in batches[:number])
+            eta = generation_seconds / sum(len(b) for b in batches[:number]) * (len(jobs) - done)
+            log.info("batch %d/%d: %d/%d videos done (%.2f s/video, about %.0f s left)", number, len(batches), done,
+                     len(jobs), elapsed / len(batch), eta)
+            del videos
+    generated = len(pending)
+    return {"model": model_id, "model_sha256": sha256, "out": config.out, "prompts": len(jobs),
+            "generated": generated, "skipped": skipped, "files": written, "steps": steps, "cfg_scale": cfg,
+            "num_frames": num_frames, "width": width, "height": height, "fps": fps, "device": str(device),
+            "seconds_per_video": generation_seconds / generated if generated else 0.0,
+            "wall_seconds": time.perf_counter() - started}
+
+
+def summary_text(summary: dict) -> str:
+    lines = [
+        f"model: {redact_uri(summary['model'])} (model.safetensors sha256 {summary['model_sha256'][:12]})",
+        f"sampling: {summary['steps']} steps, cfg {summary['cfg_scale']:g}; {summary['num_frames']} frames of "
+        f"{summary['width']}x{summary['height']} px at {summary['fps']:g} fps on {summary['device']}",
+        f"videos: {summary['generated']} generated, {summary['skipped']} already done (of {summary['prompts']} "
+        f"prompts); {summary['seconds_per_video']:.2f} s per video, {summary['wall_seconds']:.1f} s in all",
+        f"outputs: {summary['out']} (a .json sidecar beside each video records its prompt, seed and settings)",
+    ]
+    return "\n".join(lines)
