@@ -8,7 +8,6 @@ released weights (`sac+logos+ava1-l14-linearMSE.pth`) load from a local path or 
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import urllib.parse
@@ -16,6 +15,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+from models.checksum import sha256_of
 
 log = logging.getLogger(__name__)
 
@@ -79,14 +80,6 @@ class AestheticHead(nn.Module):
         head.load_state_dict(state)
         head.untrained, head.source = False, Path(urllib.parse.unquote(weights)).name
         return head.eval()
-
-
-def sha256_of(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def fetch(weights: str, sha256: str, cache_dir: str | None = None) -> str:

@@ -10,7 +10,6 @@ open_clip_configs/) that runs anywhere and whose scores mean nothing. Checkpoint
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import os
 import re
@@ -22,6 +21,8 @@ import open_clip
 import torch
 import torch.nn.functional as F
 from PIL import Image
+
+from models.checksum import sha256_of
 
 log = logging.getLogger(__name__)
 
@@ -63,11 +64,7 @@ def check_checkpoint(pretrained: str | None, sha256: str) -> None:
     if not pretrained or not os.path.isfile(pretrained):
         raise WeightsError(f"a sha256 is given but pretrained={pretrained!r} is not a local checkpoint file; the "
                            "sha256 checks a file named by path (pin a hub id by its commit instead)")
-    digest = hashlib.sha256()
-    with open(pretrained, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    actual, expected = digest.hexdigest(), sha256.strip().lower()
+    actual, expected = sha256_of(pretrained), sha256.strip().lower()
     if actual != expected:
         raise WeightsError(f"{pretrained}: sha256 mismatch: expected {expected}, got {actual} (a different or damaged "
                            "file; fetch it again or correct the sha256)")

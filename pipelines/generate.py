@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from curation.redact import redact_uri
+from models.checksum import sha256_of
 
 log = logging.getLogger("reelforge.generate")
 
@@ -147,14 +148,6 @@ def resolve_model(config: GenerateConfig) -> tuple[Path, str]:
     return model_folder(target), model
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # Outputs
 
@@ -270,7 +263,7 @@ def run_generate(config: GenerateConfig) -> dict:
     device = resolve_device(config.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA GPU is visible here; use --device cpu or auto")
-    sha256 = file_sha256(folder / "model.safetensors")
+    sha256 = sha256_of(folder / "model.safetensors")
 
     base = {"negative_prompt": config.negative_prompt, "steps": steps, "cfg_scale": cfg, "model": model_id,
             "model_sha256": sha256, "num_frames": num_frames, "width": width, "height": height, "fps": fps,

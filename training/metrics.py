@@ -8,7 +8,6 @@ what `training.sample.generate` returns, and real clips decoded the same way (`t
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import re
 import time
 import warnings
@@ -26,6 +25,7 @@ from PIL import Image
 from curation.config import MotionConfig
 from curation.motion import MotionScorer
 from curation.sample_dump import BACKGROUND_COLORS, DIRECTIONS, SHAPE_COLORS, SHAPES
+from models.checksum import sha256_of
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Fréchet distance
@@ -117,14 +117,6 @@ def _check_videos(videos: np.ndarray) -> np.ndarray:
     return videos
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 I3D_STYLEGAN_V_URL = "https://www.dropbox.com/s/ge9e5ujwgetktms/i3d_torchscript.pt"
 
 
@@ -165,7 +157,7 @@ class I3DExtractor:
             raise FileNotFoundError(f"I3D TorchScript file {path} does not exist; download i3d_torchscript.pt "
                                     f"({I3D_STYLEGAN_V_URL}) and pass its path")
         if sha256 is not None:
-            actual = _sha256(path)
+            actual = sha256_of(path)
             if actual != sha256.strip().lower():
                 raise ValueError(f"I3D file {path} has sha256 {actual}, expected {sha256.strip().lower()}: "
                                  "re-download it, or fix the expected digest if the file is the one you meant")
