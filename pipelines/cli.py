@@ -74,8 +74,18 @@ def _generate(args: argparse.Namespace) -> int:
         model=args.model, out=args.out, prompt=args.prompt, prompts_file=args.prompts_file,
         negative_prompt=args.negative_prompt, steps=args.steps, cfg=args.cfg, seed=args.seed,
         num_frames=args.num_frames, size=args.size, fps=args.fps, batch=args.batch, gif=args.gif, device=args.device,
-        min_side=args.min_side, overwrite=args.overwrite, tracking_uri=args.tracking_uri, cache_dir=args.cache_dir)
+        min_side=args.min_side, overwrite=args.overwrite, tracking_uri=args.tracking_uri, cache_dir=args.cache_dir,
+        backend=args.backend)
     print(summary_text(run_generate(config)))
+    return 0
+
+
+def _export_onnx(args: argparse.Namespace) -> int:
+    from pipelines.export_onnx import ExportOnnxConfig, run_export_onnx, summary_text
+
+    config = ExportOnnxConfig(model=args.model, out=args.out, opset=args.opset, check_steps=args.check_steps,
+                              tracking_uri=args.tracking_uri, cache_dir=args.cache_dir)
+    print(summary_text(run_export_onnx(config)))
     return 0
 
 
@@ -155,12 +165,27 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--batch", type=int, default=4, help="videos generated together")
     gen.add_argument("--gif", action="store_true", help="also write a GIF beside each MP4")
     gen.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    gen.add_argument("--backend", choices=["torch", "onnxruntime"], default="torch",
+                     help="run the denoiser in PyTorch, or in ONNX Runtime from the folder of `reelforge export-onnx`")
     gen.add_argument("--min-side", type=int, default=0, help="upscale (nearest) so the short side is at least this")
     gen.add_argument("--overwrite", action="store_true", help="replace outputs made with other settings")
     gen.add_argument("--tracking-uri", help="MLflow store for models:/ and runs:/ (default MLFLOW_TRACKING_URI)")
     gen.add_argument("--cache-dir", help="where downloaded models are kept (default $REELFORGE_CACHE or "
                      "~/.cache/reelforge)")
     gen.set_defaults(func=_generate)
+
+    onnx = sub.add_parser("export-onnx", help="the denoiser of an exported model as ONNX, checked under ONNX Runtime")
+    onnx.add_argument("--model", required=True,
+                      help="an exported model folder (the model/ of train or distill), models:/NAME/VERSION or "
+                      "runs:/RUN_ID/model")
+    onnx.add_argument("--out", required=True, help="directory for denoiser.onnx, onnx.json and the text tower")
+    onnx.add_argument("--opset", type=int, default=17, help="ONNX opset (17 or later)")
+    onnx.add_argument("--check-steps", type=int, default=4,
+                      help="DDIM steps of the trajectory compared with PyTorch after the export (0: none)")
+    onnx.add_argument("--tracking-uri", help="MLflow store for models:/ and runs:/ (default MLFLOW_TRACKING_URI)")
+    onnx.add_argument("--cache-dir", help="where downloaded models are kept (default $REELFORGE_CACHE or "
+                      "~/.cache/reelforge)")
+    onnx.set_defaults(func=_export_onnx)
 
     dump = sub.add_parser("make-sample-dump", help="generate synthetic videos with known cuts, motion and captions")
     dump.add_argument("dir")

@@ -48,6 +48,7 @@ class GenerateConfig:
     overwrite: bool = False  # regenerate outputs whose sidecar records other settings instead of refusing
     tracking_uri: str | None = None  # for models:/ and runs:/; None: MLFLOW_TRACKING_URI
     cache_dir: str | None = None  # where downloaded models are kept; None: $REELFORGE_CACHE or ~/.cache/reelforge
+    backend: str = "torch"  # "onnxruntime": the denoiser.onnx in a folder written by `reelforge export-onnx`
 
 
 @dataclass
@@ -226,6 +227,8 @@ def run_generate(config: GenerateConfig) -> dict:
     started = time.perf_counter()
     if config.batch < 1:
         raise ValueError(f"--batch must be at least 1, got {config.batch}")
+    if config.backend not in ("torch", "onnxruntime"):
+        raise ValueError(f"--backend {config.backend!r}: expected torch or onnxruntime")
     size = parse_size(config.size) if config.size is not None else None
     prompts = read_prompts(config)
     jobs = plan_outputs(config, prompts)
@@ -263,11 +266,15 @@ def run_generate(config: GenerateConfig) -> dict:
     device = resolve_device(config.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA GPU is visible here; use --device cpu or auto")
-    sha256 = sha256_of(folder / "model.safetensors")
+    onnx = config.backend == "onnxruntime"
+    if onnx and not (folder / "denoiser.onnx").is_file():
+        raise FileNotFoundError(f"{folder} has no denoiser.onnx: run `reelforge export-onnx --model {config.model} "
+                                "--out DIR` and pass --model DIR with --backend onnxruntime")
+    sha256 = sha256_of(folder / ("denoiser.onnx" if onnx else "model.safetensors"))  # the weights that run
 
     base = {"negative_prompt": config.negative_prompt, "steps": steps, "cfg_scale": cfg, "model": model_id,
             "model_sha256": sha256, "num_frames": num_frames, "width": width, "height": height, "fps": fps,
-            "seconds": num_frames / fps, "min_side": config.min_side}
+            "seconds": num_frames / fps, "min_side": config.min_side, "backend": config.backend}
 
     def request(job: Job) -> dict:
         return {**base, "prompt": job.prompt, "seed": job.seed, "files": [f.name for f in job.files]}
@@ -281,8 +288,9 @@ def run_generate(config: GenerateConfig) -> dict:
     if pending:
         from training.export import load_model
         from training.generate import generate_videos
+        from training.onnx_export import load_onnx_model
 
-        loaded = load_model(folder, str(device))
+        loaded = load_onnx_model(folder, device) if onnx else load_model(folder, str(device))
         if loaded.model.config.in_channels != codec.channels:
             raise ValueError(f"{folder}: the model denoises {loaded.model.config.in_channels} channels but its codec "
                              f"{codec.id!r} has {codec.channels}")
@@ -306,6 +314,7 @@ def run_generate(config: GenerateConfig) -> dict:
     return {"model": model_id, "model_sha256": sha256, "out": config.out, "prompts": len(jobs),
             "generated": generated, "skipped": skipped, "files": written, "steps": steps, "cfg_scale": cfg,
             "num_frames": num_frames, "width": width, "height": height, "fps": fps, "device": str(device),
+            "backend": config.backend,
             "seconds_per_video": generation_seconds / generated if generated else 0.0,
             "wall_seconds": time.perf_counter() - started}
 
