@@ -84,7 +84,7 @@ def _export_onnx(args: argparse.Namespace) -> int:
     from pipelines.export_onnx import ExportOnnxConfig, run_export_onnx, summary_text
 
     config = ExportOnnxConfig(model=args.model, out=args.out, opset=args.opset, check_steps=args.check_steps,
-                              tracking_uri=args.tracking_uri, cache_dir=args.cache_dir)
+                              int8=args.int8, tracking_uri=args.tracking_uri, cache_dir=args.cache_dir)
     print(summary_text(run_export_onnx(config)))
     return 0
 
@@ -182,6 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
     onnx.add_argument("--opset", type=int, default=17, help="ONNX opset (17 or later)")
     onnx.add_argument("--check-steps", type=int, default=4,
                       help="DDIM steps of the trajectory compared with PyTorch after the export (0: none)")
+    onnx.add_argument("--int8", action="store_true",
+                      help="int8 weights (ONNX Runtime dynamic quantisation); its errors are reported, not checked")
     onnx.add_argument("--tracking-uri", help="MLflow store for models:/ and runs:/ (default MLFLOW_TRACKING_URI)")
     onnx.add_argument("--cache-dir", help="where downloaded models are kept (default $REELFORGE_CACHE or "
                       "~/.cache/reelforge)")

@@ -27,6 +27,7 @@ class ExportOnnxConfig:
     opset: int = 17
     check_steps: int = 4  # DDIM steps of the trajectory compared between ONNX Runtime and PyTorch (0: none)
     seed: int = 0
+    int8: bool = False  # write the graph with int8 weights (dynamic quantisation) instead of fp32
     tracking_uri: str | None = None
     cache_dir: str | None = None
 
@@ -62,6 +63,7 @@ def run_export_onnx(config: ExportOnnxConfig) -> dict:
         OnnxDenoiser,
         check_denoiser,
         export_denoiser,
+        quantize_denoiser,
         trained_shapes,
     )
 
@@ -85,8 +87,10 @@ def run_export_onnx(config: ExportOnnxConfig) -> dict:
             recorded = json.loads(done.read_text())
         except ValueError:
             recorded = {}
-        if recorded.get("source_sha256") == source_sha256 and recorded.get("opset") == config.opset:
-            log.info("%s already holds this model's export (opset %d): nothing to do", out, config.opset)
+        weights = "int8" if config.int8 else "fp32"
+        if (recorded.get("source_sha256"), recorded.get("opset"), recorded.get("weights")) == (
+                source_sha256, config.opset, weights):
+            log.info("%s already holds this model's %s export (opset %d): nothing to do", out, weights, config.opset)
             return {**recorded, "skipped": True, "out": str(out)}
 
     loaded = load_model(folder, "cpu")
@@ -116,6 +120,18 @@ def run_export_onnx(config: ExportOnnxConfig) -> dict:
                     or trajectory["frame_max_levels"] > TOLERANCES["frame_max_levels"]):
                 raise ValueError(f"a {config.check_steps}-step DDIM trajectory through ONNX Runtime differs from "
                                  f"PyTorch's ({trajectory}; tolerances {TOLERANCES}): not written to {out}")
+        quantized = None
+        if config.int8:
+            # int8 is not held to the fp32 tolerances: its errors are reported, and whether its videos are good
+            # enough is a question for prompt adherence on held-out prompts (`reelforge evaluate`), not for max abs
+            quantize_denoiser(staging / DENOISER, staging / f"int8-{DENOISER}")
+            os.replace(staging / f"int8-{DENOISER}", staging / DENOISER)
+            quantized = {"evaluation_max_abs": check_denoiser(loaded.model, staging / DENOISER, (1, 3), config.seed,
+                                                              num_train_timesteps)}
+            if config.check_steps:
+                quantized["trajectory"] = _trajectory_error(loaded, OnnxDenoiser(staging / DENOISER), codec, shapes,
+                                                            config.check_steps, config.seed)
+            log.info("int8 weights: %s", quantized)
         (out / DESCRIPTION).unlink(missing_ok=True)  # the old record goes first: a torn export is never "done"
         for path in staging.iterdir():
             os.replace(path, out / path.name)
@@ -134,6 +150,10 @@ def run_export_onnx(config: ExportOnnxConfig) -> dict:
         "onnx_sha256": sha256_of(out / DENOISER),
         "opset": config.opset,
         "exporter": "torch.onnx.export, TorchScript (dynamo=False), fp32, constant folding",
+        "weights": "int8" if config.int8 else "fp32",
+        "quantization": "onnxruntime.quantization.quantize_dynamic, QInt8 weights of MatMul and Gemm (the Conv3d "
+                        "patch embedding stays fp32); the tolerances hold for the fp32 graph it was made from"
+                        if config.int8 else None,
         "versions": {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__},
         "inputs": shapes.input_specs(),
         "outputs": [{"name": "prediction", "dtype": "float32",
@@ -146,7 +166,8 @@ def run_export_onnx(config: ExportOnnxConfig) -> dict:
                      f"video here has {attention} in its largest call, so the graph holds one unsplit attention per "
                      f"call (fine up to a batch of {MAX_ATTENTION_BATCH // attention} videos)",
         "tolerances": TOLERANCES,
-        "measured": {"evaluation_max_abs": evaluation_error, "evaluation_batches": [1, 3], "trajectory": trajectory},
+        "measured": {"evaluation_max_abs": evaluation_error, "evaluation_batches": [1, 3], "trajectory": trajectory,
+                     "int8": quantized},
         "export_seconds": export_seconds,
     }
     partial = out / f".{DESCRIPTION}.partial"
@@ -162,13 +183,16 @@ def summary_text(summary: dict) -> str:
     measured = summary["measured"]
     trajectory = measured.get("trajectory")
     lines = [
-        f"model: {redact_uri(summary['source'])} -> {summary['out']}/denoiser.onnx (opset {summary['opset']})"
+        f"model: {redact_uri(summary['source'])} -> {summary['out']}/denoiser.onnx (opset {summary['opset']}, "
+        f"{summary.get('weights', 'fp32')} weights)"
         + (" (already exported)" if summary.get("skipped") else ""),
         f"inputs: x {x}, t [batch], context {summary['inputs'][2]['shape']}, context_mask; only the batch is dynamic",
         f"checked: onnx.checker passed; one evaluation within {measured['evaluation_max_abs']:.1e} of PyTorch "
         f"(tolerance {summary['tolerances']['evaluation_max_abs']:g})"
         + (f"; a {trajectory['steps']}-step DDIM video within {trajectory['max_abs']:.1e} "
            f"({trajectory['frame_max_levels']} uint8 levels)" if trajectory else ""),
+        *([f"int8 weights: one evaluation within {measured['int8']['evaluation_max_abs']:.1e} of PyTorch "
+           "(reported, not held to a tolerance)"] if measured.get("int8") else []),
         f"use: reelforge generate --backend onnxruntime --model {summary['out']} --prompt \"...\" --out FILE.mp4",
     ]
     return "\n".join(lines)

@@ -107,6 +107,19 @@ def test_generate_with_onnxruntime_matches_the_torch_backend(exported, tmp_path)
     assert sidecar["backend"] == "onnxruntime" and sidecar["steps"] == 3 and sidecar["cfg_scale"] == 3.0
 
 
+def test_int8_export_runs_and_reports_its_error(exported, tmp_path):
+    out = tmp_path / "int8"
+    assert main(["export-onnx", "--model", str(exported["model"]), "--out", str(out), "--int8"]) == 0
+    description = json.loads((out / DESCRIPTION).read_text())
+    assert description["weights"] == "int8"
+    assert (out / DENOISER).stat().st_size < (exported["onnx"] / DENOISER).stat().st_size / 2
+    error = description["measured"]["int8"]["evaluation_max_abs"]
+    assert TOLERANCES["evaluation_max_abs"] < error < 0.1  # quantised: off by more than fp32 rounding, yet close
+    assert main(["generate", "--backend", "onnxruntime", "--model", str(out), "--prompt", PROMPT,
+                 "--out", str(tmp_path / "int8.gif")]) == 0
+    assert _gif(tmp_path / "int8.gif").shape == (FRAMES, SIZE, SIZE, 3)
+
+
 def test_a_rerun_of_export_onnx_skips_a_done_export(exported, capsys):
     assert main(["export-onnx", "--model", str(exported["model"]), "--out", str(exported["onnx"])]) == 0
     assert "already exported" in capsys.readouterr().out

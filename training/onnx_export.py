@@ -125,6 +125,15 @@ def check_denoiser(model: VDiT, path: str | Path, batches: tuple[int, ...] = (1,
     return worst
 
 
+def quantize_denoiser(source: str | Path, target: str | Path) -> None:
+    """int8 weights by ONNX Runtime's dynamic quantisation: the MatMul and Gemm weights (every Linear: attention,
+    MLPs, adaLN) are stored as int8 and activations quantised per call; the Conv3d patch embedding stays fp32 (ORT's
+    ConvInteger is slower than its fp32 convolution on CPU). The metadata OnnxDenoiser reads is kept."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"])
+
+
 class OnnxDenoiser:
     """An ONNX Runtime session over an exported denoiser, called like the VDiT it came from:
     `OnnxDenoiser(path)(x, t, context, context_mask) -> torch.Tensor` on x's device, so the sampling loop runs
