@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from curation.config import DecodeConfig
+from curation.redact import redact_uri
 
 
 class VideoRejected(Exception):
@@ -124,13 +125,14 @@ def work_size(width: int, height: int, short_side: int) -> tuple[int, int]:
 
 @contextlib.contextmanager
 def local_path(uri: str, max_bytes: int) -> Iterator[str]:
-    """A local file path for `uri`: the path itself for local files, a temporary copy for remote ones."""
+    """A local file path for `uri`: the path itself for local files, a temporary copy for remote ones. The URI's
+    query options (endpoint_override, scheme, region) and credentials choose the store, as they did in discovery."""
     import pyarrow.fs as pafs
 
     filesystem, path = pafs.FileSystem.from_uri(uri) if "://" in uri else (pafs.LocalFileSystem(), uri)
     info = filesystem.get_file_info(path)
     if info.type == pafs.FileType.NotFound:
-        raise VideoRejected("not_found", f"{uri} does not exist")
+        raise VideoRejected("not_found", f"{redact_uri(uri)} does not exist")
     if info.size is not None and info.size > max_bytes:
         raise VideoRejected("too_large", f"file is {info.size} bytes, above decode.max_file_bytes={max_bytes}")
     if info.size == 0:
@@ -157,7 +159,7 @@ def _chunks(filesystem, path: str, uri: str) -> Iterator[bytes]:
     except OSError as err:
         if is_run_error(err):
             raise
-        raise VideoRejected("unreadable", f"cannot read {uri}: {err}") from err
+        raise VideoRejected("unreadable", f"cannot read {redact_uri(uri)}: {err}") from err
 
 
 def _rotation_of(first_frame) -> int:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
 from dataclasses import dataclass, field
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -24,10 +26,30 @@ def filesystem_and_path(uri: str) -> tuple[pafs.FileSystem, str]:
 
 
 def join_uri(base: str, path: str) -> str:
-    """The URI of `path` (as listed by base's filesystem) in the same scheme as `base`."""
-    if "://" in base:
-        return f"{base.split('://', 1)[0]}://{path}"
-    return path
+    """The URI of `path` (a path on `base`'s filesystem, as listed under it or derived from its path) that opens on
+    the same filesystem: only the path component changes, so credentials and the query string (endpoint_override,
+    scheme, region) travel with every per-video URI across process boundaries. A local `base` gives the path itself."""
+    if "://" not in base:
+        return path
+    parts = urlsplit(base)
+    prefix = _fs_prefix(base)
+    if not (path + "/").startswith(prefix):
+        raise ValueError(f"{path} is not on the filesystem of {redact_uri(base)}")
+    return urlunsplit(parts._replace(path="/" + quote(path[len(prefix):], safe="/")))
+
+
+@functools.lru_cache(maxsize=256)
+def _fs_prefix(base: str) -> str:
+    """What `base`'s filesystem puts before its URI's path component in its paths: "bucket/" for object stores
+    (the bucket is the URI's host), "/" for file:// and hdfs://."""
+    _, fs_path = filesystem_and_path(base)
+    fs_path = fs_path.rstrip("/")
+    uri_path = unquote(urlsplit(base).path).strip("/")
+    if not uri_path:
+        return fs_path + "/"
+    if not fs_path.endswith(uri_path):
+        raise ValueError(f"cannot relate the paths of {redact_uri(base)} to its filesystem's")
+    return fs_path[: len(fs_path) - len(uri_path)] or "/"
 
 
 @dataclass

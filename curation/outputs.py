@@ -30,6 +30,7 @@ from curation import schema
 from curation.config import CurateConfig
 from curation.discover import filesystem_and_path
 from curation.filters import SCORES, ClipFilter, apply_late_filters, clip_scores, reason_filters
+from curation.redact import redact_uri
 
 STAGING = "_staging"
 MANIFEST = "manifest.json"
@@ -95,6 +96,9 @@ class StagingWriter:
         for i in range(batch.num_rows):
             row = batch.slice(i, 1)
             video_id = row["video_id"][0].as_py()
+            # The record (and the tables and shards made from it) shows the URI as logs do: credentials masked.
+            shown = pa.array([redact_uri(row["uri"][0].as_py())], pa.string())
+            row = row.set_column(row.schema.get_field_index("uri"), "uri", shown)
             sink = pa.BufferOutputStream()
             pq.write_table(row.cast(schema.STAGED), sink, compression="zstd")
             self.out.write_bytes_atomic(posixpath.join(STAGING, f"{video_id}.parquet"), sink.getvalue().to_pybytes())
@@ -326,7 +330,8 @@ def commit_version(out: OutputDir, written: VersionWrite, config_dict: dict, pre
         "config": config_dict,
         "counts": written.counts,
         "run": run or {},
-        "duplicates": {**(previous or {}).get("duplicates", {}), **duplicates},
+        "duplicates": {**(previous or {}).get("duplicates", {}),
+                       **{redact_uri(uri): video_id for uri, video_id in duplicates.items()}},
         # Readers: per video_id, take the row of the newest version listing it (see read_table); shards of every
         # version can be read as they are, since superseded videos were quarantined and have none.
         "versions": versions,
@@ -349,7 +354,7 @@ def read_table(output: str | OutputDir, kind: str, latest_only: bool = True,
     out = output if isinstance(output, OutputDir) else OutputDir(output)
     manifest = read_manifest(out)
     if manifest is None:
-        raise FileNotFoundError(f"{out.uri} has no {MANIFEST}: run `reelforge curate` into it first")
+        raise FileNotFoundError(f"{redact_uri(out.uri)} has no {MANIFEST}: run `reelforge curate` into it first")
     read_columns = None if columns is None else list(dict.fromkeys([*columns, "video_id"]))
     newest: dict[str, int] = {}
     if latest_only:

@@ -11,6 +11,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from curation.redact import redact_uri
 from models.codec import PixelCodec
 from training.config import CurriculumStage
 
@@ -20,17 +21,22 @@ SHARD_COLUMNS = ["clip_id", "caption", "fps", "num_frames", "video_bytes"]
 
 
 def shard_files(data_uri: str) -> list[str]:
-    """Every shard file of every dataset version listed in the curated dataset's manifest.json."""
+    """The URI of every shard file of every dataset version listed in the curated dataset's manifest.json, each
+    with `data_uri`'s credentials and query options (endpoint_override, scheme, region): it opens on the same store."""
+    from curation.discover import join_uri
     from curation.outputs import OutputDir, read_manifest
 
-    manifest = read_manifest(OutputDir(data_uri))
+    out = OutputDir(data_uri)
+    manifest = read_manifest(out)
+    shown = redact_uri(data_uri)
     if manifest is None:
-        raise FileNotFoundError(f"{data_uri} has no manifest.json: point --data at the output of `reelforge curate`")
+        raise FileNotFoundError(f"{shown} has no manifest.json: point --data at the output of `reelforge curate`")
     files = [f["path"] for version in manifest["versions"] for f in version["files"].get("shards", []) if f["rows"]]
     if not files:
-        raise ValueError(f"{data_uri}: the curated dataset has no kept clips, so there is nothing to train on")
-    prefix = data_uri.rstrip("/")
-    return [f"{prefix}/{path}" for path in files]
+        raise ValueError(f"{shown}: the curated dataset has no kept clips, so there is nothing to train on")
+    if "://" not in data_uri:
+        return [f"{data_uri.rstrip('/')}/{path}" for path in files]
+    return [join_uri(data_uri, out.path(path)) for path in files]
 
 
 def sample_indices(num_frames_in_clip: int, src_fps: float, num_frames: int, fps: float) -> list[int] | None:

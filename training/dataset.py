@@ -67,27 +67,29 @@ class ClipTable:
     def open(cls, data_uri: str, cache_bytes: int = 256 * 2**20) -> ClipTable:
         """The kept clips of the curated output `data_uri` (local path or URI) as listed by its manifest."""
         from curation.outputs import OutputDir, read_manifest
+        from curation.redact import redact_uri
 
         listed = shard_files(data_uri)  # the clear errors: no manifest, no kept clips
+        shown = redact_uri(data_uri)
         out = OutputDir(data_uri)
         manifest = read_manifest(out)
         entries = [f for version in manifest["versions"] for f in version["files"].get("shards", []) if f["rows"]]
         assert len(entries) == len(listed), "training.data.shard_files and the manifest disagree"
-        paths = [out.path(f["path"]) for f in entries]
+        paths = [out.path(f["path"]) for f in entries]  # paths on out.fs, which keeps the URI's endpoint and keys
 
         def footer(path: str) -> pq.FileMetaData:
             try:
                 with out.fs.open_input_file(path) as f:
                     return pq.ParquetFile(f).metadata
             except FileNotFoundError:
-                raise FileNotFoundError(f"{data_uri}: shard {path} listed in manifest.json is missing; "
+                raise FileNotFoundError(f"{shown}: shard {path} listed in manifest.json is missing; "
                                         "the curated dataset is incomplete, curate it again") from None
 
         with ThreadPoolExecutor(8) as pool:  # one small read per file, latency-bound on object stores
             metas = list(pool.map(footer, paths))
         for entry, meta in zip(entries, metas, strict=True):
             if meta.num_rows != entry["rows"]:
-                raise ValueError(f"{data_uri}: shard {entry['path']} holds {meta.num_rows} rows but manifest.json "
+                raise ValueError(f"{shown}: shard {entry['path']} holds {meta.num_rows} rows but manifest.json "
                                  f"lists {entry['rows']}; the file was changed after curation, curate again")
         listing = json.dumps([[f["path"], f["rows"], f.get("sha256")] for f in entries]).encode()
         latest = manifest.get("dataset_version", max(v["version"] for v in manifest["versions"]))
