@@ -9,6 +9,7 @@ import pyarrow as pa
 
 from curation import schema
 from curation.decode import is_run_error  # one rule for what is the run's fault, not the video's
+from curation.redact import redact_uri
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,6 @@ def per_video(batch: pa.Table, fill: Callable[[list[dict]], None], error_class: 
 
 
 def _quarantine(video: dict, error_class: str, err: Exception) -> dict:
-    log.warning("%s: %s: %s: %s; the video is quarantined", video.get("uri"), error_class, type(err).__name__, err,
-                exc_info=err)
+    log.warning("%s: %s: %s: %s; the video is quarantined", redact_uri(video.get("uri") or ""), error_class,
+                type(err).__name__, err, exc_info=err)
     return quarantined(video, error_class, f"{type(err).__name__}: {err}")

@@ -31,6 +31,7 @@ from curation.encode import ClipEncoder, jpeg_bytes
 from curation.filters import ClipFilter
 from curation.isolate import ChildCrashed, ChildTimedOut, IsolatedWorker, set_time_limit
 from curation.motion import MotionScorer
+from curation.redact import redact_uri
 from curation.shots import ShotDetector
 
 log = logging.getLogger(__name__)
@@ -256,7 +257,7 @@ class VideoStage:
                        f"{decode.timeout_s:g}s + decode.timeout_per_video_second={decode.timeout_per_video_second:g}"
                        " x the probed duration); the process was killed and the file is quarantined")
             error_class = "decode_timeout"
-        log.warning("%s: %s", uri, message)
+        log.warning("%s: %s", redact_uri(uri), message)
         return _quarantined(video_id, uri, size, error_class, message)
 
     def _process_here(self, video_id: str, uri: str, size: int) -> dict:
@@ -275,10 +276,10 @@ class VideoStage:
             return _quarantined(video_id, uri, size, err.reason, str(err))
         except Exception as err:  # noqa: BLE001 - one bad file must not stop the run; the reason is recorded
             if is_run_error(err):
-                log.error("%s: %s: %s; not quarantined, the task fails and a rerun retries the video", uri,
-                          type(err).__name__, err)
+                log.error("%s: %s: %s; not quarantined, the task fails and a rerun retries the video",
+                          redact_uri(uri), type(err).__name__, err)
                 raise
-            log.exception("unexpected error on %s", uri)
+            log.exception("unexpected error on %s", redact_uri(uri))
             return _quarantined(video_id, uri, size, "internal_error", f"{type(err).__name__}: {err}")
         return row
 

@@ -10,6 +10,7 @@ import threading
 import time
 from pathlib import Path
 
+from curation.discover import join_uri
 from curation.outputs import OutputDir
 from curation.redact import redact_uri, redacted_yaml
 from pipelines import tracking
@@ -71,7 +72,7 @@ def run_train(config: TrainConfig, distill: DistillRound | None = None, step: st
     version = _register(client, run_id, config, register_tags, alias) if finished else None
     tracking.finish_run(uri, run_id, status="FINISHED" if finished else "KILLED")
     summary = {"run_id": run_id, "step": reached, "total_steps": config.total_steps, "tracking_uri": uri,
-               "model": f"{config.output.rstrip('/')}/model", "data_version": table.version,
+               "model": join_uri(config.output, out.path("model")), "data_version": table.version,
                "registered_model": config.tracking.registered_model, "model_version": version,
                "wall_seconds": wall, "checkpoint": result.checkpoint.path if result.checkpoint else None}
     return summary
@@ -148,8 +149,9 @@ def _register(client, run_id: str, config: TrainConfig, extra_tags: dict[str, st
         log.warning("no exported model under %s/model; nothing to register", config.output)
         return None
     if "://" in config.output and not config.output.startswith("file://"):
-        log.warning("the model stays at %s/model (remote outputs are not copied into MLflow)", config.output)
-        source = f"{config.output.rstrip('/')}/model"
+        # the registry keeps the location, never the credentials in it (they come from the environment on load)
+        source = redact_uri(join_uri(config.output, out.path("model")))
+        log.warning("the model stays at %s (remote outputs are not copied into MLflow)", source)
     else:
         client.log_artifacts(run_id, os.path.join(config.output, "model"), "model")
         source = f"{run.info.artifact_uri.rstrip('/')}/model"
