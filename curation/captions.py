@@ -32,6 +32,7 @@ import os
 import posixpath
 import stat
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -39,6 +40,7 @@ import pyarrow.fs as pafs
 from curation.config import CaptionConfig
 from curation.discover import filesystem_and_path, join_uri
 from curation.model_stage import per_video
+from curation.redact import redact_uri
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +90,7 @@ def parse_sidecar(uri: str, data: bytes) -> Sidecar:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as err:
         raise ValueError(f"{uri}: not UTF-8 text ({err})") from err
-    if uri.endswith(".txt"):
+    if posixpath.splitext(urlsplit(uri).path if "://" in uri else uri)[1] == ".txt":  # a URI may end in ?options
         return Sidecar(uri, caption=_text(text))
     try:
         doc = json.loads(text)
@@ -168,7 +170,7 @@ def find_sidecar(video_uri: str, max_bytes: int = CaptionConfig.sidecar_max_byte
     problems = []
     for ext in SIDECAR_EXTENSIONS:
         candidate = stem + ext
-        uri = join_uri(video_uri, candidate)
+        uri = redact_uri(join_uri(video_uri, candidate))  # for messages: the URI may carry credentials
         try:
             data = _read_local(candidate, max_bytes) if local else _read_remote(filesystem, candidate, max_bytes)
             if data is None:

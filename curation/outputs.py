@@ -96,9 +96,11 @@ class StagingWriter:
         for i in range(batch.num_rows):
             row = batch.slice(i, 1)
             video_id = row["video_id"][0].as_py()
-            # The record (and the tables and shards made from it) shows the URI as logs do: credentials masked.
-            shown = pa.array([redact_uri(row["uri"][0].as_py())], pa.string())
-            row = row.set_column(row.schema.get_field_index("uri"), "uri", shown)
+            # The record (and the tables and shards made from it) shows URIs as logs do: credentials masked, in the
+            # uri itself and in any message that quotes one (a sidecar's or a store's error).
+            for column in ("uri", "error_message"):
+                shown = pa.array([redact_uri(row[column][0].as_py())], pa.string())
+                row = row.set_column(row.schema.get_field_index(column), column, shown)
             sink = pa.BufferOutputStream()
             pq.write_table(row.cast(schema.STAGED), sink, compression="zstd")
             self.out.write_bytes_atomic(posixpath.join(STAGING, f"{video_id}.parquet"), sink.getvalue().to_pybytes())

@@ -31,3 +31,19 @@ def test_join_uri_refuses_a_path_of_another_bucket_and_hides_the_secret():
     with pytest.raises(ValueError, match="not on the filesystem") as err:
         join_uri(f"s3://key:hunter2@bkt/dump?{QUERY}", "bkt2/dump/a.mp4")
     assert "hunter2" not in str(err.value)
+
+
+def test_a_sidecar_is_found_and_parsed_through_a_uri_with_options_and_no_secret_is_quoted(tmp_path):
+    # join_uri keeps the query on every derived URI: the sidecar's kind must come from its path, not the URI's end
+    from curation.captions import find_sidecar
+
+    (tmp_path / "a.mp4").write_bytes(b"not decoded here")
+    (tmp_path / "a.txt").write_text("a red circle moving left\n")
+    (tmp_path / "b.mp4").write_bytes(b"not decoded here")
+    (tmp_path / "b.json").write_text("{not json")
+    options = "?access_key=AKIAEXAMPLE&secret_key=s3cr3t-value"
+    sidecar, problems = find_sidecar((tmp_path / "a.mp4").as_uri() + options)
+    assert sidecar is not None and sidecar.caption == "a red circle moving left" and problems == []
+    sidecar, problems = find_sidecar((tmp_path / "b.mp4").as_uri() + options)
+    assert sidecar is None and len(problems) == 1 and "b.json" in problems[0]
+    assert "s3cr3t-value" not in problems[0]
