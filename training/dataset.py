@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from training.config import CurriculumStage, DataConfig
-from training.data import SHARD_COLUMNS, decode_row, shard_files, window_indices
+from training.data import SHARD_COLUMNS, decode_row, shard_entries, window_indices
 
 if TYPE_CHECKING:
     from curation.outputs import OutputDir
@@ -66,15 +66,12 @@ class ClipTable:
     @classmethod
     def open(cls, data_uri: str, cache_bytes: int = 256 * 2**20) -> ClipTable:
         """The kept clips of the curated output `data_uri` (local path or URI) as listed by its manifest."""
-        from curation.outputs import OutputDir, read_manifest
+        from curation.outputs import OutputDir
         from curation.redact import redact_uri
 
-        listed = shard_files(data_uri)  # the clear errors: no manifest, no kept clips
+        manifest, entries = shard_entries(data_uri)  # one manifest read; the clear errors: no manifest, no clips
         shown = redact_uri(data_uri)
         out = OutputDir(data_uri)
-        manifest = read_manifest(out)
-        entries = [f for version in manifest["versions"] for f in version["files"].get("shards", []) if f["rows"]]
-        assert len(entries) == len(listed), "training.data.shard_files and the manifest disagree"
         paths = [out.path(f["path"]) for f in entries]  # paths on out.fs, which keeps the URI's endpoint and keys
 
         def footer(path: str) -> pq.FileMetaData:
