@@ -244,8 +244,8 @@ class ClipScoreConfig:
 
 @dataclass
 class OutputConfig:
-    shard_rows: int = 256  # kept clips per training shard file
-    table_rows: int = 100_000  # rows per file of videos/ and clips/
+    commit_videos: int = 32  # finished videos per commit: kill -9 loses at most this many videos' work
+    lock_timeout_s: float = 600.0  # a run on another host with no heartbeat for this long is taken over
 
 
 @dataclass

@@ -8,7 +8,6 @@ from curation.captions import CaptionStage
 from curation.clip_scores import ClipScoreStage
 from curation.config import CurateConfig
 from curation.discover import DiscoverStage
-from curation.outputs import StagingWriter
 from curation.video_stage import VideoStage
 
 
@@ -53,7 +52,7 @@ def _model_stages(config: CurateConfig) -> list[tuple[type, object]]:
 
 def curate_plan(pending: list[dict], config: CurateConfig) -> ray.data.Dataset:
     """pending videos -> one decode pass each (actors, 1 CPU) -> captions -> CLIP scores (actor pools that load
-    their models once each) -> staged completion records, one per video -> summaries."""
+    their models once each) -> one staged record per video (schema.STAGED), which the driver commits in batches."""
     stages = [(cls, settings, min(settings.concurrency, max(1, len(pending)))) for cls, settings in
               _model_stages(config)]
     # The model actors live as long as the video actors, so their CPUs are not there for decoding.
@@ -66,5 +65,4 @@ def curate_plan(pending: list[dict], config: CurateConfig) -> ray.data.Dataset:
         ds = ds.map_batches(_Actor, fn_constructor_args=(stage_cls, settings), batch_size=settings.videos_per_batch,
                             batch_format="pyarrow", concurrency=actors, num_cpus=settings.num_cpus,
                             num_gpus=settings.num_gpus)
-    return ds.map_batches(_Actor, fn_constructor_args=(StagingWriter, config.output), batch_size=1,
-                          batch_format="pyarrow", concurrency=1, num_cpus=0.1)
+    return ds

@@ -21,7 +21,7 @@ from matplotlib.ticker import MaxNLocator
 from PIL import Image
 
 from curation.filters import SCORES, reason_filters
-from curation.outputs import VersionWrite
+from curation.writer import VersionWrite
 
 UNTRAINED_TITLE = "scores from UNTRAINED weights \u2014 not meaningful"
 DPI = 100

@@ -1,10 +1,12 @@
-"""The curation tables (videos, clips, shards) as versioned Arrow schemas: the contract with training."""
+"""The curation tables (videos, clips, shards) as versioned Arrow schemas: the contract with training.
+
+The tables are Lance datasets (curation/dataset.py); `kept` is null only on rows of a version still being made."""
 
 from __future__ import annotations
 
 import pyarrow as pa
 
-SCHEMA_VERSION = 2  # 2: captions and CLIP scores (caption ... score_model)
+SCHEMA_VERSION = 3  # 2: captions and CLIP scores (caption ... score_model); 3: Lance tables, dataset_version
 
 TRANSITION = pa.struct([("start_frame", pa.int64()), ("end_frame", pa.int64()), ("kind", pa.string())])
 
@@ -26,6 +28,7 @@ VIDEOS = pa.schema([
     ("cut_frames", pa.list_(pa.int64())),
     ("transitions", pa.list_(TRANSITION)),
     ("motion_mean", pa.float64()),
+    ("dataset_version", pa.int64()),  # the dataset version that added (or last reprocessed) the video
 ])
 
 CLIP_FIELDS = [
@@ -49,6 +52,7 @@ CLIP_FIELDS = [
     ("caption_match", pa.float64()),  # cosine(CLIP text embedding of caption, clip_embedding); null: not scored
     ("clip_embedding", pa.list_(pa.float32())),  # mean of the L2-normalised keyframe embeddings, renormalised
     ("score_model", pa.string()),  # where the scores came from, e.g. "open_clip:tiny (untrained); aesthetic:..."
+    ("dataset_version", pa.int64()),  # the dataset version that added the clip
 ]
 CLIPS = pa.schema(CLIP_FIELDS)
 

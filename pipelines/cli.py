@@ -17,9 +17,10 @@ def _curate(args: argparse.Namespace) -> int:
 
     base = {k: v for k, v in (("input", args.input), ("output", args.output)) if v}
     config = load_config(CurateConfig, args.config, args.set, base=base)
-    manifest = run_curate(config, retry_quarantined=args.retry_quarantined)
-    print(summary_text(manifest))
-    print(f"outputs: {redact_uri(config.output)} (manifest.json lists every file)")
+    record = run_curate(config, retry_quarantined=args.retry_quarantined)
+    print(summary_text(record))
+    print(f"outputs: {redact_uri(config.output)} (Lance datasets videos.lance, clips.lance, shards.lance; "
+          f"version {record['dataset_version']} is tag v{record['dataset_version']:04d})")
     return 0
 
 

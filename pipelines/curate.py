@@ -3,38 +3,35 @@ write its report, and record it all as one MLflow run."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import posixpath
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
+from curation import schema
 from curation.config import CurateConfig
+from curation.dataset import CuratedDataset, version_tag
 from curation.discover import list_videos
 from curation.filters import ClipFilter
-from curation.outputs import (
-    REPORTS,
-    STAGING,
-    OutputDir,
-    VersionWrite,
-    commit_version,
-    latest_status,
-    read_manifest,
-    version_video_ids,
-    write_version,
-)
+from curation.lock import CurateLock
+from curation.outputs import OutputDir
 from curation.redact import redact_config, redact_uri, redacted_yaml
+from curation.writer import BatchCommitter, VersionWrite, create_tables, finish_filters, tag_version, video_status
 from pipelines.cluster import init_ray
 from pipelines.config import flatten
 from pipelines.tracking import client_for, finish_run, log_params, open_run, tracking_uri
 
 log = logging.getLogger("reelforge.curate")
 
-# The MLflow run of the version being built: a run interrupted before its manifest is resumed by the next invocation
-# (same staged videos, same version number); once the manifest names the run, the next invocation starts a new one.
-RUN_ID_FILE = f"{STAGING}/mlflow_run_id"
+REPORTS = "reports"
+# The videos table's config keeps the MLflow run of the version being made: a run interrupted before its tag is
+# resumed by the next invocation (same version number); the tag's record names it once the version exists.
+RUN_KEY = "reelforge.mlflow_run.{tag}"
 
 
 def curate_tracking_uri(config: CurateConfig, out: OutputDir) -> str | None:
@@ -51,18 +48,18 @@ def curate_tracking_uri(config: CurateConfig, out: OutputDir) -> str | None:
     return tracking_uri(None, default)
 
 
-def _start_run(uri: str, config: CurateConfig, out: OutputDir, manifest: dict | None, version: int) -> str:
-    """Reopen the MLflow run of an interrupted invocation (its id kept in the output's staging folder, which may be
-    remote), else open a new one."""
-    previous = out.read_text(RUN_ID_FILE).strip() if out.exists(RUN_ID_FILE) else None
-    committed = {v.get("run", {}).get("mlflow_run_id") for v in (manifest or {}).get("versions", [])}
-    resumable = previous if previous and previous not in committed else None
-    run_id = open_run(uri, config.tracking.experiment, resumable, run_name=f"curate-v{version:04d}",
-                      tags={"reelforge.step": "curate", "reelforge.output": config.output},
+def _start_run(uri: str, config: CurateConfig, dataset: CuratedDataset, version: int) -> str:
+    """Reopen the MLflow run of an interrupted invocation of this version (kept in the videos table's config, which
+    may be remote), else open a new one."""
+    key = RUN_KEY.format(tag=version_tag(version))
+    previous = dataset.open("videos").config().get(key)
+    run_id = open_run(uri, config.tracking.experiment, previous, run_name=f"curate-v{version:04d}",
+                      tags={"reelforge.step": "curate", "reelforge.output": redact_uri(config.output)},
                       parent_run_id=config.tracking.parent_run_id)
     if run_id == previous:
         log.info("resuming MLflow run %s of the interrupted run", run_id)
-    out.write_bytes_atomic(RUN_ID_FILE, run_id.encode())
+    else:
+        dataset.open("videos").update_config({key: run_id})
     return run_id
 
 
@@ -160,8 +157,126 @@ def _write_report(out: OutputDir, written: VersionWrite, config: CurateConfig, d
     return paths
 
 
+@dataclass
+class RunPlan:
+    """What one invocation does: the version it makes (new, or an interrupted one it finishes) and its videos."""
+
+    version: int
+    pending: list[dict]  # discovered videos to process: not committed yet, or quarantined and retried
+    duplicates: dict[str, str]  # uri -> video_id of a file whose content another listed file already has
+    unfinished: bool  # the version already has committed rows from an interrupted run
+
+
+def _discover(config: CurateConfig) -> tuple[dict[str, dict], dict[str, str]]:
+    """video_id -> the first file (by URI) holding that content, and the duplicates."""
+    from curation.plan import discover_ids
+
+    files = list_videos(config.input, config.discover)
+    log.info("found %d video files under %s", len(files), redact_uri(config.input))
+    by_id: dict[str, dict] = {}
+    duplicates: dict[str, str] = {}
+    for row in sorted(discover_ids(files, config), key=lambda r: r["uri"]):
+        if row["video_id"] in by_id:
+            duplicates[row["uri"]] = row["video_id"]
+        else:
+            by_id[row["video_id"]] = row
+    return by_id, duplicates
+
+
+def _plan_run(config: CurateConfig, dataset: CuratedDataset, retry_quarantined: bool) -> RunPlan:
+    latest = dataset.latest() or 0
+    version = latest + 1
+    status = video_status(dataset)
+    by_id, duplicates = _discover(config)
+    unfinished = any(n == version for _, n in status.values())
+    retry = {v for v, (s, n) in status.items() if s == "quarantined" and n <= latest} if retry_quarantined else set()
+    pending = [row for vid, row in sorted(by_id.items()) if vid not in status or vid in retry]
+    log.info("%d new videos to process (%d already committed, %d of them by an interrupted run, %d duplicates, "
+             "%d quarantined retried)", len(pending), len(set(status) & set(by_id)),
+             sum(n == version for _, n in status.values()), len(duplicates),
+             len(retry & {r["video_id"] for r in pending}))
+    return RunPlan(version, pending, duplicates, unfinished)
+
+
+def _process(plan: RunPlan, config: CurateConfig, dataset: CuratedDataset, lock: CurateLock) -> dict:
+    """Run the Ray Data plan over the pending videos, committing finished ones in batches."""
+    from curation.plan import curate_plan
+
+    committer = BatchCommitter(dataset, plan.version, config.output_files.commit_videos)
+    seconds, done, last_log = 0.0, 0, time.monotonic()
+    if plan.pending:
+        for batch in curate_plan(plan.pending, config).iter_batches(batch_size=1, batch_format="pyarrow"):
+            lock.check()
+            for record in batch.to_pylist():
+                committer.add(record)
+                seconds += record.get("duration_s") or 0.0
+                done += 1
+            if time.monotonic() - last_log > 30 or done == len(plan.pending):
+                log.info("processed %d/%d videos (%.0f s of video), %d committed", done, len(plan.pending),
+                         seconds, committer.committed)
+                last_log = time.monotonic()
+        lock.check()
+        committer.flush()
+    return {"videos_processed": done, "video_seconds_processed": seconds}
+
+
+def _retried(dataset: CuratedDataset, version: int) -> list[str]:
+    """Videos of `version` that an earlier version holds (quarantined then, retried now)."""
+    if version == 1:
+        return []
+    ids = dataset.open("videos").to_table(columns=["video_id"], filter=f"dataset_version = {version}")
+    before = set(dataset.read("videos", version - 1, columns=["video_id"])["video_id"].to_pylist())
+    return sorted(set(ids["video_id"].to_pylist()) & before)
+
+
+def _record(config: CurateConfig, dataset: CuratedDataset, written: VersionWrite, run: dict, report: list[str],
+            duplicates: dict[str, str]) -> dict:
+    """The version's record, kept in its tags' metadata: what the manifest of reelforge 0.1 held per version."""
+    config_yaml = redacted_yaml(config)
+    previous = dataset.record(written.version - 1).get("duplicates", {}) if written.version > 1 else {}
+    return {
+        "schema_version": schema.SCHEMA_VERSION,
+        "dataset_version": written.version,
+        "config": redact_config(config),
+        "config_sha256": hashlib.sha256(config_yaml.encode()).hexdigest(),
+        "config_file": f"config-{version_tag(written.version)}.yaml",
+        "counts": written.counts,
+        "filters": written.bounds,
+        "scores_untrained": written.untrained,
+        "warnings": written.warnings,
+        "retried": written.retried,
+        "run": run,
+        "report": report,
+        "duplicates": {**previous, **{redact_uri(uri): video_id for uri, video_id in duplicates.items()}},
+    }
+
+
+def _finish(config: CurateConfig, dataset: CuratedDataset, plan: RunPlan, run: dict, run_id: str | None,
+            uri: str | None, retry_quarantined: bool) -> dict:
+    """Filters, report, MLflow, tags: the version exists for readers once this returns."""
+    written = finish_filters(dataset, config, plan.version, _retried(dataset, plan.version))
+    for warning in written.warnings:
+        log.warning("!!! %s", warning)
+    out = OutputDir(config.output)
+    out.write_bytes_atomic(f"config-{version_tag(plan.version)}.yaml", redacted_yaml(config).encode())
+    with tempfile.TemporaryDirectory() as tmp:
+        report_dir: Path | None = Path(tmp)
+        try:
+            report = _write_report(out, written, config, report_dir)
+        except Exception:  # noqa: BLE001 - the dataset matters more than its report: record and go on
+            log.exception("the run report could not be written; the dataset version is written without it")
+            report, report_dir = [], None
+            written.warnings.append("the run report could not be written (see the log)")
+        if run_id:
+            log_version_to_mlflow(uri, run_id, config, written, run, report_dir, retry_quarantined)
+    record = tag_version(dataset, plan.version, _record(config, dataset, written, run, report, plan.duplicates))
+    dataset.open("videos").delete_config_keys([RUN_KEY.format(tag=version_tag(plan.version))])
+    return record
+
+
 def run_curate(config: CurateConfig, retry_quarantined: bool = False) -> dict:
-    """Curate `config.input` into `config.output`; returns the manifest. Safe to rerun after any interruption.
+    """Curate `config.input` into `config.output`; returns the new version's record. Safe to rerun after any
+    interruption: an interrupted version is finished by the next run, with the videos it had not committed.
 
     Only videos not seen before (by video_id) are processed, plus, with `retry_quarantined`, those whose latest row
     is quarantined; they become the next dataset version."""
@@ -170,90 +285,47 @@ def run_curate(config: CurateConfig, retry_quarantined: bool = False) -> dict:
     ClipFilter(config.filters)  # a bad filter setting fails before any work
     check_weights(config)
     started = time.perf_counter()
-    out = OutputDir(config.output)
-    out.makedirs(STAGING)
-    manifest = read_manifest(out)
-    known = latest_status(out, manifest)
-    init_ray(config)
-    from curation.plan import curate_plan, discover_ids
-
-    files = list_videos(config.input, config.discover)
-    log.info("found %d video files under %s", len(files), redact_uri(config.input))
-    listed = discover_ids(files, config)
-    by_id: dict[str, dict] = {}
-    duplicates: dict[str, str] = {}
-    for row in sorted(listed, key=lambda r: r["uri"]):
-        if row["video_id"] in by_id:
-            duplicates[row["uri"]] = row["video_id"]
-        else:
-            by_id[row["video_id"]] = row
-    staged = {name.removesuffix(".parquet") for name in out.list(STAGING, ".parquet")}
-    # Records finalized by a run that stopped before cleaning up: in the newest version, or finalized ok anywhere.
-    # (A quarantined video re-staged by an interrupted --retry-quarantined run is kept: it is the new outcome.)
-    finalized = set(version_video_ids(out, manifest["versions"][-1])) if manifest else set()
-    finalized |= {v for v, status in known.items() if status == "ok"}
-    for video_id in staged & finalized:
-        out.delete(f"{STAGING}/{video_id}.parquet")
-    staged -= finalized
-    retry = {v for v, status in known.items() if status == "quarantined"} if retry_quarantined else set()
-    pending = [r for vid, r in sorted(by_id.items()) if (vid not in known or vid in retry) and vid not in staged]
-    log.info("%d new videos to process (%d already finalized, %d staged by an interrupted run, %d duplicates, "
-             "%d quarantined retried)", len(pending), len(set(known) & set(by_id)), len(staged), len(duplicates),
-             len(retry & {r["video_id"] for r in pending}))
-    if not pending and not staged and manifest is not None:
-        log.info("nothing new: dataset version %d is up to date", manifest["dataset_version"])
-        return {**manifest, "run": {"nothing_new": True}}
-    version = (manifest["dataset_version"] + 1) if manifest else 1
-    uri = curate_tracking_uri(config, out)
-    run_id = _start_run(uri, config, out, manifest, version) if uri else None
-    try:
-        processed_seconds, processed = 0.0, 0
-        if pending:
-            for batch in curate_plan(pending, config).iter_batches(batch_size=1, batch_format="pandas"):
-                processed_seconds += float(batch["seconds"].sum())
-                processed += len(batch)
-        wall = time.perf_counter() - started
-        written = write_version(out, config, redacted_yaml(config), version, known)
-        for warning in written.warnings:
-            log.warning("!!! %s", warning)
-        run = {"wall_seconds": wall, "videos_processed": processed, "video_seconds_processed": processed_seconds,
-               "video_seconds_per_wall_second": processed_seconds / wall if wall > 0 else 0.0,
-               "retry_quarantined": retry_quarantined}
-        if run_id:
-            run.update(mlflow_run_id=run_id, tracking_uri=_public_uri(uri), experiment=config.tracking.experiment)
-        with tempfile.TemporaryDirectory() as tmp:
-            report_dir: Path | None = Path(tmp)
-            try:
-                report = _write_report(out, written, config, report_dir)
-            except Exception:  # noqa: BLE001 - the dataset matters more than its report: record and go on
-                log.exception("the run report could not be written; the dataset version is written without it")
-                report, report_dir = [], None
-                written.warnings.append("the run report could not be written (see the log)")
+    dataset = CuratedDataset(config.output)
+    create_tables(dataset)
+    with CurateLock(dataset, config.output_files.lock_timeout_s) as lock:
+        init_ray(config)
+        plan = _plan_run(config, dataset, retry_quarantined)
+        latest = dataset.latest()
+        if not plan.pending and not plan.unfinished and latest is not None:
+            log.info("nothing new: dataset version %d is up to date", latest)
+            return {**dataset.record(latest), "run": {"nothing_new": True}}
+        uri = curate_tracking_uri(config, OutputDir(config.output))
+        run_id = _start_run(uri, config, dataset, plan.version) if uri else None
+        try:
+            run = _process(plan, config, dataset, lock)
+            wall = time.perf_counter() - started
+            run.update(wall_seconds=wall, retry_quarantined=retry_quarantined,
+                       video_seconds_per_wall_second=run["video_seconds_processed"] / wall if wall > 0 else 0.0)
             if run_id:
-                log_version_to_mlflow(uri, run_id, config, written, run, report_dir, retry_quarantined)
-        new_manifest = commit_version(out, written, redact_config(config), manifest, duplicates, run, report)
-        if run_id:
-            out.delete(RUN_ID_FILE)
-            finish_run(uri, run_id)
-    except BaseException as err:
-        if run_id:
-            try:
-                finish_run(uri, run_id, "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
-            except Exception:  # noqa: BLE001 - the original error is the one to show
-                log.warning("could not mark MLflow run %s as failed", run_id)
-        raise
-    return new_manifest
+                run.update(mlflow_run_id=run_id, tracking_uri=_public_uri(uri), experiment=config.tracking.experiment)
+            record = _finish(config, dataset, plan, run, run_id, uri, retry_quarantined)
+            if run_id:
+                finish_run(uri, run_id)
+        except BaseException as err:
+            if run_id:
+                try:
+                    finish_run(uri, run_id, "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
+                except Exception:  # noqa: BLE001 - the original error is the one to show
+                    log.warning("could not mark MLflow run %s as failed", run_id)
+            raise
+    return record
 
 
-def summary_text(manifest: dict) -> str:
-    counts = manifest["versions"][-1]["counts"]
-    run = manifest.get("run", {})
+def summary_text(record: dict) -> str:
+    """A finished version's record (or a no-op run's) as the lines `reelforge curate` prints."""
+    counts = record["counts"]
+    run = record.get("run", {})
     if run.get("nothing_new"):
-        return f"nothing new: dataset version {manifest['dataset_version']} is up to date"
+        return f"nothing new: dataset version {record['dataset_version']} is up to date"
     quarantined = ", ".join(f"{k}: {v}" for k, v in sorted(counts["quarantined"].items())) or "none"
     drops = ", ".join(f"{k}: {v}" for k, v in sorted(counts["drop_reasons"].items())) or "none"
     lines = [
-        f"dataset version {manifest['dataset_version']}",
+        f"dataset version {record['dataset_version']}",
         f"videos read: {counts['videos']} ({counts['videos_ok']} ok, {counts.get('superseded', 0)} retried)",
         f"videos quarantined: {sum(counts['quarantined'].values())} ({quarantined})",
         f"clips found: {counts['clips']}",
@@ -262,10 +334,10 @@ def summary_text(manifest: dict) -> str:
     if "video_seconds_per_wall_second" in run:
         lines.append(f"video-seconds per wall-second: {run['video_seconds_per_wall_second']:.2f} "
                      f"({run['video_seconds_processed']:.1f} s of video in {run['wall_seconds']:.1f} s)")
-    for warning in manifest["versions"][-1].get("warnings", []):
+    for warning in record.get("warnings", []):
         lines.append(f"WARNING: {warning}")
     if run.get("mlflow_run_id"):
         lines.append(f"MLflow run {run['mlflow_run_id']} (experiment {run['experiment']}, {run['tracking_uri']})")
-    if manifest["versions"][-1].get("report"):
-        lines.append(f"report: {posixpath.dirname(manifest['versions'][-1]['report'][0])}/")
+    if record.get("report"):
+        lines.append(f"report: {posixpath.dirname(record['report'][0])}/")
     return "\n".join(lines)

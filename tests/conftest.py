@@ -62,7 +62,7 @@ def curated_sample(sample_dump, ray_cluster, tmp_path_factory):
 
     root, _ = sample_dump
     out = tmp_path_factory.mktemp("curated")
-    config = load_config(CurateConfig, None, ["output_files.shard_rows=4"], base={"input": str(root),
+    config = load_config(CurateConfig, None, ["output_files.commit_videos=4"], base={"input": str(root),
                                                                                   "output": str(out)})
     run_curate(config)
     return out
