@@ -1,15 +1,15 @@
-"""Clip filters on hand-built clips with known scores: absolute and percentile bounds, reasons, finalize, no Ray."""
+"""Clip filters on hand-built clips with known scores: absolute and percentile bounds, reasons, and finishing a
+dataset version (batch commits, run-wide verdicts, tags) on a temporary Lance dataset, no Ray."""
 
 import logging
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
 from curation import schema
 from curation.config import CurateConfig, FilterConfig, ScoreFilter
+from curation.dataset import CuratedDataset, DatasetError
 from curation.filters import ClipFilter, apply_late_filters, merge_reasons, reason_filters
-from curation.outputs import STAGING, OutputDir, commit_version, read_clips, shard_paths, write_version
+from curation.writer import FILTERS_KEY, BatchCommitter, create_tables, finish_filters, tag_version, video_status
 
 TRAINED, UNTRAINED = "open_clip:ViT-L-14 laion2b", "open_clip:tiny (untrained)"
 
@@ -102,17 +102,12 @@ def test_merge_reasons_lists_each_filter_once_in_a_fixed_order():
     assert merge_reasons(None, []) is None
 
 
-# --- finalize: write_version + commit_version on hand-built staging records -------------------------------------
-
-# The model-stage columns, added by hand until (or in case) schema.CLIP_FIELDS has them.
-_EXTRA = [("aesthetic", pa.float64()), ("caption_match", pa.float64()), ("score_model", pa.string())]
-_CLIP = pa.struct(list(schema.CLIP_FIELDS) + [f for f in _EXTRA if f[0] not in dict(schema.CLIP_FIELDS)]
-                  + [("video_bytes", pa.binary()), ("width", pa.int64()), ("height", pa.int64())])
-_STAGED = pa.schema(list(schema.VIDEOS) + [("clips", pa.list_(_CLIP))])
+# --- finishing a version: BatchCommitter + finish_filters + tag_version on hand-built staged records -------------
 
 
-def _stage(out: OutputDir, video_id: str, aesthetics: list[float], score_model: str = TRAINED,
-           status: str = "ok", early: dict[int, str] | None = None) -> None:
+def _staged(video_id: str, aesthetics: list[float], score_model: str = TRAINED, status: str = "ok",
+            early: dict[int, str] | None = None) -> dict:
+    """One video's record as the Ray Data plan hands it to the driver (schema.STAGED): its videos row and clips."""
     row = {name: None for name in schema.VIDEOS.names}
     row.update(video_id=video_id, uri=f"/dump/{video_id}.mp4", size_bytes=1, status=status, fps=24.0, width=192,
                height=144, duration_s=3.0 * len(aesthetics), cut_frames=[], transitions=[])
@@ -130,69 +125,126 @@ def _stage(out: OutputDir, video_id: str, aesthetics: list[float], score_model: 
             "video_bytes": None if reason else f"mp4 {video_id} {i}".encode(), "width": 192, "height": 144,
         })
     row["clips"] = clips
-    out.makedirs(STAGING)
-    pq.write_table(pa.Table.from_pylist([row], schema=_STAGED), out.path(STAGING, f"{video_id}.parquet"))
+    return row
 
 
 def _config(**aesthetic) -> CurateConfig:
     config = CurateConfig()
     config.filters.aesthetic = ScoreFilter(**aesthetic)
     config.filters.caption_match = ScoreFilter()
-    config.output_files.shard_rows = 3
+    config.output_files.commit_videos = 2
     return config
 
 
-def test_finalize_writes_only_clips_kept_after_all_filters_into_shards(tmp_path):
-    out = OutputDir(str(tmp_path))
-    _stage(out, "a", [1.0, 2.0, 3.0, 4.0, 5.0], early={0: "duration(1.5<2)"})
-    _stage(out, "b", [6.0, 7.0, 8.0, 9.0, 10.0])
-    _stage(out, "c", [], status="quarantined")
-    written = write_version(out, _config(min_percentile=30), "yaml", 1, known={})
+def _commit(dataset: CuratedDataset, version: int, config: CurateConfig, *records: dict) -> None:
+    committer = BatchCommitter(dataset, version, config.output_files.commit_videos)
+    for record in records:
+        committer.add(record)
+    committer.flush()
+
+
+def _rows(dataset: CuratedDataset, kind: str, version: int | None = None) -> dict[str, dict]:
+    key = "video_id" if kind == "videos" else "clip_id"
+    return {r[key]: r for r in dataset.read(kind, version).to_pylist()}
+
+
+def test_finishing_a_version_shards_only_clips_kept_after_all_filters(tmp_path):
+    dataset = CuratedDataset(str(tmp_path))
+    create_tables(dataset)
+    config = _config(min_percentile=30)
+    _commit(dataset, 1, config, _staged("a", [1.0, 2.0, 3.0, 4.0, 5.0], early={0: "duration(1.5<2)"}),
+            _staged("b", [6.0, 7.0, 8.0, 9.0, 10.0]), _staged("c", [], status="quarantined"))
+    written = finish_filters(dataset, config, 1, retried=[])
     # Candidates are the 9 clips not dropped early (2..10): p30 = 4.4 drops 2, 3, 4; clip a-0 keeps its early reason
     # and also fails the percentile.
     assert written.counts["clips"] == 10 and written.counts["clips_kept"] == 6 and written.counts["clips_dropped"] == 4
     assert written.counts["drop_reasons"] == {"duration": 1, "aesthetic": 4}
     assert written.counts["quarantined"] == {"decode_error": 1}
-    manifest = commit_version(out, written, {}, None, {}, run={"mlflow_run_id": "abc"})
-    clips = {r["clip_id"]: r for r in read_clips(str(tmp_path)).to_pylist()}
+    assert {b["label"] for b in written.bounds if b["score"] == "aesthetic"} == {"p30=4.4"}
+    # Committed and filtered, but not a version yet: readers see nothing until the tag.
+    assert dataset.latest() is None
+    with pytest.raises(DatasetError, match="no finished dataset version"):
+        dataset.read("shards")
+    record = tag_version(dataset, 1, {"dataset_version": 1, "counts": written.counts, "filters": written.bounds,
+                                      "run": {"mlflow_run_id": "abc"}})
+    assert dataset.latest() == 1 and dataset.record(1) == record
+    assert record["run"]["mlflow_run_id"] == "abc" and set(record["lance_versions"]) == {"videos", "clips", "shards"}
+    assert {b["label"] for b in dataset.record()["filters"] if b["score"] == "aesthetic"} == {"p30=4.4"}
+    clips = _rows(dataset, "clips")
+    assert len(clips) == 10 and all(c["kept"] is not None and c["dataset_version"] == 1 for c in clips.values())
     assert clips["a-0000000"]["drop_reason"] == "duration(1.5<2); aesthetic(1<p30=4.4)"
     assert clips["a-0000072"]["drop_reason"] == "aesthetic(2<p30=4.4)" and not clips["a-0000072"]["kept"]
     assert clips["a-0000288"]["kept"] and clips["a-0000288"]["drop_reason"] is None
-    shards = [r for p in shard_paths(str(tmp_path)) for r in pq.read_table(tmp_path / p).to_pylist()]
-    assert sorted(r["clip_id"] for r in shards) == sorted(i for i, c in clips.items() if c["kept"])
-    assert all(r["video_bytes"] for r in shards) and len(shard_paths(str(tmp_path))) == 2  # 6 rows, 3 per file
-    assert manifest["versions"][0]["run"]["mlflow_run_id"] == "abc"
-    assert {b["label"] for b in manifest["versions"][0]["filters"] if b["score"] == "aesthetic"} == {"p30=4.4"}
-    assert not list((tmp_path / STAGING).glob("*.parquet"))
+    shards = _rows(dataset, "shards")
+    assert sorted(shards) == sorted(i for i, c in clips.items() if c["kept"])
+    assert all(r["video_bytes"] and r["kept"] for r in shards.values())
+    assert shards["b-0000000"]["uri"] == "/dump/b.mp4" and shards["b-0000000"]["fps"] == 24.0
+    assert sorted(_rows(dataset, "videos")) == ["a", "b", "c"]
+    # The run-wide bounds kept while the version was unfinished are gone with it.
+    assert FILTERS_KEY.format(tag="v0001") not in dataset.open("clips").config()
 
 
-def test_finalize_skips_untrained_learned_filters_and_says_so(tmp_path, caplog):
-    out = OutputDir(str(tmp_path))
-    _stage(out, "a", [1.0, 2.0, 3.0, 4.0], score_model=UNTRAINED)
+def test_a_killed_run_keeps_its_committed_batches_and_finishing_again_keeps_the_verdicts(tmp_path):
+    """Videos are committed every `commit_videos` (a kill loses only the batch in flight); steps 1 and 2 repeated
+    (a run killed after the verdicts, before the tag) give the same version."""
+    dataset = CuratedDataset(str(tmp_path))
+    create_tables(dataset)
+    config = _config(min_percentile=30)
+    committer = BatchCommitter(dataset, 1, config.output_files.commit_videos)
+    committer.add(_staged("a", [1.0, 2.0, 3.0, 4.0, 5.0]))
+    assert video_status(dataset) == {}
+    committer.add(_staged("b", [6.0, 7.0, 8.0, 9.0, 10.0]))
+    committer.add(_staged("c", [11.0]))  # in flight when the run is killed: never flushed
+    assert video_status(dataset) == {"a": ("ok", 1), "b": ("ok", 1)} and committer.committed == 2
+    assert dataset.latest() is None
+    first = finish_filters(dataset, config, 1, retried=[])
+    again = finish_filters(dataset, config, 1, retried=[])
+    assert again.counts == first.counts and again.bounds == first.bounds
+    tag_version(dataset, 1, {"dataset_version": 1})
+    tag_version(dataset, 1, {"dataset_version": 1})  # repeating the tag step moves the tag, it does not fail
+    assert [v.number for v in dataset.versions()] == [1]
+    assert len(dataset.read("shards")) == first.counts["clips_kept"] == 7
+
+
+def test_finish_skips_untrained_learned_filters_and_says_so(tmp_path, caplog):
+    dataset = CuratedDataset(str(tmp_path))
+    create_tables(dataset)
+    config = _config(min_percentile=50)
+    _commit(dataset, 1, config, _staged("a", [1.0, 2.0, 3.0, 4.0], score_model=UNTRAINED))
     with caplog.at_level(logging.WARNING):
-        written = write_version(out, _config(min_percentile=50), "yaml", 1, known={})
+        written = finish_filters(dataset, config, 1, retried=[])
     assert written.untrained and written.counts["clips_kept"] == 4
     assert "untrained" in written.warnings[0]
 
 
-def test_a_retried_video_supersedes_its_quarantined_row_and_latest_only_reads_it(tmp_path):
-    out = OutputDir(str(tmp_path))
-    _stage(out, "a", [5.0, 6.0])
-    _stage(out, "q", [], status="quarantined")
-    v1 = commit_version(out, write_version(out, _config(), "yaml", 1, known={}), {}, None, {})
-    _stage(out, "q", [7.0, 8.0, 9.0])  # the retry now decodes
-    v2 = commit_version(out, write_version(out, _config(), "yaml", 2, known={"a": "ok", "q": "quarantined"}),
-                        {}, v1, {})
-    assert v2["versions"][1]["superseded"] == ["q"] and v2["counts"]["superseded"] == 1
-    from curation.outputs import read_table
+def test_a_retried_video_replaces_its_quarantined_row_and_the_old_version_still_shows_it(tmp_path):
+    dataset = CuratedDataset(str(tmp_path))
+    create_tables(dataset)
+    config = _config()
+    _commit(dataset, 1, config, _staged("a", [5.0, 6.0]), _staged("q", [], status="quarantined"))
+    tag_version(dataset, 1, {"dataset_version": 1, "counts": finish_filters(dataset, config, 1, []).counts})
+    _commit(dataset, 2, config, _staged("q", [7.0, 8.0, 9.0]))  # the retry now decodes
+    written = finish_filters(dataset, config, 2, retried=["q"])
+    assert written.retried == ["q"] and written.counts["superseded"] == 1
+    assert written.counts["videos"] == 1 and written.counts["clips_kept"] == 3  # the version holds what it processed
+    tag_version(dataset, 2, {"dataset_version": 2, "counts": written.counts, "retried": written.retried})
+    assert dataset.record(2)["retried"] == ["q"] and dataset.record(1)["counts"]["videos"] == 2
 
-    videos = read_table(str(tmp_path), "videos").to_pylist()
-    assert sorted((v["video_id"], v["status"]) for v in videos) == [("a", "ok"), ("q", "ok")]
-    assert len(read_table(str(tmp_path), "videos", latest_only=False)) == 3
-    assert len(read_clips(str(tmp_path), kept_only=True)) == 5
-    shards = [r for p in shard_paths(str(tmp_path)) for r in pq.read_table(tmp_path / p).to_pylist()]
-    assert len(shards) == len({r["clip_id"] for r in shards}) == 5
-    # A video that already has clips can never be finalized twice.
-    _stage(out, "a", [5.0, 6.0])
-    with pytest.raises(RuntimeError, match="already finalized"):
-        write_version(out, _config(), "yaml", 3, known={"a": "ok", "q": "ok"})
+    videos = _rows(dataset, "videos")
+    assert sorted((v, r["status"], r["dataset_version"]) for v, r in videos.items()) == [("a", "ok", 1),
+                                                                                        ("q", "ok", 2)]
+    old = _rows(dataset, "videos", version=1)
+    assert sorted((v, r["status"], r["error_class"]) for v, r in old.items()) == [
+        ("a", "ok", None), ("q", "quarantined", "decode_error")]
+    assert len(dataset.read("clips", filter="kept")) == 5
+    shards = dataset.read("shards", columns=["clip_id"])["clip_id"].to_pylist()
+    assert len(shards) == len(set(shards)) == 5
+    assert len(dataset.read("shards", version=1)) == 2  # version 1 is read as it was
+    # A video committed again (a rerun that processed it once more) replaces its rows: each kept clip is still in
+    # the shards exactly once, and earlier versions read as they were.
+    _commit(dataset, 3, config, _staged("a", [5.0, 6.0]))
+    tag_version(dataset, 3, {"dataset_version": 3, "counts": finish_filters(dataset, config, 3, []).counts})
+    shards = dataset.read("shards", columns=["clip_id"])["clip_id"].to_pylist()
+    assert len(shards) == len(set(shards)) == 5
+    assert len(dataset.read("clips")) == 5 and len(dataset.read("videos")) == 2
+    assert len(dataset.read("shards", version=2)) == 5 and len(dataset.read("shards", version=1)) == 2
