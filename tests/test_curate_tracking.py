@@ -4,8 +4,10 @@ import pyarrow.fs as pafs
 import pytest
 
 from curation.config import CurateConfig
-from curation.outputs import OutputDir, VersionWrite
-from pipelines.curate import RUN_ID_FILE, _public_uri, _start_run, curate_tracking_uri, log_version_to_mlflow
+from curation.dataset import CuratedDataset
+from curation.outputs import OutputDir
+from curation.writer import VersionWrite, create_tables
+from pipelines.curate import RUN_KEY, _public_uri, _start_run, curate_tracking_uri, log_version_to_mlflow
 
 
 @pytest.fixture
@@ -33,22 +35,21 @@ def _written(untrained: bool) -> VersionWrite:
     counts = {"videos": 3, "videos_ok": 2, "quarantined": {"decode_error": 1}, "clips": 5, "clips_kept": 3,
               "clips_dropped": 2, "drop_reasons": {"duration": 1, "aesthetic": 2}, "video_seconds": 20.0,
               "superseded": 0}
-    return VersionWrite(version=2, config_path="config-v0002.yaml", files={}, counts=counts, bounds=[],
-                        untrained=untrained, warnings=["filters on aesthetic APPLIED to scores from UNTRAINED"],
-                        superseded=[], staged=[])
+    return VersionWrite(version=2, counts=counts, bounds=[], untrained=untrained,
+                        warnings=["filters on aesthetic APPLIED to scores from UNTRAINED"], retried=[])
 
 
 def test_one_run_per_version_resumed_after_an_interruption(tmp_path, no_env_store):
     from mlflow.tracking import MlflowClient
 
-    out = OutputDir(str(tmp_path))
-    out.makedirs("_staging")
+    dataset = CuratedDataset(str(tmp_path))
+    create_tables(dataset)
     config = CurateConfig(input="/dump", output=str(tmp_path))
     config.filters.apply_on_untrained = True
-    uri = curate_tracking_uri(config, out)
-    first = _start_run(uri, config, out, None, 2)
-    assert out.read_text(RUN_ID_FILE) == first
-    assert _start_run(uri, config, out, None, 2) == first  # the interrupted run goes on in the same MLflow run
+    uri = curate_tracking_uri(config, OutputDir(str(tmp_path)))
+    first = _start_run(uri, config, dataset, 2)
+    assert dataset.open("videos").config()[RUN_KEY.format(tag="v0002")] == first  # kept with the data
+    assert _start_run(uri, config, dataset, 2) == first  # the interrupted run goes on in the same MLflow run
     report = tmp_path / "report"
     report.mkdir()
     (report / "histograms.png").write_bytes(b"\x89PNG")
@@ -66,7 +67,7 @@ def test_one_run_per_version_resumed_after_an_interruption(tmp_path, no_env_stor
     assert "config.yaml" in {a.path for a in client.list_artifacts(first)}
     # Logging the same version again (a resumed run) keeps the params and does not fail.
     log_version_to_mlflow(uri, first, config, _written(untrained=True), run, None, retry_quarantined=False)
-    # Once a manifest names the run, the next invocation opens a new one even if the id file was left behind.
-    manifest = {"versions": [{"run": {"mlflow_run_id": first}}]}
-    second = _start_run(uri, config, out, manifest, 3)
+    # The next version opens a new run, even if version 2's run id was left behind in the table's config.
+    second = _start_run(uri, config, dataset, 3)
     assert second != first and client.get_run(second).info.run_name == "curate-v0003"
+    assert dataset.open("videos").config()[RUN_KEY.format(tag="v0003")] == second

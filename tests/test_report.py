@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from curation.outputs import VersionWrite
 from curation.report import (
     HEADER_H,
     SECTION_H,
@@ -21,6 +20,7 @@ from curation.report import (
     write_histograms,
     write_report,
 )
+from curation.writer import VersionWrite
 
 # One distinct solid colour per sample tile (hues 22.5 degrees apart).
 COLORS = [tuple(round(255 * c) for c in colorsys.hsv_to_rgb(i / 16, 0.9, 0.9)) for i in range(16)]
@@ -67,9 +67,9 @@ def _version(aesthetic_threshold=6.7, untrained=False, kept_samples=3, dropped_s
     bounds = [_bound("duration", "min", 2.0), _bound("motion", "min", 0.5),
               _bound("aesthetic", "min", aesthetic_threshold, 30, applied=not untrained),
               _bound("caption_match", "min", 0.15, 25, applied=not untrained)]
-    return VersionWrite(version=3, config_path="config-v0003.yaml", files={}, counts=counts, bounds=bounds,
-                        untrained=untrained, warnings=["filters on aesthetic skipped"] if untrained else [],
-                        superseded=[], staged=[], scores=scores, samples=samples)
+    return VersionWrite(version=3, counts=counts, bounds=bounds, untrained=untrained,
+                        warnings=["filters on aesthetic skipped"] if untrained else [], retried=[], scores=scores,
+                        samples=samples)
 
 
 def test_report_files_are_valid_images_and_tables(tmp_path):
