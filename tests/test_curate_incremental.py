@@ -3,12 +3,11 @@ quarantined) videos are processed, each run is one MLflow run with params, metri
 
 import shutil
 
-import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
 from curation.config import CurateConfig
-from curation.outputs import read_clips, read_table, shard_paths
+from curation.dataset import CuratedDataset
 from pipelines.config import load_config
 from pipelines.curate import run_curate, summary_text
 
@@ -23,8 +22,9 @@ def _copy(src, dst, names):
             shutil.copy(path, target)
 
 
-def _ids(out, version_entry):
-    rows = [r for f in version_entry["files"]["videos"] for r in pq.read_table(out / f["path"]).to_pylist()]
+def _ids(dataset, version):
+    """The videos a version processed: its rows that carry its number."""
+    rows = dataset.read("videos", version, filter=f"dataset_version = {version}").to_pylist()
     return {r["video_id"]: r for r in rows}
 
 
@@ -43,7 +43,9 @@ def test_rerun_processes_only_new_and_retried_videos_and_logs_one_mlflow_run_eac
     base = {"input": str(dump), "output": str(out)}
     # Version 1: the 9.9 s video is over the duration limit, so it is quarantined (as is the empty file).
     first = run_curate(load_config(CurateConfig, None, ["decode.max_duration_s=6"], base=base))
-    v1 = _ids(out, first["versions"][0])
+    dataset = CuratedDataset(str(out))
+    assert first["dataset_version"] == 1 and dataset.latest() == 1
+    v1 = _ids(dataset, 1)
     assert sorted((_name(r), r["status"], r["error_class"]) for r in v1.values()) == [
         ("000_cuts_static.mp4", "quarantined", "too_long"), ("004_single.mp4", "ok", None),
         ("011_single.mp4", "ok", None), ("bad_zero_bytes.mp4", "quarantined", "empty_file")]
@@ -52,29 +54,38 @@ def test_rerun_processes_only_new_and_retried_videos_and_logs_one_mlflow_run_eac
     _copy(root, dump, ["002_fade.mp4"])
     config = load_config(CurateConfig, None, [], base=base)
     second = run_curate(config, retry_quarantined=True)
-    entry = second["versions"][1]
-    v2 = _ids(out, entry)
-    # Work proportional to what is new: the new video and the two retried ones were staged, nothing else.
+    assert second["dataset_version"] == 2 and dataset.latest() == 2
+    entry = dataset.record(2)  # the record kept in the version's tag is what run_curate returned
+    assert {k: entry[k] for k in ("counts", "run", "filters", "retried", "report", "config_sha256")} == \
+        {k: second[k] for k in ("counts", "run", "filters", "retried", "report", "config_sha256")}
+    v2 = _ids(dataset, 2)
+    # Work proportional to what is new: the new video and the two retried ones were processed, nothing else.
     assert sorted(_name(r) for r in v2.values()) == ["000_cuts_static.mp4", "002_fade.mp4", "bad_zero_bytes.mp4"]
     assert entry["run"]["videos_processed"] == 3 and entry["counts"]["videos"] == 3
-    assert entry["superseded"] == sorted(i for i, r in v1.items() if r["status"] == "quarantined")
+    assert entry["retried"] == sorted(i for i, r in v1.items() if r["status"] == "quarantined")
     assert next(r for r in v2.values() if _name(r) == "000_cuts_static.mp4")["status"] == "ok"
     assert "1 retried" not in summary_text(second) and "2 retried" in summary_text(second)
 
-    # Readers see each video once, at its newest row; shards of all versions hold every kept clip exactly once.
-    latest = read_table(str(out), "videos").to_pylist()
-    assert len(latest) == 5 and len(read_table(str(out), "videos", latest_only=False)) == 7
+    # Readers see each video once, at its newest row (a retried video's row replaced its quarantined one); version 1
+    # still reads as it was. The shards hold every kept clip exactly once.
+    latest = dataset.read("videos").to_pylist()
+    assert len(latest) == 5 and len({r["video_id"] for r in latest}) == 5
     assert {_name(r): r["status"] for r in latest}["000_cuts_static.mp4"] == "ok"
-    shard_ids = [i for p in shard_paths(str(out)) for i in pq.read_table(out / p, columns=["clip_id"])["clip_id"]
-                 .to_pylist()]
-    kept = read_clips(str(out), kept_only=True, columns=["clip_id"])["clip_id"].to_pylist()
+    old = dataset.read("videos", 1).to_pylist()
+    assert len(old) == 4 and {_name(r): r["status"] for r in old}["000_cuts_static.mp4"] == "quarantined"
+    shard_ids = dataset.read("shards", columns=["clip_id"])["clip_id"].to_pylist()
+    kept = dataset.read("clips", columns=["clip_id"], filter="kept")["clip_id"].to_pylist()
     assert len(shard_ids) == len(set(shard_ids)) == len(kept) > 0 and set(shard_ids) == set(kept)
+    assert len(dataset.read("shards", 1)) < len(shard_ids)
 
-    # One MLflow run per version in sqlite:///OUTPUT/mlflow.db, named in the manifest.
+    # One MLflow run per version in sqlite:///OUTPUT/mlflow.db, named in the version's record.
     client = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("reelforge-curate")
     runs = {r.info.run_id: r for r in client.search_runs([experiment.experiment_id])}
-    run_ids = [first["versions"][0]["run"]["mlflow_run_id"], entry["run"]["mlflow_run_id"]]
+    run_ids = [dataset.record(1)["run"]["mlflow_run_id"], entry["run"]["mlflow_run_id"]]
+    assert run_ids[0] == first["run"]["mlflow_run_id"]
+    # A finished version's run is named in its record, not left as the "unfinished version" key.
+    assert not [k for k in dataset.open("videos").config() if k.startswith("reelforge.mlflow_run.")]
     assert set(runs) == set(run_ids) and all(r.info.status == "FINISHED" for r in runs.values())
     run = runs[run_ids[1]]
     assert run.data.params["filters.motion.min"] == "0.5" and run.data.params["input"] == str(dump)
@@ -98,4 +109,5 @@ def test_rerun_processes_only_new_and_retried_videos_and_logs_one_mlflow_run_eac
 
     # Nothing new: no version, no MLflow run.
     again = run_curate(config)
-    assert again["dataset_version"] == 2 and len(client.search_runs([experiment.experiment_id])) == 2
+    assert again["dataset_version"] == 2 and again["run"]["nothing_new"]
+    assert dataset.latest() == 2 and len(client.search_runs([experiment.experiment_id])) == 2
