@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -104,6 +105,17 @@ class _State:
         self.save()
 
 
+def has_finished_version(output: Path) -> bool:
+    """The curate step's outputs are there once its dataset has a finished (tagged) version. The Lance tables alone
+    are not enough: a run interrupted before its first version leaves them, with no version a reader can open."""
+    from curation.dataset import CuratedDataset, DatasetError
+
+    try:
+        return CuratedDataset(str(output)).latest() is not None
+    except DatasetError:
+        return False
+
+
 def _set_aside(directory: Path, old_hash: str) -> None:
     """A step whose config changed starts in a clean folder; the old outputs stay beside it."""
     if directory.exists():
@@ -164,12 +176,13 @@ def run_workflow(config: WorkflowConfig) -> dict:
     results: dict = {"workdir": str(workdir), "tracking_uri": uri, "run_id": parent, "ran": [], "skipped": []}
     hashes: dict[str, str] = {}
 
-    def run_step(name: str, section, upstream: list[str], marker: Path, fn, extra: dict | None = None,
+    def run_step(name: str, section, upstream: list[str], done: Callable[[], bool], fn, extra: dict | None = None,
                  resumable: bool = True):
+        """`done`: whether the step's outputs are there (a finished step whose outputs are gone runs again)."""
         digest = config_hash(section, [hashes[u] for u in upstream if u in hashes], extra)
         hashes[name] = digest
         recorded = state.step(name)
-        if recorded.get("status") == "finished" and recorded.get("hash") == digest and marker.exists():
+        if recorded.get("status") == "finished" and recorded.get("hash") == digest and done():
             log.info("step %s: up to date (config hash %s), skipped", name, digest[:12])
             results["skipped"].append(name)
             results[name] = recorded.get("summary")
@@ -204,11 +217,11 @@ def run_workflow(config: WorkflowConfig) -> dict:
             def curate():
                 from pipelines.curate import summary_text as text
 
-                manifest = run_curate(config.curate)
-                return {"dataset_version": manifest["dataset_version"], "counts": manifest["counts"],
-                        "output": config.curate.output, "text": text(manifest)}
+                record = run_curate(config.curate)
+                return {"dataset_version": record["dataset_version"], "counts": record["counts"],
+                        "output": config.curate.output, "text": text(record)}
 
-            run_step("curate", config.curate, [], paths["curate"] / "manifest.json", curate,
+            run_step("curate", config.curate, [], lambda: has_finished_version(paths["curate"]), curate,
                      extra=input_fingerprint(config.curate.input))
         if "train" in config.steps:
             from pipelines.train import run_train
@@ -223,7 +236,7 @@ def run_workflow(config: WorkflowConfig) -> dict:
                 return {**summary, "text": text(summary), "finished": summary["model_version"] is not None
                         or summary["step"] >= summary["total_steps"]}
 
-            run_step("train", config.train, ["curate"], paths["train"] / "model" / "config.json", train,
+            run_step("train", config.train, ["curate"], (paths["train"] / "model" / "config.json").exists, train,
                      resumable=False)
         if "distill" in config.steps:
             from pipelines.distill import round_dir_name, run_distill
@@ -239,7 +252,7 @@ def run_workflow(config: WorkflowConfig) -> dict:
                 summary = run_distill(config.distill)
                 return {**summary, "text": text(summary)}
 
-            run_step("distill", config.distill, ["curate", "train"], last, distill, resumable=False)
+            run_step("distill", config.distill, ["curate", "train"], last.exists, distill, resumable=False)
         if "evaluate" in config.steps:
             from pipelines.evaluate import run_evaluate
 
@@ -257,7 +270,7 @@ def run_workflow(config: WorkflowConfig) -> dict:
                 return {**summary, "text": text(summary)}
 
             run_step("evaluate", config.evaluate, ["curate", "train", "distill"],
-                     paths["evaluate"] / "comparison.csv", evaluate, extra=input_fingerprint(heldout or ""),
+                     (paths["evaluate"] / "comparison.csv").exists, evaluate, extra=input_fingerprint(heldout or ""),
                      resumable=False)
     except _Stopped as stopped:
         log.warning("step %s stopped before its end; rerun the same command to continue", stopped.step)

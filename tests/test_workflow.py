@@ -6,7 +6,14 @@ from __future__ import annotations
 import pytest
 
 from pipelines.config import ConfigError, load_config
-from pipelines.workflow import WorkflowConfig, _set_aside, config_hash, input_fingerprint, run_workflow
+from pipelines.workflow import (
+    WorkflowConfig,
+    _set_aside,
+    config_hash,
+    has_finished_version,
+    input_fingerprint,
+    run_workflow,
+)
 from training.config import TrainConfig
 
 
@@ -29,6 +36,20 @@ def test_a_grown_dump_changes_the_input_fingerprint(tmp_path):
     grown = input_fingerprint(str(tmp_path))
     assert grown["files"] == 2 and grown != first
     assert input_fingerprint("s3://bucket/dump") == {"uri": "s3://bucket/dump"}  # curation lists it itself
+
+
+def test_the_curate_step_is_done_once_its_dataset_has_a_finished_version(tmp_path):
+    """A curate run interrupted before its first version leaves the Lance tables without a version: not done."""
+    from curation.dataset import CuratedDataset
+    from curation.writer import create_tables, tag_version
+
+    out = tmp_path / "curated"
+    assert not has_finished_version(out)
+    dataset = CuratedDataset(str(out))
+    create_tables(dataset)
+    assert (out / "videos.lance").is_dir() and not has_finished_version(out)
+    tag_version(dataset, 1, {"dataset_version": 1})
+    assert has_finished_version(out)
 
 
 def test_changed_step_keeps_its_old_outputs_beside_the_new_folder(tmp_path):
