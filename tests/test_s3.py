@@ -181,59 +181,103 @@ def test_the_uris_endpoint_is_honoured_not_a_same_named_bucket_elsewhere(s3_stor
 @pytest.mark.slow
 @pytest.mark.ray
 def test_curate_into_s3_train_reads_shards_and_rerun_is_noop(s3_store, remote_dump, ray_cluster, tmp_path, caplog):
-    import pyarrow.parquet as pq
-
     from curation.config import CurateConfig
+    from curation.dataset import CuratedDataset
     from pipelines.config import load_config
     from pipelines.curate import run_curate
-    from training.data import shard_files
     from training.dataset import ClipTable
 
     local, truth = remote_dump
     output = s3_store.uri("curated")
     base = {"input": s3_store.uri("dump"), "output": output}
-    overrides = ["output_files.shard_rows=2", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"]
+    overrides = ["output_files.commit_videos=2", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"]
     caplog.set_level("INFO")
-    manifest = run_curate(load_config(CurateConfig, None, overrides, base=base))
+    record = run_curate(load_config(CurateConfig, None, overrides, base=base))
     fs = s3_store.fs()
     stored = {i.path for i in fs.get_file_info(pafs.FileSelector(f"{BUCKET}/curated", recursive=True))}
-    assert f"{BUCKET}/curated/manifest.json" in stored
+    for kind in ("videos", "clips", "shards"):
+        assert any(p.startswith(f"{BUCKET}/curated/{kind}.lance/_versions/") for p in stored), kind
+        assert f"{BUCKET}/curated/{kind}.lance/_refs/tags/v0001.json" in stored
     # The odd-named copy is a duplicate of a video: it is listed (its URI opened), recorded, not curated twice.
-    assert manifest["counts"]["videos"] == len(_local_videos(local)) - 1 and manifest["counts"]["clips_kept"] > 0
-    assert [u.split("?")[0] for u in manifest["duplicates"]] in (
+    assert record["counts"]["videos"] == len(_local_videos(local)) - 1 and record["counts"]["clips_kept"] > 0
+    assert [u.split("?")[0] for u in record["duplicates"]] in (
         [f"s3://{ACCESS_KEY}:***@{BUCKET}/dump/sub%20dir/odd%20%231.mp4"],
         [f"s3://{ACCESS_KEY}:***@{BUCKET}/dump/{sorted(truth['videos'])[0]}"])
-    shards = [f["path"] for f in manifest["files"] if f["path"].startswith("shards/")]
-    assert shards and all(f"{BUCKET}/curated/{p}" in stored for p in shards)
     assert not (Path.cwd() / "reelforge").exists()  # nothing landed in a local folder named like the bucket
+    dataset = CuratedDataset(output)
+    assert [v.number for v in dataset.versions()] == [1] and dataset.record()["counts"] == record["counts"]
+    assert "curate-lock" not in dataset.open("videos").tags.list()  # the lease is released
 
-    # Training reads the shards through the URI: every shard URI keeps the endpoint and keys.
-    listed = shard_files(output)
-    assert listed and all(u.endswith("?" + s3_store.query) for u in listed)
+    # Training reads the shards through the URI, in this process and in a Ray worker given the URI as a string.
     table = ClipTable.open(output)
-    assert len(table) == manifest["counts"]["clips_kept"]
+    assert len(table) == record["counts"]["clips_kept"]
     rows = table.take([0, len(table) - 1])
     assert len(rows) == 2 and all(r["video_bytes"] for r in rows)
 
     @ray_cluster.remote
-    def read_in_worker(uri: str) -> tuple[int, str]:  # a train worker gets the data URI as a string
+    def read_in_worker(uri: str) -> tuple[int, str]:
         worker_table = ClipTable.open(uri)
         return len(worker_table), worker_table.take([0])[0]["clip_id"]
 
     assert ray_cluster.get(read_in_worker.remote(output)) == (len(table), rows[0]["clip_id"])
 
-    # The secret never reaches the outputs: manifest, tables, shards.
-    with fs.open_input_stream(f"{BUCKET}/curated/manifest.json") as f:
-        text = f.read().decode()
-    assert SECRET_KEY not in text and "rf-secret" not in text
-    for rel in [f["path"] for f in manifest["files"] if f["path"].startswith(("videos/", "shards/"))]:
-        with fs.open_input_file(f"{BUCKET}/curated/{rel}") as f:
-            uris = pq.read_table(f, columns=["uri"])["uri"].to_pylist()
+    # The secret never reaches the outputs: the tables' URIs and messages, the tags' records, the config copy.
+    for kind in ("videos", "shards"):
+        uris = dataset.read(kind, columns=["uri"])["uri"].to_pylist()
         assert uris and all(u.startswith(f"s3://{ACCESS_KEY}:***@{BUCKET}/dump/") and "rf-secret" not in u
                             for u in uris)
+    for kind in ("videos", "clips", "shards"):
+        with fs.open_input_stream(f"{BUCKET}/curated/{kind}.lance/_refs/tags/v0001.json") as f:
+            assert "rf-secret" not in f.read().decode()
+    with fs.open_input_stream(f"{BUCKET}/curated/config-v0001.yaml") as f:
+        assert "rf-secret" not in f.read().decode()
     assert "rf-secret" not in caplog.text
-    assert json.loads(text)["dataset_version"] == 1
 
     # A rerun finds nothing new and writes no new version.
     again = run_curate(load_config(CurateConfig, None, overrides, base=base))
     assert again["run"] == {"nothing_new": True} and again["dataset_version"] == 1
+    assert [v.number for v in dataset.versions()] == [1]
+
+
+def _commit_ids(uri: str, worker: int, count: int) -> None:
+    """One process: `count` merge_insert commits of one new row each into the Lance table at `uri`."""
+    import pyarrow as pa
+
+    from curation.dataset import CuratedDataset
+
+    dataset = CuratedDataset(uri)
+    for i in range(count):
+        rows = pa.table({"clip_id": [f"w{worker}-{i}"], "worker": [worker]})
+        table = dataset.open("clips")
+        table.merge_insert("clip_id").when_matched_update_all().when_not_matched_insert_all().execute(rows)
+
+
+@pytest.mark.slow
+def test_lance_commits_on_the_store_are_atomic_with_concurrent_writers(s3_store):
+    """Three processes commit into one Lance table on the S3-compatible store at the same time: every commit lands
+    (none lost, none doubled), and creating a tag that exists fails (what the curation lease relies on)."""
+    import multiprocessing
+
+    import lance
+    import pyarrow as pa
+
+    from curation.dataset import CuratedDataset
+
+    uri = s3_store.uri("atomic")
+    dataset = CuratedDataset(uri)
+    lance.write_dataset(pa.table({"clip_id": pa.array([], pa.string()), "worker": pa.array([], pa.int64())}),
+                        dataset.table_uri("clips"), storage_options=dataset.storage_options)
+    context = multiprocessing.get_context("spawn")
+    procs = [context.Process(target=_commit_ids, args=(uri, w, 8)) for w in range(3)]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(300)
+    assert [p.exitcode for p in procs] == [0, 0, 0]
+    table = dataset.open("clips")
+    ids = table.to_table(columns=["clip_id"])["clip_id"].to_pylist()
+    assert sorted(ids) == sorted(f"w{w}-{i}" for w in range(3) for i in range(8))
+    assert table.version == 1 + 24
+    table.tags.create("held", table.version)
+    with pytest.raises(ValueError, match="already exists"):
+        dataset.open("clips").tags.create("held", 1)
