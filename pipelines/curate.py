@@ -32,6 +32,37 @@ REPORTS = "reports"
 # The videos table's config keeps the MLflow run of the version being made: a run interrupted before its tag is
 # resumed by the next invocation (same version number); the tag's record names it once the version exists.
 RUN_KEY = "reelforge.mlflow_run.{tag}"
+# ... and the hash of the config that started it: a rerun under another config must not finish it (a silent mix).
+CONFIG_KEY = "reelforge.config_sha256.{tag}"
+
+
+class ConfigDrift(ValueError):
+    """A rerun's config differs from the one that started the unfinished version it would finish."""
+
+
+def config_sha256(config: CurateConfig) -> str:
+    """The hash of the resolved config as written beside the output (secrets masked)."""
+    return hashlib.sha256(redacted_yaml(config).encode()).hexdigest()
+
+
+def _claim_version(config: CurateConfig, dataset: CuratedDataset, version: int) -> None:
+    """Record which config makes `version`, or refuse when an interrupted run started it under another one."""
+    tag = version_tag(version)
+    key, digest = CONFIG_KEY.format(tag=tag), config_sha256(config)
+    started = dataset.open("videos").config().get(key)
+    if started is None:
+        OutputDir(config.output).write_bytes_atomic(f"config-{tag}.yaml", redacted_yaml(config).encode())
+        dataset.open("videos").update_config({key: digest})
+    elif started != digest:
+        raise ConfigDrift(f"dataset version {version} of {redact_uri(config.output)} was started by a run with "
+                          f"another config (sha256 {started[:12]}, saved as config-{tag}.yaml; this one is "
+                          f"{digest[:12]}): rerun with that config to finish it, then curate with the new one")
+
+
+def _warn_if_config_changed(config: CurateConfig, record: dict) -> None:
+    if record.get("config_sha256") and record["config_sha256"] != config_sha256(config):
+        log.warning("the config differs from the one that made dataset version %d: videos already curated are not "
+                    "curated again (curate into a new output to apply it to every video)", record["dataset_version"])
 
 
 def curate_tracking_uri(config: CurateConfig, out: OutputDir) -> str | None:
@@ -232,13 +263,12 @@ def _retried(dataset: CuratedDataset, version: int) -> list[str]:
 def _record(config: CurateConfig, dataset: CuratedDataset, written: VersionWrite, run: dict, report: list[str],
             duplicates: dict[str, str]) -> dict:
     """The version's record, kept in its tags' metadata: what the manifest of reelforge 0.1 held per version."""
-    config_yaml = redacted_yaml(config)
     previous = dataset.record(written.version - 1).get("duplicates", {}) if written.version > 1 else {}
     return {
         "schema_version": schema.SCHEMA_VERSION,
         "dataset_version": written.version,
         "config": redact_config(config),
-        "config_sha256": hashlib.sha256(config_yaml.encode()).hexdigest(),
+        "config_sha256": config_sha256(config),
         "config_file": f"config-{version_tag(written.version)}.yaml",
         "counts": written.counts,
         "filters": written.bounds,
@@ -258,7 +288,6 @@ def _finish(config: CurateConfig, dataset: CuratedDataset, plan: RunPlan, run: d
     for warning in written.warnings:
         log.warning("!!! %s", warning)
     out = OutputDir(config.output)
-    out.write_bytes_atomic(f"config-{version_tag(plan.version)}.yaml", redacted_yaml(config).encode())
     with tempfile.TemporaryDirectory() as tmp:
         report_dir: Path | None = Path(tmp)
         try:
@@ -270,7 +299,8 @@ def _finish(config: CurateConfig, dataset: CuratedDataset, plan: RunPlan, run: d
         if run_id:
             log_version_to_mlflow(uri, run_id, config, written, run, report_dir, retry_quarantined)
     record = tag_version(dataset, plan.version, _record(config, dataset, written, run, report, plan.duplicates))
-    dataset.open("videos").delete_config_keys([RUN_KEY.format(tag=version_tag(plan.version))])
+    tag = version_tag(plan.version)
+    dataset.open("videos").delete_config_keys([RUN_KEY.format(tag=tag), CONFIG_KEY.format(tag=tag)])
     return record
 
 
@@ -293,7 +323,9 @@ def run_curate(config: CurateConfig, retry_quarantined: bool = False) -> dict:
         latest = dataset.latest()
         if not plan.pending and not plan.unfinished and latest is not None:
             log.info("nothing new: dataset version %d is up to date", latest)
+            _warn_if_config_changed(config, dataset.record(latest))
             return {**dataset.record(latest), "run": {"nothing_new": True}}
+        _claim_version(config, dataset, plan.version)
         uri = curate_tracking_uri(config, OutputDir(config.output))
         run_id = _start_run(uri, config, dataset, plan.version) if uri else None
         try:
