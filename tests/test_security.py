@@ -12,10 +12,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import random
 import re
+import string
 from pathlib import Path
 
 import pytest
+from output_scan import output_contents
 
 from curation.redact import redact_config, redact_uri
 from pipelines import tracking
@@ -35,9 +38,12 @@ def _leaks(text: str | bytes) -> list[str]:
 
 
 def _files_leaking(root: Path) -> dict[str, list[str]]:
-    """Every regular file under root (the MLflow database and artifacts too) whose bytes hold a secret."""
-    return {str(p.relative_to(root)): _leaks(p.read_bytes()) for p in sorted(root.rglob("*"))
-            if p.is_file() and not p.is_symlink() and _leaks(p.read_bytes())}
+    """Every regular file under root (the MLflow database and artifacts too) whose bytes hold a secret, and every
+    place in a Lance dataset under root (a column of some version, its config, a tag's metadata) whose value does."""
+    found: dict[str, set[str]] = {}
+    for where, data in output_contents(root):
+        found.setdefault(where, set()).update(_leaks(data))
+    return {where: sorted(secrets) for where, secrets in found.items() if secrets}
 
 
 def _store_leaks(uri: str) -> dict[str, list[str]]:
@@ -110,6 +116,26 @@ def test_redact_config_masks_every_string_and_secret_named_keys_without_changing
         "db": {"password": "***", "api_token": "***", "tokens_used": 3}, "xs": ("a", TOKEN)}
 
 
+def test_the_output_scan_finds_a_secret_inside_lance_tables_their_configs_and_tags(tmp_path):
+    """Lance compresses the strings of its data files: the scan reads the values back, every version of them."""
+    import lance
+    import pyarrow as pa
+
+    rng = random.Random(0)
+    uris = ["/dump/" + "".join(rng.choices(string.ascii_letters, k=60)) + ".mp4" for _ in range(500)]
+    uris[7] = f"s3://{ACCESS_KEY}:x@bucket/a.mp4"  # FSST-compressed: not in the data file as bytes
+    table = lance.write_dataset(pa.table({"uri": uris, "n": list(range(500))}), tmp_path / "videos.lance")
+    table.delete("n = 7")  # gone from the newest version, still in the first one
+    table = lance.dataset(tmp_path / "videos.lance")
+    table.update_config({"reelforge.mlflow_run.v0001": f"https://mlflow/?token={TOKEN}"})
+    table.tags.create("v0001", table.version)
+    table.tags.replace_metadata("v0001", {"reelforge.version": json.dumps({"config": {"db": PASSWORD}})})
+    found = _files_leaking(tmp_path)
+    assert found.get("videos.lance @1 uri") == [ACCESS_KEY] and "videos.lance @2 uri" not in found
+    assert any(where.startswith("videos.lance @3 config") for where in found) and TOKEN in sum(found.values(), [])
+    assert found.get("videos.lance tag v0001 metadata") == [PASSWORD]
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Every writing point, in real runs
 
@@ -141,6 +167,7 @@ def test_curate_run_with_secret_uris_writes_no_secret(tmp_path, ray_cluster, mon
     """A real curation: input given as a file:// URI with S3-style keys in its query, tracking.uri with a password;
     not one byte of any output file, the MLflow database, its artifacts, params, tags or the log holds them."""
     from curation.config import CurateConfig
+    from curation.dataset import CuratedDataset
     from curation.sample_dump import make_sample_dump
     from pipelines import curate
 
@@ -152,20 +179,26 @@ def test_curate_run_with_secret_uris_writes_no_secret(tmp_path, ray_cluster, mon
     config.tracking.uri = SECRET_TRACKING
     monkeypatch.setattr(curate, "curate_tracking_uri", lambda c, o: tracking.tracking_uri(None, out))
     with caplog.at_level(logging.INFO):
-        manifest = curate.run_curate(config)
-    assert manifest["counts"]["videos_ok"] >= 1  # the URI with its options was read
-    assert _files_leaking(out) == {}  # manifest config, config-v0001.yaml, tables, report, mlflow.db, artifacts
+        record = curate.run_curate(config)
+    assert record["counts"]["videos_ok"] >= 1  # the URI with its options was read
+    # The tables (every Lance version, config and tag, whose record holds the config), config-v0001.yaml, the
+    # report, mlflow.db and its artifacts.
+    assert _files_leaking(out) == {}
     uri = tracking.tracking_uri(None, out)
     assert _store_leaks(uri) == {}
-    assert manifest["config"]["tracking"]["uri"] == redact_uri(SECRET_TRACKING)
+    assert record["config"]["tracking"]["uri"] == redact_uri(SECRET_TRACKING)
+    assert CuratedDataset(str(out)).record(1)["config"]["tracking"]["uri"] == redact_uri(SECRET_TRACKING)
+    # The tables hold the input's URIs as logs show them, which the scan above read.
+    video_uris = CuratedDataset(str(out)).read("videos", columns=["uri"])["uri"].to_pylist()
+    assert video_uris and all(u.endswith("access_key=***&secret_key=***") for u in video_uris)
     assert "secret_key=***" in (out / "config-v0001.yaml").read_text()
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=uri)
-    run_id = manifest["run"]["mlflow_run_id"]
+    run_id = record["run"]["mlflow_run_id"]
     assert client.get_run(run_id).data.tags["input_uri"].endswith("access_key=***&secret_key=***")
     assert not _leaks(Path(client.download_artifacts(run_id, "config.yaml", str(tmp_path))).read_text())
-    assert not _leaks(caplog.text) and not _leaks(curate.summary_text(manifest))
+    assert not _leaks(caplog.text) and not _leaks(curate.summary_text(record))
 
 
 class _Stop(Exception):
@@ -202,7 +235,7 @@ def test_train_and_distill_write_no_secret(tmp_path, monkeypatch, secret_store_u
 
     data = tmp_path / "curated"  # never read: the dataset is not what is under test
     data.mkdir()
-    monkeypatch.setattr("training.dataset.ClipTable.open", classmethod(lambda cls, uri: _Table()))
+    monkeypatch.setattr("training.dataset.ClipTable.open", classmethod(lambda cls, uri: _Table(uri)))
     monkeypatch.setattr("pipelines.cluster.init_ray", lambda config: None)
     monkeypatch.setattr(train, "_trainer", _stop)
     config = TrainConfig(data=str(data), output=str(tmp_path / "train"))
@@ -226,7 +259,10 @@ def test_train_and_distill_write_no_secret(tmp_path, monkeypatch, secret_store_u
 
 
 class _Table:
-    version = "v1-test"
+    version, number, lance_version = "v1-lance1-test", 1, 1
+
+    def __init__(self, uri: str):
+        self.data_uri = f"{uri}@v1"
 
     def __len__(self) -> int:
         return 0
