@@ -90,6 +90,13 @@ def _export_onnx(args: argparse.Namespace) -> int:
     return 0
 
 
+def _migrate_dataset(args: argparse.Namespace) -> int:
+    from pipelines.migrate_dataset import run_migrate, summary_text
+
+    print(summary_text(run_migrate(args.data)))
+    return 0
+
+
 QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
 
 
@@ -118,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    curate = sub.add_parser("curate", help="split videos into clean clips, score motion, write Parquet tables")
+    curate = sub.add_parser("curate", help="split videos into clean clips, score and caption them, write Lance tables")
     curate.add_argument("--input", help="directory or URI (s3://, gs://, file://) of the video dump")
     curate.add_argument("--output", help="directory or URI for the curated dataset")
     _config_arguments(curate, "configs/curate.yaml")
@@ -189,6 +196,12 @@ def build_parser() -> argparse.ArgumentParser:
     onnx.add_argument("--cache-dir", help="where downloaded models are kept (default $REELFORGE_CACHE or "
                       "~/.cache/reelforge)")
     onnx.set_defaults(func=_export_onnx)
+
+    migrate = sub.add_parser("migrate-dataset",
+                             help="convert a curated output of reelforge 0.1 (Parquet + manifest.json) into Lance "
+                             "tables in place, one tagged version per manifest version")
+    migrate.add_argument("--data", required=True, help="the curated output (directory or URI) to convert")
+    migrate.set_defaults(func=_migrate_dataset)
 
     dump = sub.add_parser("make-sample-dump", help="generate synthetic videos with known cuts, motion and captions")
     dump.add_argument("dir")
