@@ -97,6 +97,15 @@ def _migrate_dataset(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export_dataset(args: argparse.Namespace) -> int:
+    from pipelines.export_dataset import ExportConfig, run_export, summary_text
+
+    config = ExportConfig(data=args.data, format=args.format, output=args.output, rows_per_file=args.rows_per_file,
+                          overwrite=args.overwrite)
+    print(summary_text(run_export(config), config.output))
+    return 0
+
+
 QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
 
 
@@ -202,6 +211,15 @@ def build_parser() -> argparse.ArgumentParser:
                              "tables in place, one tagged version per manifest version")
     migrate.add_argument("--data", required=True, help="the curated output (directory or URI) to convert")
     migrate.set_defaults(func=_migrate_dataset)
+
+    export = sub.add_parser("export-dataset", help="the kept clips of a dataset version as Parquet files or "
+                            "WebDataset tar shards, for other trainers")
+    export.add_argument("--data", required=True, help="a curated dataset, DIR or DIR@vN (default: newest version)")
+    export.add_argument("--format", required=True, choices=["parquet", "webdataset"])
+    export.add_argument("--output", required=True, help="an empty folder (directory or URI) for the files")
+    export.add_argument("--rows-per-file", type=int, default=1000, help="clips per Parquet file or tar shard")
+    export.add_argument("--overwrite", action="store_true", help="replace a previous export in --output")
+    export.set_defaults(func=_export_dataset)
 
     dump = sub.add_parser("make-sample-dump", help="generate synthetic videos with known cuts, motion and captions")
     dump.add_argument("dir")
