@@ -127,14 +127,14 @@ class CuratedDataset:
         if version is not None and self.exists():
             known = ", ".join(f"v{v.number}" for v in self.versions()) or "none"
             return f"{self.shown} has no dataset version {version} (versions: {known})"
-        if self._has_legacy_manifest():
+        if self.has_legacy_manifest():
             return (f"{self.shown} is in the Parquet layout of reelforge 0.1 (manifest.json): migrate it once with "
                     f"`reelforge migrate-dataset --data {self.shown}`")
         first_line = str(err).splitlines()[0] if str(err) else type(err).__name__
         return f"{self.shown} has no curated {kind} table ({redact_uri(first_line)[:200]}): point --data at the " \
                "output of `reelforge curate`"
 
-    def _has_legacy_manifest(self) -> bool:
+    def has_legacy_manifest(self) -> bool:
         from curation.discover import filesystem_and_path
 
         try:

@@ -15,7 +15,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from curation import schema
 from curation.config import CurateConfig
-from curation.dataset import CuratedDataset, version_tag
+from curation.dataset import CuratedDataset, DatasetError, version_tag
 from curation.discover import list_videos
 from curation.filters import ClipFilter
 from curation.lock import CurateLock
@@ -316,6 +316,9 @@ def run_curate(config: CurateConfig, retry_quarantined: bool = False) -> dict:
     check_weights(config)
     started = time.perf_counter()
     dataset = CuratedDataset(config.output)
+    if not dataset.exists() and dataset.has_legacy_manifest():
+        raise DatasetError(f"{dataset.shown} holds a dataset in the Parquet layout of reelforge 0.1 (manifest.json): "
+                           f"migrate it once with `reelforge migrate-dataset --data {dataset.shown}`, then curate")
     create_tables(dataset)
     with CurateLock(dataset, config.output_files.lock_timeout_s) as lock:
         init_ray(config)

@@ -65,3 +65,14 @@ def test_an_unfinished_version_is_finished_only_under_the_config_that_started_it
     changed.shots.min_seconds = config.shots.min_seconds + 1.0
     with pytest.raises(ConfigDrift, match=r"version 1 .* another config .* config-v0001.yaml"):
         _claim_version(changed, dataset, 1)
+
+
+def test_curate_refuses_an_unmigrated_parquet_output(tmp_path):
+    from curation.dataset import DatasetError
+    from pipelines.curate import run_curate
+
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "manifest.json").write_text('{"versions": []}')
+    with pytest.raises(DatasetError, match="reelforge migrate-dataset --data"):
+        run_curate(CurateConfig(input=str(tmp_path), output=str(tmp_path / "old")))
+    assert sorted(p.name for p in (tmp_path / "old").iterdir()) == ["manifest.json"]  # nothing written beside it
