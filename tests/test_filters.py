@@ -248,3 +248,64 @@ def test_a_retried_video_replaces_its_quarantined_row_and_the_old_version_still_
     assert len(shards) == len(set(shards)) == 5
     assert len(dataset.read("clips")) == 5 and len(dataset.read("videos")) == 2
     assert len(dataset.read("shards", version=2)) == 5 and len(dataset.read("shards", version=1)) == 2
+
+
+class _Killed(Exception):
+    """The run dies here."""
+
+
+def _killed(*args, **kwargs):
+    raise _Killed
+
+
+@pytest.mark.xfail(strict=True, reason="a rerun re-judges a version whose verdicts an interrupted run committed: "
+                   "the old verdicts count as early drops (see the report of the Lance port)")
+def test_a_version_resumed_after_its_verdicts_is_judged_as_one_run_over_its_clips(tmp_path, monkeypatch):
+    """run_curate killed after the verdicts were committed and before the tag (MLflow down, a kill), rerun once the
+    dump has grown. Whichever version the new video goes into, each version's verdicts must be those of one run of
+    the filters over that version's clips, and the shards must hold exactly the kept clips. The Ray plan is replaced
+    by committing hand-built records, so only the bookkeeping runs."""
+    from pipelines import curate
+
+    records = {"a": _staged("a", [1.0, 2.0, 3.0, 4.0, 5.0]), "b": _staged("b", [6.0, 7.0, 8.0, 9.0, 10.0]),
+               "n": _staged("n", [0.1, 0.2, 0.3, 0.4])}
+    dump: list[str] = []
+
+    def process(plan, config, dataset, lock):
+        committer = BatchCommitter(dataset, plan.version, config.output_files.commit_videos)
+        for row in plan.pending:
+            committer.add(records[row["video_id"]])
+        committer.flush()
+        return {"videos_processed": len(plan.pending), "video_seconds_processed": 0.0}
+
+    monkeypatch.setattr(curate, "init_ray", lambda config: None)
+    monkeypatch.setattr(curate, "_discover", lambda config: ({v: {"video_id": v, "uri": f"/dump/{v}.mp4"}
+                                                              for v in dump}, {}))
+    monkeypatch.setattr(curate, "_process", process)
+    config = _config(min_percentile=30)
+    config.input, config.output, config.tracking.enabled = "/dump", str(tmp_path / "out"), False
+
+    dump[:] = ["a", "b"]
+    with monkeypatch.context() as m:
+        m.setattr(curate, "tag_version", _killed)
+        with pytest.raises(_Killed):
+            curate.run_curate(config)
+    dump[:] = ["a", "b", "n"]  # the dump grew before the rerun
+    curate.run_curate(config)
+
+    def verdicts(dataset, version):
+        clips = dataset.read("clips", version, filter=f"dataset_version = {version}").to_pylist()
+        return sorted((c["clip_id"], c["kept"], c["drop_reason"]) for c in clips)
+
+    dataset = CuratedDataset(config.output)
+    assert sorted(dataset.read("videos", columns=["video_id"])["video_id"].to_pylist()) == ["a", "b", "n"]
+    for version in [v.number for v in dataset.versions()]:
+        videos = dataset.read("videos", version, filter=f"dataset_version = {version}")["video_id"].to_pylist()
+        alone = CuratedDataset(str(tmp_path / f"alone-{version}"))
+        create_tables(alone)
+        _commit(alone, version, config, *(records[v] for v in videos))
+        finish_filters(alone, config, version, retried=[])
+        assert verdicts(dataset, version) == sorted((c["clip_id"], c["kept"], c["drop_reason"]) for c in
+                                                    alone.open("clips").to_table().to_pylist()), version
+    kept = dataset.read("clips", filter="kept", columns=["clip_id"])["clip_id"].to_pylist()
+    assert sorted(dataset.read("shards", columns=["clip_id"])["clip_id"].to_pylist()) == sorted(kept)
