@@ -112,7 +112,7 @@ def mlflow_server(tmp_path_factory):
 
 
 def _curate_config(root: Path, out: Path, url: str, *sets: str) -> CurateConfig:
-    overrides = ["output_files.shard_rows=4", f"tracking.experiment={EXPERIMENT}", *sets]
+    overrides = ["output_files.commit_videos=4", f"tracking.experiment={EXPERIMENT}", *sets]
     config = load_config(CurateConfig, None, overrides, base={"input": str(root), "output": str(out)})
     config.tracking.uri = url
     return config
@@ -123,16 +123,19 @@ def curated_on_server(mlflow_server, sample_dump, ray_cluster, tmp_path_factory)
     root, _ = sample_dump
     out = tmp_path_factory.mktemp("curated-server")
     config = _curate_config(root, out, mlflow_server.url)
-    manifest = run_curate(config)
-    return config, manifest, out
+    record = run_curate(config)
+    return config, record, out
 
 
 def test_curate_run_reads_back_over_the_rest_api(mlflow_server, curated_on_server, sample_dump):
-    config, manifest, out = curated_on_server
+    from curation.dataset import CuratedDataset
+
+    config, record, out = curated_on_server
     _, truth = sample_dump
-    counts = manifest["counts"]
-    run_id = manifest["run"]["mlflow_run_id"]
-    assert manifest["run"]["tracking_uri"] == mlflow_server.url and manifest["run"]["experiment"] == EXPERIMENT
+    counts = record["counts"]
+    run_id = record["run"]["mlflow_run_id"]
+    assert record["run"]["tracking_uri"] == mlflow_server.url and record["run"]["experiment"] == EXPERIMENT
+    assert CuratedDataset(str(out)).record(1)["run"]["mlflow_run_id"] == run_id  # the version names its run
 
     experiment = mlflow_server.get("/api/2.0/mlflow/experiments/get-by-name", experiment_name=EXPERIMENT)["experiment"]
     # The server chose where artifacts go (reelforge leaves a server's experiments to it): its proxy.
@@ -147,8 +150,8 @@ def test_curate_run_reads_back_over_the_rest_api(mlflow_server, curated_on_serve
     # Params: the resolved config, flattened, every key with its value as MLflow stores it.
     params = {p["key"]: p["value"] for p in data["params"]}
     assert params == {key: str(value) for key, value in flatten(config).items()}
-    assert params["output"] == str(out) and params["output_files.shard_rows"] == "4"
-    # Metrics: the manifest's counts.
+    assert params["output"] == str(out) and params["output_files.commit_videos"] == "4"
+    # Metrics: the version record's counts.
     metrics = {m["key"]: m["value"] for m in data["metrics"]}
     assert metrics["videos_read"] == counts["videos"] == len(truth["videos"]) + len(truth["bad_files"])
     assert metrics["videos_ok"] == counts["videos_ok"] == len(truth["videos"])
@@ -204,11 +207,11 @@ def test_ui_compares_two_curate_runs_in_headless_chromium(mlflow_server, curated
     if script.find_chromium() is None:
         pytest.skip("no Chromium executable (apt-get install chromium, or set REELFORGE_CHROMIUM)")
     root, _ = sample_dump
-    _, manifest, _ = curated_on_server
+    _, record, _ = curated_on_server
     # A second curation of the same dump with a stricter motion filter: the runs differ in one param and the counts.
     strict = run_curate(_curate_config(root, tmp_path / "strict-motion", mlflow_server.url, "filters.motion.min=20"))
-    run_ids = [manifest["run"]["mlflow_run_id"], strict["run"]["mlflow_run_id"]]
-    assert strict["counts"]["clips_kept"] < manifest["counts"]["clips_kept"]
+    run_ids = [record["run"]["mlflow_run_id"], strict["run"]["mlflow_run_id"]]
+    assert strict["counts"]["clips_kept"] < record["counts"]["clips_kept"]
     experiment = mlflow_server.get("/api/2.0/mlflow/experiments/get-by-name", experiment_name=EXPERIMENT)["experiment"]
     url = script.compare_runs_url(mlflow_server.url, [experiment["experiment_id"]], run_ids)
 

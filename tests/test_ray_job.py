@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
-import pyarrow.parquet as pq
 import pytest
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.timeout(600)]
@@ -185,7 +184,7 @@ def test_ray_job_submit_runs_the_curate_step_and_stopping_leaves_other_clusters(
         "--working-dir", str(ROOT), "--runtime-env-json", json.dumps({"excludes": EXCLUDES}),
         "--", "reelforge", "run", "--config", "configs/quickstart.yaml", "--workdir", str(workdir),
         "--set", "steps=[curate]", "--set", "sample_dump.num_videos=60",
-        "--set", "curate.output_files.shard_rows=8",
+        "--set", "curate.output_files.commit_videos=8",
         timeout=480,
     )
     job_seconds = time.perf_counter() - started
@@ -212,15 +211,16 @@ def test_ray_job_submit_runs_the_curate_step_and_stopping_leaves_other_clusters(
     # The outputs, against the truth of the sample dump the workflow generated.
     dump = workdir / "sample-dump"
     truth = json.loads((dump / "sample_truth.json").read_text())
-    curated = workdir / "curated"
-    manifest = json.loads((curated / "manifest.json").read_text())
-    counts = manifest["counts"]
-    assert manifest["dataset_version"] == 1
+    from curation.dataset import CuratedDataset
+
+    dataset = CuratedDataset(str(workdir / "curated"))
+    record = dataset.record()
+    counts = record["counts"]
+    assert record["dataset_version"] == 1 and dataset.latest() == 1
     assert counts["videos"] == len(truth["videos"]) + len(truth["bad_files"])
     assert counts["videos_ok"] == len(truth["videos"])
     assert sum(counts["quarantined"].values()) == len(truth["bad_files"])
-    tables = {kind: [row for f in sorted((curated / kind).glob("*.parquet")) for row in pq.read_table(f).to_pylist()]
-              for kind in ("videos", "clips", "shards")}
+    tables = {kind: dataset.read(kind).to_pylist() for kind in ("videos", "clips", "shards")}
     videos = {row["uri"].removeprefix(f"{dump}/"): row for row in tables["videos"]}
     assert set(videos) == set(truth["videos"]) | set(truth["bad_files"])
     for name, video in truth["videos"].items():
@@ -230,9 +230,13 @@ def test_ray_job_submit_runs_the_curate_step_and_stopping_leaves_other_clusters(
     assert {clip["video_id"] for clip in tables["clips"]} == ok_ids  # every good video gives clips, no other does
     kept = [clip for clip in tables["clips"] if clip["kept"]]
     assert len(tables["clips"]) == counts["clips"] and len(kept) == counts["clips_kept"] == len(tables["shards"]) > 0
-    assert max(pq.read_metadata(f).num_rows for f in (curated / "shards").glob("*.parquet")) <= 8
+    # Finished videos were committed 8 at a time (what a kill can lose): the videos table grew by at most 8 rows a
+    # commit, up to every video.
+    table = dataset.open("videos")
+    sizes = [table.checkout_version(v["version"]).count_rows() for v in table.versions()]
+    assert max(b - a for a, b in zip(sizes, sizes[1:], strict=False)) == 8 and sizes[-1] == counts["videos"]
     # The job ran in the workflow's MLflow store (the default beside the workdir), not in one of the test's.
-    assert manifest["run"]["tracking_uri"] == f"sqlite:///{workdir / 'mlflow.db'}"
+    assert record["run"]["tracking_uri"] == f"sqlite:///{workdir / 'mlflow.db'}"
     assert (workdir / "mlflow.db").is_file()
 
     # The job's own logs: what the curate step found and processed, the workflow's closing summary, and a driver
@@ -241,6 +245,7 @@ def test_ray_job_submit_runs_the_curate_step_and_stopping_leaves_other_clusters(
     assert logs.returncode == 0, logs.stderr
     text = _plain(logs.stdout)
     state = json.loads((workdir / "workflow.json").read_text())
+    assert state["steps"]["curate"]["summary"]["dataset_version"] == 1
     for line in (f"found {counts['videos']} video files under {dump}", f"{counts['videos']} new videos to process",
                  "== curate", f"videos read: {counts['videos']} (", "clips kept:",  # the curate summary
                  "steps run: curate;", f"workdir: {workdir}", state["run_id"]):
