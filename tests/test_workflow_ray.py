@@ -20,7 +20,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.ray]
 TINY = {
     "sample_dump": {"num_videos": 6, "heldout_videos": 6},
     "ray": {"address": "local", "num_cpus": 2},  # one section for every step: never join another cluster here
-    "curate": {"output_files": {"shard_rows": 4}},
+    "curate": {"output_files": {"commit_videos": 4}},
     "train": {
         "curriculum": [{"name": "low", "steps": 16, "num_frames": 4, "fps": 4.0, "size": 16},
                        {"name": "high", "steps": 8, "num_frames": 4, "fps": 4.0, "size": 16}],
