@@ -150,6 +150,14 @@ def _scores(dataset: CuratedDataset, version: int, motion_stat: str) -> tuple[li
     return clips, by_video
 
 
+def verdicts_committed(dataset: CuratedDataset, version: int) -> bool:
+    """Whether an (unfinished) version's run-wide filters were resolved and its verdicts committed: such a version
+    is finished as judged, never judged again with more clips."""
+    if FILTERS_KEY.format(tag=version_tag(version)) not in dataset.open("clips").config():
+        return False
+    return dataset.open("clips").count_rows(f"dataset_version = {version} AND kept IS NULL") == 0
+
+
 def _resolve_filters(dataset: CuratedDataset, config: CurateConfig, version: int,
                      clips: list[dict]) -> tuple[list[dict], bool, list[str]]:
     """Step 1: the verdicts of every clip of the version, committed once; a rerun reads back what was committed."""

@@ -21,7 +21,15 @@ from curation.filters import ClipFilter
 from curation.lock import CurateLock
 from curation.outputs import OutputDir
 from curation.redact import redact_config, redact_uri, redacted_yaml
-from curation.writer import BatchCommitter, VersionWrite, create_tables, finish_filters, tag_version, video_status
+from curation.writer import (
+    BatchCommitter,
+    VersionWrite,
+    create_tables,
+    finish_filters,
+    tag_version,
+    verdicts_committed,
+    video_status,
+)
 from pipelines.cluster import init_ray
 from pipelines.config import flatten
 from pipelines.tracking import client_for, finish_run, log_params, open_run, tracking_uri
@@ -328,26 +336,41 @@ def run_curate(config: CurateConfig, retry_quarantined: bool = False) -> dict:
             log.info("nothing new: dataset version %d is up to date", latest)
             _warn_if_config_changed(config, dataset.record(latest))
             return {**dataset.record(latest), "run": {"nothing_new": True}}
-        _claim_version(config, dataset, plan.version)
-        uri = curate_tracking_uri(config, OutputDir(config.output))
-        run_id = _start_run(uri, config, dataset, plan.version) if uri else None
-        try:
-            run = _process(plan, config, dataset, lock)
-            wall = time.perf_counter() - started
-            run.update(wall_seconds=wall, retry_quarantined=retry_quarantined,
-                       video_seconds_per_wall_second=run["video_seconds_processed"] / wall if wall > 0 else 0.0)
-            if run_id:
-                run.update(mlflow_run_id=run_id, tracking_uri=_public_uri(uri), experiment=config.tracking.experiment)
-            record = _finish(config, dataset, plan, run, run_id, uri, retry_quarantined)
-            if run_id:
-                finish_run(uri, run_id)
-        except BaseException as err:
-            if run_id:
-                try:
-                    finish_run(uri, run_id, "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
-                except Exception:  # noqa: BLE001 - the original error is the one to show
-                    log.warning("could not mark MLflow run %s as failed", run_id)
-            raise
+        if plan.unfinished and plan.pending and verdicts_committed(dataset, plan.version):
+            # The interrupted run had judged its version: it is finished as judged (percentiles over its own
+            # clips), and the videos that are new since go into the next version.
+            log.info("finishing dataset version %d as the interrupted run judged it; %d new videos go into "
+                     "version %d", plan.version, len(plan.pending), plan.version + 1)
+            _make_version(config, dataset, lock, RunPlan(plan.version, [], plan.duplicates, True), retry_quarantined)
+            plan = RunPlan(plan.version + 1, plan.pending, plan.duplicates, False)
+            started = time.perf_counter()
+        return _make_version(config, dataset, lock, plan, retry_quarantined, started)
+
+
+def _make_version(config: CurateConfig, dataset: CuratedDataset, lock: CurateLock, plan: RunPlan,
+                  retry_quarantined: bool, started: float | None = None) -> dict:
+    """Process the plan's videos into its version and finish it, as one MLflow run."""
+    started = time.perf_counter() if started is None else started
+    _claim_version(config, dataset, plan.version)
+    uri = curate_tracking_uri(config, OutputDir(config.output))
+    run_id = _start_run(uri, config, dataset, plan.version) if uri else None
+    try:
+        run = _process(plan, config, dataset, lock)
+        wall = time.perf_counter() - started
+        run.update(wall_seconds=wall, retry_quarantined=retry_quarantined,
+                   video_seconds_per_wall_second=run["video_seconds_processed"] / wall if wall > 0 else 0.0)
+        if run_id:
+            run.update(mlflow_run_id=run_id, tracking_uri=_public_uri(uri), experiment=config.tracking.experiment)
+        record = _finish(config, dataset, plan, run, run_id, uri, retry_quarantined)
+        if run_id:
+            finish_run(uri, run_id)
+    except BaseException as err:
+        if run_id:
+            try:
+                finish_run(uri, run_id, "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
+            except Exception:  # noqa: BLE001 - the original error is the one to show
+                log.warning("could not mark MLflow run %s as failed", run_id)
+        raise
     return record
 
 

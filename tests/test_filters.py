@@ -258,8 +258,6 @@ def _killed(*args, **kwargs):
     raise _Killed
 
 
-@pytest.mark.xfail(strict=True, reason="a rerun re-judges a version whose verdicts an interrupted run committed: "
-                   "the old verdicts count as early drops (see the report of the Lance port)")
 def test_a_version_resumed_after_its_verdicts_is_judged_as_one_run_over_its_clips(tmp_path, monkeypatch):
     """run_curate killed after the verdicts were committed and before the tag (MLflow down, a kill), rerun once the
     dump has grown. Whichever version the new video goes into, each version's verdicts must be those of one run of
