@@ -151,8 +151,9 @@ class CuratedDataset:
         found = []
         for name, tag in tags.items():
             match = re.fullmatch(r"v(\d+)", name)
-            if match:
-                record = json.loads((tag.get("metadata") or {}).get(RECORD_KEY, "{}"))
+            metadata = tag.get("metadata") or {}
+            if match and RECORD_KEY in metadata:  # without its record, the run died tagging: not finished
+                record = json.loads(metadata[RECORD_KEY])
                 found.append(Version(int(match[1]), record.get("lance_versions", {}), record))
         return sorted(found, key=lambda v: v.number)
 
@@ -164,7 +165,9 @@ class CuratedDataset:
     def resolve(self, version: int | None) -> int:
         """`version`, or the newest one; a clear error when there is none."""
         if version is not None:
-            self.open("videos", version)  # raises the "no such version" error
+            if version not in {v.number for v in self.versions()}:
+                known = ", ".join(f"v{v.number}" for v in self.versions()) or "none"
+                raise DatasetError(f"{self.shown} has no dataset version {version} (versions: {known})")
             return version
         latest = self.latest()
         if latest is None:

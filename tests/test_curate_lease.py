@@ -76,3 +76,14 @@ def test_curate_refuses_an_unmigrated_parquet_output(tmp_path):
     with pytest.raises(DatasetError, match="reelforge migrate-dataset --data"):
         run_curate(CurateConfig(input=str(tmp_path), output=str(tmp_path / "old")))
     assert sorted(p.name for p in (tmp_path / "old").iterdir()) == ["manifest.json"]  # nothing written beside it
+
+
+def test_a_tag_without_its_record_is_not_a_finished_version(dataset):
+    """tag_version died between creating the videos tag and writing its record: readers do not see the version."""
+    from curation.dataset import DatasetError
+
+    videos = dataset.open("videos")
+    videos.tags.create("v0001", videos.version)
+    assert dataset.versions() == [] and dataset.latest() is None
+    with pytest.raises(DatasetError, match=r"has no dataset version 1 \(versions: none\)"):
+        dataset.read("videos", 1)
