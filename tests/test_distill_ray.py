@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pyarrow.parquet as pq
+import pyarrow as pa
 import pytest
 import torch
 
@@ -91,10 +91,11 @@ def test_each_student_is_a_registered_version_nested_under_the_distill_run(disti
 
 def _real_clips(data, count: int = 8) -> torch.Tensor:
     from training.config import CurriculumStage
-    from training.data import ClipDecodeStage, shard_files, to_model_input
+    from training.data import ClipDecodeStage, to_model_input
+    from training.dataset import ClipTable
 
-    table = pq.read_table(shard_files(str(data)))
-    decoded = ClipDecodeStage(CurriculumStage(**STAGE))(table.slice(0, count))
+    rows = pa.Table.from_pylist(ClipTable.open(str(data)).take(range(count)))
+    decoded = ClipDecodeStage(CurriculumStage(**STAGE))(rows)
     return to_model_input(decoded["video"]), list(decoded["caption"])
 
 

@@ -1,5 +1,5 @@
-"""Training clips from curated shards: list the Parquet shards a curation run wrote, decode each clip's bytes to a
-fixed number of frames at a target fps, resize and centre-crop. training/dataset.py reads them replayably."""
+"""Training clips from curated shard rows: decode each clip's bytes to a fixed number of frames at a target fps,
+resize and centre-crop. training/dataset.py reads the rows, replayably, from a dataset version's shards table."""
 
 from __future__ import annotations
 
@@ -11,41 +11,12 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from curation.redact import redact_uri
 from models.codec import PixelCodec
 from training.config import CurriculumStage
 
 log = logging.getLogger("reelforge.train.data")
 
 SHARD_COLUMNS = ["clip_id", "caption", "fps", "num_frames", "video_bytes"]
-
-
-def shard_entries(data_uri: str) -> tuple[dict, list[dict]]:
-    """The curated dataset's manifest and its non-empty shard entries (path, rows, sha256) of every version, or a
-    clear error: no manifest, or no kept clips to train on."""
-    from curation.outputs import OutputDir, read_manifest
-
-    manifest = read_manifest(OutputDir(data_uri))
-    shown = redact_uri(data_uri)
-    if manifest is None:
-        raise FileNotFoundError(f"{shown} has no manifest.json: point --data at the output of `reelforge curate`")
-    entries = [f for version in manifest["versions"] for f in version["files"].get("shards", []) if f["rows"]]
-    if not entries:
-        raise ValueError(f"{shown}: the curated dataset has no kept clips, so there is nothing to train on")
-    return manifest, entries
-
-
-def shard_files(data_uri: str) -> list[str]:
-    """The URI of every shard file of every dataset version listed in the curated dataset's manifest.json, each
-    with `data_uri`'s credentials and query options (endpoint_override, scheme, region): it opens on the same store."""
-    from curation.discover import join_uri
-    from curation.outputs import OutputDir
-
-    files = [f["path"] for f in shard_entries(data_uri)[1]]
-    out = OutputDir(data_uri)
-    if "://" not in data_uri:
-        return [f"{data_uri.rstrip('/')}/{path}" for path in files]
-    return [join_uri(data_uri, out.path(path)) for path in files]
 
 
 def sample_indices(num_frames_in_clip: int, src_fps: float, num_frames: int, fps: float) -> list[int] | None:

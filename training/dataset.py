@@ -1,6 +1,7 @@
 """Exact, replayable training reads: a seeded permutation of (row, window) items per epoch, split by rank, rows
-fetched by index from the curated table and decoded in background threads, so micro-batch k of a stage depends only
-on (seed, stage, epoch, rank, k) and a resumed run sees the batches an uninterrupted one would."""
+fetched by index from the `shards` Lance table of one curated dataset version and decoded in background threads,
+so micro-batch k of a stage depends only on (seed, stage, epoch, rank, k) and a resumed run sees the batches an
+uninterrupted one would. `--data DIR@v3` reads version 3 the same way, to reproduce an old run."""
 
 from __future__ import annotations
 
@@ -8,160 +9,100 @@ import hashlib
 import json
 import logging
 import os
-from bisect import bisect_right
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from threading import Lock
-from typing import TYPE_CHECKING
+from urllib.parse import urlsplit, urlunsplit
 
 import av
+import lance
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 
+from curation.dataset import DatasetError, open_data, split_version
+from curation.redact import redact_uri
 from training.config import CurriculumStage, DataConfig
-from training.data import SHARD_COLUMNS, decode_row, shard_entries, window_indices
-
-if TYPE_CHECKING:
-    from curation.outputs import OutputDir
+from training.data import SHARD_COLUMNS, decode_row, window_indices
 
 log = logging.getLogger("reelforge.train.dataset")
 
 METADATA_COLUMNS = ["clip_id", "num_frames", "fps", "caption"]
 
 
+def pin_version(data: str, number: int) -> str:
+    """`data` naming dataset version `number` (the inverse of curation.dataset.split_version): DIR -> DIR@v3,
+    s3://b/dir?endpoint_override=... -> s3://b/dir@v3?endpoint_override=..., DIR@v2 -> DIR@v3."""
+    base, _ = split_version(data)
+    if "://" not in base:
+        return f"{base}@v{number}"
+    parts = urlsplit(base)
+    return urlunsplit(parts._replace(path=f"{parts.path or '/'}@v{number}"))
+
+
+def content_id(shards: lance.LanceDataset) -> str:
+    """A hash of the data and deletion files of a Lance version: Lance names every file it writes with a fresh
+    random id, so two versions (or two datasets) share it only when they hold the same rows, and a copy of the
+    dataset elsewhere keeps it."""
+    files = [[f.fragment_id, [d.path for d in f.data_files()], f.deletion_file(), f.physical_rows]
+             for f in shards.get_fragments()]
+    return hashlib.sha256(json.dumps(files).encode()).hexdigest()[:12]
+
+
 class ClipTable:
-    """The read side of a curated dataset: the kept clips, random access by row index.
+    """The read side of a curated dataset: the kept clips of one dataset version, random access by row index.
 
-    Rows are numbered in manifest order (every version's shard files, each file's rows in order). Today the table
-    is the Parquet shards: an index maps a row to (file, row group, offset) and whole row groups are read and kept
-    while recent (`cache_bytes`), since Parquet cannot read less than a row group of a column."""
+    The table is the `shards` Lance dataset at the version's tag. Rows are numbered in its order at that version
+    (fragments in order, each fragment's rows in order, deleted rows left out): a tagged version is immutable, so
+    scans and `take` agree on that order on every worker and in every later read of `DIR@vN`. One LanceDataset
+    serves every decode thread: at a fixed version it holds no mutable state and its `take` may be called from
+    several threads at once."""
 
-    def __init__(self, data_uri: str, version: str, out: OutputDir, paths: list[str], metas: list[pq.FileMetaData],
-                 cache_bytes: int = 256 * 2**20):
-        self.data_uri = data_uri
-        self._version = version
-        self._fs = out.fs
-        self._paths = paths
-        self._metas = metas
-        self._groups: list[tuple[int, int]] = []  # (file, row group) in row order
-        starts = []
-        total = 0
-        for f, meta in enumerate(metas):
-            for g in range(meta.num_row_groups):
-                rows = meta.row_group(g).num_rows
-                if rows:
-                    self._groups.append((f, g))
-                    starts.append(total)
-                    total += rows
-        self._starts = starts
-        self._rows = total
-        self._columns = [[c for c in SHARD_COLUMNS if c in meta.schema.to_arrow_schema().names] for meta in metas]
-        self._cache: OrderedDict[tuple[int, int], Future] = OrderedDict()
-        self._cache_bytes = cache_bytes
-        self._lock = Lock()
+    def __init__(self, shards: lance.LanceDataset, data_uri: str, number: int):
+        self.shards = shards
+        self.data_uri = data_uri  # DIR@vN: the same rows wherever it is opened (workers, a later reproduction)
+        self.shown = redact_uri(data_uri)
+        self.number = number
+        self._rows = shards.count_rows()
+        self._version = f"v{number}-lance{shards.version}-{content_id(shards)}"
         self._metadata: dict[str, list] | None = None
 
     @classmethod
-    def open(cls, data_uri: str, cache_bytes: int = 256 * 2**20) -> ClipTable:
-        """The kept clips of the curated output `data_uri` (local path or URI) as listed by its manifest."""
-        from curation.outputs import OutputDir
-        from curation.redact import redact_uri
-
-        manifest, entries = shard_entries(data_uri)  # one manifest read; the clear errors: no manifest, no clips
-        shown = redact_uri(data_uri)
-        out = OutputDir(data_uri)
-        paths = [out.path(f["path"]) for f in entries]  # paths on out.fs, which keeps the URI's endpoint and keys
-
-        def footer(path: str) -> pq.FileMetaData:
-            try:
-                with out.fs.open_input_file(path) as f:
-                    return pq.ParquetFile(f).metadata
-            except FileNotFoundError:
-                raise FileNotFoundError(f"{shown}: shard {path} listed in manifest.json is missing; "
-                                        "the curated dataset is incomplete, curate it again") from None
-
-        with ThreadPoolExecutor(8) as pool:  # one small read per file, latency-bound on object stores
-            metas = list(pool.map(footer, paths))
-        for entry, meta in zip(entries, metas, strict=True):
-            if meta.num_rows != entry["rows"]:
-                raise ValueError(f"{shown}: shard {entry['path']} holds {meta.num_rows} rows but manifest.json "
-                                 f"lists {entry['rows']}; the file was changed after curation, curate again")
-        listing = json.dumps([[f["path"], f["rows"], f.get("sha256")] for f in entries]).encode()
-        latest = manifest.get("dataset_version", max(v["version"] for v in manifest["versions"]))
-        version = f"v{latest}-{hashlib.sha256(listing).hexdigest()[:12]}"
-        return cls(data_uri, version, out, paths, metas, cache_bytes)
+    def open(cls, data: str) -> ClipTable:
+        """The kept clips of the curated dataset `data` (a path or URI, `@vN` for version N, else the newest)."""
+        dataset, number = open_data(data)  # the one-line errors: no dataset, Parquet layout, unknown version
+        table = cls(dataset.open("shards", number), pin_version(data, number), number)
+        if not len(table):
+            raise DatasetError(f"{table.shown}: dataset version {number} has no kept clips, so there is nothing to "
+                               "read; curate more videos or relax the filters")
+        return table
 
     def __len__(self) -> int:
         return self._rows
 
     @property
     def version(self) -> str:
-        """Which rows, exactly: the manifest's latest version and a hash of the shard files and their row counts."""
+        """Which rows, exactly: `v<dataset version>-lance<Lance version of shards>-<content_id>`."""
         return self._version
+
+    @property
+    def lance_version(self) -> int:
+        return self.shards.version
 
     def metadata(self) -> dict[str, list]:
         """clip_id, num_frames, fps and caption of every row, in row order (no video bytes are read)."""
         if self._metadata is None:
-            columns: dict[str, list] = {c: [] for c in METADATA_COLUMNS}
-            for path, meta in zip(self._paths, self._metas, strict=True):
-                names = meta.schema.to_arrow_schema().names
-                with self._fs.open_input_file(path) as f:
-                    table = pq.ParquetFile(f, metadata=meta).read(columns=[c for c in METADATA_COLUMNS if c in names])
-                for c in METADATA_COLUMNS:
-                    columns[c].extend(table[c].to_pylist() if c in names else [None] * table.num_rows)
-            self._metadata = columns
+            table = self.shards.to_table(columns=METADATA_COLUMNS, scan_in_order=True)
+            self._metadata = {c: table[c].to_pylist() for c in METADATA_COLUMNS}
         return self._metadata
 
     def take(self, indices: Sequence[int]) -> list[dict]:
         """Full rows (training.data.SHARD_COLUMNS, video bytes included) in the order of `indices`; thread-safe."""
-        rows = []
-        for index in indices:
-            index = int(index)
-            if not 0 <= index < self._rows:
-                raise IndexError(f"row {index} is out of range for a table of {self._rows} rows")
-            g = bisect_right(self._starts, index) - 1
-            table = self._row_group(g)
-            row = table.slice(index - self._starts[g], 1).to_pylist()[0]
-            rows.append({c: row.get(c) for c in SHARD_COLUMNS})
-        return rows
-
-    def _row_group(self, g: int) -> pa.Table:
-        """Row group g (in row order), read once by whichever thread asks first; the others wait for that read."""
-        key = self._groups[g]
-        with self._lock:
-            future = self._cache.get(key)
-            owner = future is None
-            if owner:
-                future = self._cache[key] = Future()
-            else:
-                self._cache.move_to_end(key)
-        if owner:
-            f, group = key
-            try:
-                with self._fs.open_input_file(self._paths[f]) as handle:
-                    table = pq.ParquetFile(handle, metadata=self._metas[f]).read_row_group(group,
-                                                                                           self._columns[f])
-            except BaseException as err:
-                with self._lock:
-                    self._cache.pop(key, None)
-                future.set_exception(err)
-                raise
-            future.set_result(table)
-            self._evict(keep=key)
-        return future.result()
-
-    def _evict(self, keep: tuple[int, int]) -> None:
-        with self._lock:
-            done = [(k, v) for k, v in self._cache.items() if v.done() and not v.exception()]
-            held = sum(v.result().nbytes for _, v in done)
-            for k, v in done:  # oldest first
-                if held <= self._cache_bytes:
-                    break
-                if k != keep:
-                    held -= v.result().nbytes
-                    del self._cache[k]
+        indices = [int(i) for i in indices]
+        outside = [i for i in indices if not 0 <= i < self._rows]
+        if outside:
+            raise IndexError(f"row {outside[0]} is out of range for a table of {self._rows} rows")
+        if not indices:
+            return []
+        return self.shards.take(indices, columns=SHARD_COLUMNS).to_pylist()
 
 
 def _permutation(seed: int, stage: CurriculumStage, epoch: int, n: int) -> np.ndarray:
@@ -276,7 +217,7 @@ class StageLoader:
                     if clip is not None:
                         break
                 else:
-                    raise ValueError(f"{self.table.data_uri}: no clip of stage {self.stage.name!r} can be decoded")
+                    raise ValueError(f"{self.table.shown}: no clip of stage {self.stage.name!r} can be decoded")
             clips.append(clip)
             captions.append(self._captions[row] or "")
         self._release()

@@ -233,28 +233,31 @@ class RealClips:
 
 def load_real_clips(data: str, fmt: VideoFormat, max_videos: int) -> RealClips:
     """The first `max_videos` kept clips (by clip_id) that have a caption and enough frames, decoded at `fmt` the
-    way training decodes them (frames at fmt.fps from the clip's middle, short side resized, centre-cropped)."""
-    from curation.outputs import read_table
+    way training decodes them (frames at fmt.fps from the clip's middle, short side resized, centre-cropped).
+    `data` is a curated dataset, `DIR@vN` for its version N (default: the newest)."""
     from training.config import CurriculumStage
-    from training.data import SHARD_COLUMNS, decode_row
+    from training.data import decode_row
+    from training.dataset import ClipTable
 
-    rows = read_table(data, "shards", columns=SHARD_COLUMNS).sort_by("clip_id").to_pylist()
+    table = ClipTable.open(data)
+    meta = table.metadata()
     stage = CurriculumStage(num_frames=fmt.num_frames, fps=fmt.fps, size=fmt.size)  # decoded as training does
     videos, captions, ids = [], [], []
     skipped = 0
-    for row in rows:
+    for row in sorted(range(len(table)), key=meta["clip_id"].__getitem__):
         if len(videos) == max_videos:
             break
-        clips = decode_row(row, stage) if (row["caption"] or "").strip() else []
+        clips = decode_row(table.take([row])[0], stage) if (meta["caption"][row] or "").strip() else []
         if not clips:
             skipped += 1
             continue
         videos.append(clips[0])
-        captions.append(row["caption"])
-        ids.append(row["clip_id"])
+        captions.append(meta["caption"][row])
+        ids.append(meta["clip_id"][row])
     if len(videos) < 2:
-        raise ValueError(f"{data}: only {len(videos)} kept clips with a caption and at least {fmt.num_frames} frames "
-                         f"({len(rows)} kept, {skipped} too short or uncaptioned); a Fréchet distance needs 2 or more")
+        raise ValueError(f"{table.shown}: only {len(videos)} kept clips with a caption and at least {fmt.num_frames} "
+                         f"frames ({len(table)} kept, {skipped} too short or uncaptioned); a Fréchet distance needs 2 "
+                         "or more")
     if skipped:
         log.info("skipped %d held-out clips without a caption or with fewer than %d frames", skipped, fmt.num_frames)
     return RealClips(np.stack(videos), captions, ids)
