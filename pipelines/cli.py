@@ -143,7 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     curate.set_defaults(func=_curate)
 
     train = sub.add_parser("train", help="train a text-to-video diffusion model on curated shards (resumes on rerun)")
-    train.add_argument("--data", help="a curated dataset (the --output of `reelforge curate`)")
+    train.add_argument("--data", help="a curated dataset (the --output of `reelforge curate`); DIR@vN for its "
+                       "version N (default: the newest)")
     train.add_argument("--output", help="directory or URI for checkpoints, the exported model and the MLflow store")
     _config_arguments(train, "configs/train/")
     train.add_argument("--accept-data-change", action="store_true",
@@ -152,14 +153,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     distill = sub.add_parser("distill", help="progressive distillation of a trained model into fewer-step students")
     distill.add_argument("--teacher", help="the exported model to distil (the model/ folder of a training run)")
-    distill.add_argument("--data", help="a curated dataset whose clips the rounds noise")
+    distill.add_argument("--data", help="a curated dataset whose clips the rounds noise; DIR@vN for its version N "
+                         "(default: the newest)")
     distill.add_argument("--output", help="directory for the rounds (checkpoints, students, MLflow store)")
     _config_arguments(distill, "configs/distill.yaml")
     distill.set_defaults(func=_distill)
 
     evaluate = sub.add_parser("evaluate", help="generate for held-out prompts with each model and compare them")
     evaluate.add_argument("--model", action="append", default=[], help="an exported model folder (repeat)")
-    evaluate.add_argument("--data", help="a curated dataset of held-out clips (their captions are the prompts)")
+    evaluate.add_argument("--data", help="a curated dataset of held-out clips (their captions are the prompts); "
+                          "DIR@vN for its version N (default: the newest)")
     evaluate.add_argument("--output", help="directory for the comparison table, GIFs and the MLflow store")
     _config_arguments(evaluate, "configs/evaluate.yaml")
     evaluate.set_defaults(func=_evaluate)

@@ -47,6 +47,10 @@ def run_distill(config: DistillConfig) -> dict:
                           "locally or to a shared file system first")
     config.teacher = str(Path(config.teacher.removeprefix("file://")).resolve())
     config.data, config.output = _absolute(config.data), _absolute(config.output)
+    from training.dataset import ClipTable
+
+    table = ClipTable.open(config.data)  # fail on a wrong --data before starting anything
+    config.data = table.data_uri  # DIR@vN: every round reads this version, and the saved config names it
     rounds = config.round_steps()
     teacher = _teacher_config(config.teacher)
     cfg_scale = config.teacher_cfg_scale
@@ -58,9 +62,11 @@ def run_distill(config: DistillConfig) -> dict:
     out.write_bytes_atomic("distill-config.yaml", redacted_yaml(config).encode())
     uri, run_id = tracking.output_run(config.output, config.tracking.uri, config.tracking.experiment,
                                       {"reelforge.step": "distill", "reelforge.teacher": config.teacher,
+                                       "reelforge.data": config.data, "reelforge.data_version": table.version,
                                        "reelforge.output": config.output}, config.tracking.parent_run_id)
     client = tracking.client_for(uri)
-    tracking.log_params(client, run_id, {**flatten(config), "rounds": rounds, "teacher_cfg_scale_used": cfg_scale})
+    tracking.log_params(client, run_id, {**flatten(config), **tracking.data_params(table), "rounds": rounds,
+                                         "teacher_cfg_scale_used": cfg_scale})
     log.info("distilling %s: %d -> %s steps; MLflow run %s in %s", config.teacher, config.teacher_steps,
              " -> ".join(map(str, rounds)), run_id, redact_uri(uri))
 

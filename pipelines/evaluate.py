@@ -137,6 +137,18 @@ def _log_parent(client, run_id: str, config: EvaluateConfig, result: EvaluationR
             client.log_artifact(run_id, str(directory / name), os.path.dirname(name) or None)
 
 
+def _pin_data(config: EvaluateConfig) -> str | None:
+    """Open the held-out data (a wrong --data fails before any run opens) and name its version in `config.data`
+    (DIR@vN), so the config saved beside the outputs says which clips were the real side; its data_version."""
+    if not config.data:
+        return None
+    from training.dataset import ClipTable
+
+    table = ClipTable.open(config.data)
+    config.data = table.data_uri
+    return table.version
+
+
 def run_evaluate(config: EvaluateConfig) -> dict:
     """Evaluate `config.models` into `config.output` and MLflow; returns the summary (see summary_text).
 
@@ -145,6 +157,7 @@ def run_evaluate(config: EvaluateConfig) -> dict:
         raise ValueError("evaluate needs --output")
     config.validate()
     video_format(config, resolve_models(config.models)[0])  # a wrong model path or format fails before any run opens
+    data_version = _pin_data(config)
     started = time.perf_counter()
     out = OutputDir(config.output)
     out.makedirs()
@@ -157,7 +170,8 @@ def run_evaluate(config: EvaluateConfig) -> dict:
     run_id = tracking.open_run(uri, config.tracking.experiment, recorded,
                                run_name=Path(config.output.rstrip("/")).name or "evaluate",
                                tags={"reelforge.step": "evaluate", "reelforge.output": config.output,
-                                     "reelforge.data": config.data or "none"},
+                                     "reelforge.data": config.data or "none",
+                                     "reelforge.data_version": data_version or "none"},
                                parent_run_id=config.tracking.parent_run_id)
     if run_id != recorded:
         recorded_children = {}

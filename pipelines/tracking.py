@@ -92,6 +92,13 @@ def log_params(client, run_id: str, params: dict) -> None:
         client.log_batch(run_id, params=fresh[start:start + 100])
 
 
+def data_params(table) -> dict:
+    """What a run records of the curated data it read (a training.dataset.ClipTable): the exact rows
+    (data_version), the reelforge dataset version to name in `--data DIR@vN`, the Lance version of its shards."""
+    return {"data_version": table.version, "data_dataset_version": table.number,
+            "data_lance_version": table.lance_version}
+
+
 def finish_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
     client_for(uri).set_terminated(run_id, status=status)
 

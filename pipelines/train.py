@@ -41,6 +41,7 @@ def run_train(config: TrainConfig, distill: DistillRound | None = None, step: st
     from training.dataset import ClipTable
 
     table = ClipTable.open(config.data)  # fail on a wrong --data before starting anything
+    config.data = table.data_uri  # DIR@vN: every worker reads this version, and the saved config names it
     out = OutputDir(config.output)
     _check_resume(out, config, table.version)
     out.makedirs()
@@ -52,7 +53,7 @@ def run_train(config: TrainConfig, distill: DistillRound | None = None, step: st
                                        "reelforge.data_version": table.version,
                                        "reelforge.output": config.output}, config.tracking.parent_run_id)
     client = tracking.client_for(uri)
-    tracking.log_params(client, run_id, {**flatten(config), "data_version": table.version})
+    tracking.log_params(client, run_id, {**flatten(config), **tracking.data_params(table)})
     log.info("MLflow run %s in %s; data %s (%s, %d clips)", run_id, redact_uri(uri), redact_uri(config.data),
              table.version, len(table))
 

@@ -84,6 +84,13 @@ def test_each_student_is_a_registered_version_nested_under_the_distill_run(disti
         assert run.data.tags["mlflow.parentRunId"] == summary["run_id"]
         assert run.data.tags["reelforge.step"] == "distill-round"
         assert len(client.get_metric_history(r["run_id"], "loss")) == ROUND_STEPS
+    # Every round read the version the distill run resolved and recorded.
+    distill_run = client.get_run(summary["run_id"]).data
+    assert distill_run.params["data"] == f"{config.data.split('@')[0]}@v1" == config.data
+    assert distill_run.params["data_dataset_version"] == "1"
+    for r in summary["rounds"]:
+        params = client.get_run(r["run_id"]).data.params
+        assert params["data"] == config.data and params["data_version"] == distill_run.params["data_version"]
     children = client.search_runs([client.get_run(summary["run_id"]).info.experiment_id],
                                   f"tags.mlflow.parentRunId = '{summary['run_id']}'")
     assert sorted(c.info.run_id for c in children) == sorted(r["run_id"] for r in summary["rounds"])

@@ -11,6 +11,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 from curation.sample_dump import _Sampler
@@ -315,3 +316,8 @@ def test_held_out_clips_from_a_curated_dataset(exported, curated_sample, tmp_pat
     for run_id in summary["child_runs"].values():
         assert math.isfinite(client.get_run(run_id).data.metrics["frechet_clip_frame"])
     assert "real_flicker_mean" in client.get_run(summary["run_id"]).data.metrics
+    # The held-out data is named by its version, in the config beside the outputs and in the run.
+    parent = client.get_run(summary["run_id"]).data
+    saved = yaml.safe_load((tmp_path / "evaluate-config.yaml").read_text())
+    assert config.data == saved["data"] == f"{curated_sample}@v1"
+    assert parent.params["data"] == config.data and parent.tags["reelforge.data_version"].startswith("v1-lance")

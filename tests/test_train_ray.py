@@ -53,7 +53,7 @@ def zero2_run(curated_sample, tmp_path_factory):
     return out, summary, _history(summary)
 
 
-def test_zero2_loss_goes_down_and_model_is_registered(zero2_run):
+def test_zero2_loss_goes_down_and_model_is_registered(zero2_run, curated_sample):
     from mlflow.tracking import MlflowClient
 
     out, summary, losses = zero2_run
@@ -67,8 +67,14 @@ def test_zero2_loss_goes_down_and_model_is_registered(zero2_run):
     assert {"model/model.safetensors", "model/config.json"} <= artifacts
     samples = {a.path for a in client.list_artifacts(summary["run_id"], "samples")}
     assert {"samples/final.gif", "samples/final.mp4"} <= samples
-    params = client.get_run(summary["run_id"]).data.params
+    run = client.get_run(summary["run_id"]).data
+    params = run.params
     assert params["deepspeed.zero_stage"] == "2" and params["model.preset"] == "VDiT-T/2"
+    # The data it read, by name: the dataset version (the newest, as --data named none), its Lance version, rows.
+    assert params["data"] == f"{curated_sample}@v1"
+    assert params["data_dataset_version"] == "1" and params["data_lance_version"].isdigit()
+    assert params["data_version"] == summary["data_version"] == run.tags["reelforge.data_version"]
+    assert summary["data_version"].startswith(f"v1-lance{params['data_lance_version']}-")
     for key in ("lr", "grad_norm", "samples_per_s", "step_time_s", "data_wait_s"):
         assert len(_history(summary, key)) == TOTAL, key
     lrs = _history(summary, "lr")
@@ -113,7 +119,8 @@ def test_stopped_and_resumed_equals_uninterrupted_at_every_later_step(curated_sa
     state = json.loads((out / "ray-train" / "step_00000020" / "train_state.json").read_text())
     assert state["step"] == 20 and state["zero_stage"] == zero and state["world_size"] == 2
     assert state["data_version"] == first["data_version"] and len(state["config_hash"]) == 64
-    resumed = run_train(_config(curated_sample, out, f"deepspeed.zero_stage={zero}"))
+    # Resumed naming the version it trained on (the first run named none: the newest, version 1): the same rows.
+    resumed = run_train(_config(f"{curated_sample}@v1", out, f"deepspeed.zero_stage={zero}"))
     assert resumed["step"] == TOTAL and resumed["run_id"] == first["run_id"] and resumed["model_version"]
     losses = _history(resumed)
     assert sorted(losses) == list(range(1, TOTAL + 1))
@@ -127,6 +134,7 @@ def test_stopped_and_resumed_equals_uninterrupted_at_every_later_step(curated_sa
 
 
 def test_resuming_against_other_data_or_another_config_says_what_differs(curated_sample, zero2_run, tmp_path):
+    from curation.dataset import DatasetError
     from pipelines.config import ConfigError
 
     out, _, _ = zero2_run
@@ -139,6 +147,11 @@ def test_resuming_against_other_data_or_another_config_says_what_differs(curated
     try:
         with pytest.raises(ConfigError, match="accept-data-change"):
             run_train(_config(curated_sample, out, "deepspeed.zero_stage=2"))
+        (out / "train_state.json").write_text(json.dumps({**state, "data_version": "v3-lance9-0123456789ab"}))
+        with pytest.raises(ConfigError, match=f"pass --data {curated_sample}@v3 to continue on the data it trained"):
+            run_train(_config(curated_sample, out, "deepspeed.zero_stage=2"))
+        with pytest.raises(DatasetError, match="has no dataset version 3 \\(versions: v1\\)"):
+            run_train(_config(f"{curated_sample}@v3", out, "deepspeed.zero_stage=2"))
     finally:
         (out / "train_state.json").write_text(json.dumps(state))
 

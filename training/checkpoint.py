@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -14,7 +15,9 @@ from pathlib import Path
 import torch
 
 from curation.outputs import OutputDir
+from curation.redact import redact_uri
 from training.config import TrainConfig, resume_hash
+from training.dataset import pin_version
 from training.ema import EMA
 from training.engine import Engine
 
@@ -60,8 +63,17 @@ def resume_problems(state: TrainState, config: TrainConfig, data_version: str) -
                         "or batch); compare train-config.yaml beside the output")
     if state.data_version and state.data_version != data_version and not config.accept_data_change:
         problems.append(f"the curated dataset is now {data_version}, the run trained on {state.data_version}; "
-                        "pass --accept-data-change (or --set accept_data_change=true) to continue on it")
+                        f"{_same_data_hint(state.data_version, config.data)}pass --accept-data-change (or --set "
+                        "accept_data_change=true) to continue on it")
     return problems
+
+
+def _same_data_hint(trained_on: str, data: str) -> str:
+    """`--data DIR@vN` naming the dataset version a run trained on, when its data_version says which."""
+    match = re.match(r"v(\d+)-lance\d+-", trained_on)
+    if not match or not data:
+        return ""
+    return f"pass --data {redact_uri(pin_version(data, int(match[1])))} to continue on the data it trained on, or "
 
 
 def _staging_directory() -> tempfile.TemporaryDirectory:
