@@ -28,13 +28,13 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from curation.outputs import read_table  # noqa: E402
 from curation.sample_dump import DIRECTIONS, SHAPE_COLORS, direction_vector, draw_shape  # noqa: E402
 from models.schedules import NoiseSchedule, ScheduleConfig  # noqa: E402
 from models.text_encoder import FrozenTextEncoder, TextEncoderConfig  # noqa: E402
 from models.vdit import VDiT, vdit_config  # noqa: E402
 from training.config import CurriculumStage  # noqa: E402
-from training.data import SHARD_COLUMNS, decode_row, to_model_input, to_uint8  # noqa: E402
+from training.data import decode_row, to_model_input, to_uint8  # noqa: E402
+from training.dataset import ClipTable  # noqa: E402
 from training.ema import EMA  # noqa: E402
 from training.metrics import detect_shape_video, parse_shape_prompt, prompt_adherence  # noqa: E402
 from training.sample import generate  # noqa: E402
@@ -45,7 +45,8 @@ PROBE_TIMESTEPS = (400, 700, 900, 970)
 
 def curated_clips(data: str, stage: CurriculumStage, windows: int) -> tuple[np.ndarray, list[str]]:
     videos, captions = [], []
-    for row in read_table(data, "shards", columns=SHARD_COLUMNS).to_pylist():
+    table = ClipTable.open(data)  # DIR@vN for version N
+    for row in table.take(range(len(table))):
         for clip in decode_row(row, stage, windows):
             videos.append(clip)
             captions.append(row["caption"] or "")

@@ -1,8 +1,8 @@
 """Training overhead benchmark, all figures from one run on this machine:
 
-1. steps per second of the full path (Ray Train + DeepSpeed, one worker, data from curated shards through Ray Data)
-   against a plain PyTorch loop on the same model, batch shape, optimizer and thread count, with its batches already
-   in memory (target: at most 15% overhead);
+1. steps per second of the full path (Ray Train + DeepSpeed, one worker, data read from the curated shards table by
+   training.dataset.StageLoader) against a plain PyTorch loop on the same model, batch shape, optimizer and thread
+   count, with its batches already in memory (target: at most 15% overhead);
 2. the time workers wait for data, as a fraction of step time (target: under 10%);
 3. per-rank memory of parameters plus optimizer state under ZeRO-0, 1, 2 and 3 with 2 workers (ZeRO-3 should be
    near half of ZeRO-0), as counted by training.engine.Engine.state_bytes after the first optimizer step.
@@ -28,14 +28,16 @@ sys.path.insert(0, str(ROOT))
 
 def _curated(workdir: Path) -> str:
     from curation.config import CurateConfig
+    from curation.dataset import CuratedDataset
     from curation.sample_dump import make_sample_dump
     from pipelines.config import load_config
     from pipelines.curate import run_curate
 
     out = workdir / "curated"
-    if not (out / "manifest.json").exists():
+    dataset = CuratedDataset(str(out))
+    if not dataset.exists() or dataset.latest() is None:  # an unfinished version is finished by the rerun
         make_sample_dump(workdir / "dump")
-        run_curate(load_config(CurateConfig, None, ["output_files.shard_rows=4", "tracking.enabled=false"],
+        run_curate(load_config(CurateConfig, None, ["tracking.enabled=false"],
                                base={"input": str(workdir / "dump"), "output": str(out)}))
     return str(out)
 

@@ -1,21 +1,25 @@
 """Training reads benchmark: decoded samples per second of the replayable random-access loader
-(training.dataset.StageLoader) against a streaming read of the same shards (a pyarrow.dataset scan in file order,
-decoded in batches by training.data.ClipDecodeStage), both with the same number of decode threads, in one run.
+(training.dataset.StageLoader: rows fetched by index with Lance `take` from a dataset version's shards table) against
+a streaming read of the same rows (a pyarrow.dataset scan of Parquet shards in file order, the layout before issue
+17, decoded in batches by training.data.ClipDecodeStage), both with the same number of decode threads, in one run.
 Wall seconds are the fastest of interleaved rounds; CPU seconds (this process, all threads) show the cost apart from
-other load on a shared box.
+other load on a shared box. A second table times the fetch alone (no decode): the Parquet scan, a Lance scan, and
+`ClipTable.take` of every row one at a time in random order, as the loader asks for them.
 
-    python bench/training_reads.py [--data DIR] [--clips 800] [--threads 2] [--repeats 3] [--json out.json]
+    python bench/training_reads.py [--data DIR[@vN]] [--clips 800] [--threads 2] [--repeats 3] [--json out.json]
 
-Without --data it writes a demo-sized curated dataset under --workdir (reused on later runs): `--clips` clips of a
-moving shape like the sample dump's, 192x144 at 24 fps, 2 to 5 s, encoded by curation.encode.ClipEncoder with the
-curation defaults, in shards of 256 rows. The stage is the demo's "high" one: 4 frames at 1 fps, 16 px.
+Without --data it writes a demo-sized curated dataset under --workdir (reused on later runs) with the curation
+writer (curation.writer: batches of videos, the filters, the version tag): `--clips` clips of a moving shape like
+the sample dump's, 192x144 at 24 fps, 2 to 5 s, encoded by curation.encode.ClipEncoder with the curation defaults.
+The Parquet side is the same rows of the shards table written as shards of 256 rows (zstd), under --workdir. The
+stage is the demo's "high" one: 4 frames at 1 fps, 16 px.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
+import random
 import sys
 import tempfile
 import time
@@ -28,73 +32,113 @@ sys.path.insert(0, str(ROOT))
 STAGE = {"name": "high", "steps": 8000, "num_frames": 4, "fps": 1.0, "size": 16}
 
 
-def _synthetic_curated(out_dir: Path, clips: int, shard_rows: int = 256) -> str:
+def _synthetic_clip(i: int, rng) -> dict:
+    """Clip i: a shape crossing the frame, as the sample dump draws it, encoded as curation encodes clips."""
     import numpy as np
-    import pyarrow as pa
-    import pyarrow.parquet as pq
 
-    from curation import schema
     from curation.config import EncodeConfig
     from curation.encode import ClipEncoder
-    from curation.outputs import OutputDir, VersionWrite, commit_version
     from curation.sample_dump import SHAPES, direction_vector, draw_shape
 
-    out = OutputDir(str(out_dir))
-    if out.exists("manifest.json"):
-        return str(out_dir)
-    rng = np.random.default_rng(0)
     width, height, fps = 192, 144, 24
-    rows = []
+    frames = int(rng.integers(2 * fps, 5 * fps + 1))
+    shape, direction = SHAPES[i % 3], ("left", "right", "up", "down")[i % 4]
+    colour = tuple(int(c) for c in rng.integers(100, 256, 3))
+    dx, dy = direction_vector(direction)
+    encoder = ClipEncoder(EncodeConfig(), width, height, fps)
+    for t in range(frames):
+        rgb = np.full((height, width, 3), 40, np.uint8)
+        progress = t / max(1, frames - 1) - 0.5
+        draw_shape(rgb, shape, width / 2 + dx * progress * 100, height / 2 + dy * progress * 70, 28, colour)
+        encoder.add(t / fps, rgb)
+    return {"clip_id": f"clip-{i:05d}", "video_id": f"video-{i:05d}", "start_frame": 0, "end_frame": frames - 1,
+            "start_s": 0.0, "end_s": frames / fps, "num_frames": frames, "caption": f"a {shape} moving {direction}",
+            "width": encoder.width, "height": encoder.height, "video_bytes": encoder.close()}
+
+
+def _synthetic_curated(out_dir: Path, clips: int) -> str:
+    """A one-version curated dataset of `clips` clips (one video each), written as `reelforge curate` writes."""
+    import numpy as np
+
+    from curation.config import CurateConfig, FilterConfig, ScoreFilter
+    from curation.dataset import CuratedDataset
+    from curation.writer import BatchCommitter, create_tables, finish_filters, tag_version
+
+    dataset = CuratedDataset(str(out_dir))
+    if dataset.exists() and dataset.latest() is not None:
+        return str(out_dir)
+    create_tables(dataset)
+    committer = BatchCommitter(dataset, 1, every=64)
+    rng = np.random.default_rng(0)
     for i in range(clips):
-        frames = int(rng.integers(2 * fps, 5 * fps + 1))
-        shape, direction = SHAPES[i % 3], ("left", "right", "up", "down")[i % 4]
-        colour = tuple(int(c) for c in rng.integers(100, 256, 3))
-        dx, dy = direction_vector(direction)
-        encoder = ClipEncoder(EncodeConfig(), width, height, fps)
-        for t in range(frames):
-            rgb = np.full((height, width, 3), 40, np.uint8)
-            progress = t / max(1, frames - 1) - 0.5
-            draw_shape(rgb, shape, width / 2 + dx * progress * 100, height / 2 + dy * progress * 70, 28, colour)
-            encoder.add(t / fps, rgb)
-        rows.append({"clip_id": f"clip-{i:05d}", "video_id": f"video-{i:05d}", "num_frames": frames, "kept": True,
-                     "caption": f"a {shape} moving {direction}", "fps": float(fps), "width": width,
-                     "height": height, "video_bytes": encoder.close()})
-    out.makedirs("shards")
-    files = []
-    for n, start in enumerate(range(0, clips, shard_rows)):
-        sink = pa.BufferOutputStream()
-        pq.write_table(pa.Table.from_pylist(rows[start:start + shard_rows], schema=schema.SHARDS), sink,
-                       compression="zstd")
-        data = sink.getvalue().to_pybytes()
-        rel = f"shards/v0001-{n:05d}.parquet"
-        out.write_bytes_atomic(rel, data)
-        files.append({"path": rel, "rows": len(rows[start:start + shard_rows]),
-                      "sha256": hashlib.sha256(data).hexdigest()})
-    written = VersionWrite(version=1, config_path="config-v0001.yaml", files={"videos": [], "clips": [],
-                                                                             "shards": files},
-                           counts={"clips_kept": clips}, bounds=[], untrained=False, warnings=[], superseded=[],
-                           staged=[])
-    commit_version(out, written, {"generator": "bench/training_reads.py"}, None, {})
+        clip = _synthetic_clip(i, rng)
+        committer.add({"video_id": clip["video_id"], "uri": f"/synthetic/{clip['video_id']}.mp4", "status": "ok",
+                       "error_class": None, "error_message": None, "fps": 24.0, "width": 192, "height": 144,
+                       "duration_s": clip["end_s"], "num_frames": clip["num_frames"], "clips": [clip]})
+    committer.flush()
+    keep_all = CurateConfig(filters=FilterConfig(duration=ScoreFilter(), motion=ScoreFilter(),
+                                                 aesthetic=ScoreFilter(), caption_match=ScoreFilter()))
+    written = finish_filters(dataset, keep_all, 1, [])
+    tag_version(dataset, 1, {"dataset_version": 1, "counts": written.counts,
+                             "generator": "bench/training_reads.py"})
     return str(out_dir)
 
 
-def _streaming(data: str, stage, threads: int, batch_size: int) -> tuple[int, float, float]:
-    """Today's order: scan the shards front to back, decode batches of rows in a thread pool."""
+def _parquet_copy(table, workdir: Path, shard_rows: int = 256) -> list[str]:
+    """The rows of `table` (a ClipTable) as Parquet shards in row order, written once per data version."""
+    import pyarrow.parquet as pq
+
+    from training.data import SHARD_COLUMNS
+
+    folder = workdir / f"parquet-{table.version}"
+    if not (folder / "done").exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        rows = table.shards.to_table(columns=SHARD_COLUMNS, scan_in_order=True)
+        for n, start in enumerate(range(0, len(rows), shard_rows)):
+            pq.write_table(rows.slice(start, shard_rows), folder / f"{n:05d}.parquet", compression="zstd")
+        (folder / "done").write_text("")
+    return sorted(str(p) for p in folder.glob("*.parquet"))
+
+
+def _streaming(paths: list[str], stage, threads: int, batch_size: int) -> tuple[int, float, float]:
+    """The order before issue 17: scan the Parquet shards front to back, decode batches of rows in a thread pool."""
     import pyarrow as pa
     import pyarrow.dataset as pads
 
-    from curation.outputs import OutputDir
-    from training.data import SHARD_COLUMNS, ClipDecodeStage, shard_files
+    from training.data import SHARD_COLUMNS, ClipDecodeStage
 
-    out = OutputDir(data)
-    paths = [out.path(p[len(data.rstrip("/")) + 1:]) for p in shard_files(data)]
     decode = ClipDecodeStage(stage, 1)
     started, cpu = time.perf_counter(), time.process_time()
-    dataset = pads.dataset(paths, format="parquet", filesystem=out.fs)
+    dataset = pads.dataset(paths, format="parquet")
     batches = (pa.Table.from_batches([b]) for b in dataset.to_batches(columns=SHARD_COLUMNS, batch_size=batch_size))
     with ThreadPoolExecutor(threads) as pool:
         samples = sum(len(result["video"]) for result in pool.map(decode, batches))
     return samples, time.perf_counter() - started, time.process_time() - cpu
+
+
+def _fetches(paths: list[str], data: str, threads: int) -> dict[str, tuple[int, float, float]]:
+    """Rows, wall and CPU seconds of reading every row with its bytes, three ways, without decoding."""
+    import pyarrow.dataset as pads
+
+    from training.data import SHARD_COLUMNS
+    from training.dataset import ClipTable
+
+    figures = {}
+    started, cpu = time.perf_counter(), time.process_time()
+    rows = pads.dataset(paths, format="parquet").to_table(columns=SHARD_COLUMNS).num_rows
+    figures["Parquet scan"] = (rows, time.perf_counter() - started, time.process_time() - cpu)
+    table = ClipTable.open(data)
+    started, cpu = time.perf_counter(), time.process_time()
+    rows = table.shards.to_table(columns=SHARD_COLUMNS).num_rows
+    figures["Lance scan"] = (rows, time.perf_counter() - started, time.process_time() - cpu)
+    order = list(range(len(table)))
+    random.Random(0).shuffle(order)
+    started, cpu = time.perf_counter(), time.process_time()
+    with ThreadPoolExecutor(threads) as pool:
+        rows = sum(len(r) for r in pool.map(lambda i: table.take([i]), order))
+    figures[f"ClipTable.take, 1 row a call, random, {threads} threads"] = (rows, time.perf_counter() - started,
+                                                                           time.process_time() - cpu)
+    return figures
 
 
 def _loader_epochs(data: str, stage, config, batch_size: int, epochs: int) -> list[tuple[int, float, float]]:
@@ -117,9 +161,26 @@ def _loader_epochs(data: str, stage, config, batch_size: int, epochs: int) -> li
     return results
 
 
+def _fastest(rounds: list[dict[str, tuple[int, float, float]]]) -> dict[str, dict]:
+    return {name: {"samples": rounds[0][name][0], "seconds": min(r[name][1] for r in rounds),
+                   "cpu_seconds": min(r[name][2] for r in rounds), "rounds_seconds": [r[name][1] for r in rounds]}
+            for name in rounds[0]}
+
+
+def _print(figures: dict[str, dict], baseline: str, unit: str, label: str) -> None:
+    base = figures[baseline]["samples"] / figures[baseline]["seconds"]
+    print(f"{'path':52s} {unit:>8s} {'seconds':>8s} {'cpu s':>7s} {unit + '/s':>10s} {'vs ' + label:>13s}")
+    for name, f in figures.items():
+        f["per_s"] = f["samples"] / f["seconds"]
+        f["ratio"] = f["per_s"] / base
+        print(f"{name:52s} {f['samples']:8d} {f['seconds']:8.2f} {f['cpu_seconds']:7.2f} {f['per_s']:10.1f} "
+              f"{f['ratio']:12.2f}x")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", help="a curated dataset (default: a synthetic demo-sized one under --workdir)")
+    parser.add_argument("--data", help="a curated dataset, DIR@vN for version N (default: a synthetic demo-sized "
+                                       "one under --workdir)")
     parser.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "reelforge-bench-reads"))
     parser.add_argument("--clips", type=int, default=800)
     parser.add_argument("--threads", type=int, default=2, help="decode threads for both paths")
@@ -131,39 +192,41 @@ def main() -> None:
     args = parser.parse_args()
 
     from training.config import CurriculumStage, DataConfig
+    from training.dataset import ClipTable
 
     made = time.perf_counter()
-    data = args.data or _synthetic_curated(Path(args.workdir) / f"curated-{args.clips}", args.clips)
-    print(f"data: {data} (ready in {time.perf_counter() - made:.1f} s)")
+    workdir = Path(args.workdir)
+    data = args.data or _synthetic_curated(workdir / f"curated-{args.clips}", args.clips)
+    table = ClipTable.open(data)
+    paths = _parquet_copy(table, workdir)
+    print(f"data: {table.shown} ({table.version}, {len(table)} clips; Parquet copy in {len(paths)} shards; ready in "
+          f"{time.perf_counter() - made:.1f} s)")
     stage = CurriculumStage(**STAGE)
 
     rounds: list[dict[str, tuple[int, float, float]]] = []
+    fetch_rounds: list[dict[str, tuple[int, float, float]]] = []
     for _ in range(args.repeats):  # interleaved rounds, the fastest of each row kept: the box is shared
-        row = {"streaming scan + decode": _streaming(data, stage, args.threads, args.decode_batch_size)}
+        row = {"streaming Parquet scan + decode": _streaming(paths, stage, args.threads, args.decode_batch_size)}
         for cache in (True, False):
             config = DataConfig(cache=cache, decode_concurrency=args.threads, prefetch_batches=args.prefetch,
                                 windows_per_clip=1)
-            first, second = _loader_epochs(data, stage, config, args.batch_size, epochs=2)
+            first, second = _loader_epochs(table.data_uri, stage, config, args.batch_size, epochs=2)
             if cache:
                 row["StageLoader epoch 1 (cold: open + decode)"] = first
                 row["StageLoader epoch 2 (warm cache)"] = second
             else:
                 row["StageLoader epoch 2 (cache off)"] = second
         rounds.append(row)
-    figures = {name: {"samples": rounds[0][name][0], "seconds": min(r[name][1] for r in rounds),
-                      "cpu_seconds": min(r[name][2] for r in rounds),
-                      "rounds_seconds": [r[name][1] for r in rounds]} for name in rounds[0]}
-    base = figures["streaming scan + decode"]["samples"] / figures["streaming scan + decode"]["seconds"]
+        fetch_rounds.append(_fetches(paths, table.data_uri, args.threads))
+    figures, fetches = _fastest(rounds), _fastest(fetch_rounds)
     print(f"{args.threads} decode threads, stage {stage.name}: {stage.num_frames} frames at {stage.fps:g} fps, "
           f"{stage.size} px, micro-batch {args.batch_size}, prefetch {args.prefetch}")
-    print(f"{'path':44s} {'samples':>8s} {'seconds':>8s} {'cpu s':>7s} {'samples/s':>10s} {'vs streaming':>13s}")
-    for name, f in figures.items():
-        f["samples_per_s"] = f["samples"] / f["seconds"]
-        f["ratio_to_streaming"] = f["samples_per_s"] / base
-        print(f"{name:44s} {f['samples']:8d} {f['seconds']:8.2f} {f['cpu_seconds']:7.2f} {f['samples_per_s']:10.1f} "
-              f"{f['ratio_to_streaming']:12.2f}x")
+    _print(figures, "streaming Parquet scan + decode", "samples", "streaming")
+    print("fetch only, every row with its bytes, no decode:")
+    _print(fetches, "Parquet scan", "rows", "Parquet")
     if args.json:
-        Path(args.json).write_text(json.dumps({"args": vars(args), "figures": figures}, indent=2))
+        Path(args.json).write_text(json.dumps({"args": vars(args), "data_version": table.version,
+                                               "figures": figures, "fetch": fetches}, indent=2))
 
 
 if __name__ == "__main__":
