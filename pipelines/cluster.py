@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 
 
 def init_ray(config) -> None:
@@ -15,7 +16,11 @@ def init_ray(config) -> None:
         return
     address = config.ray.address or os.environ.get("RAY_ADDRESS")
     kwargs = {"log_to_driver": True, "include_dashboard": False}
-    if address:
-        ray.init(address=address, **kwargs)
-    else:
-        ray.init(num_cpus=config.ray.num_cpus, **kwargs)
+    with warnings.catch_warnings():
+        # Lance warns at every fork once it is imported; Ray starts its processes by fork + exec, and no Lance code
+        # runs in between, so the warning would only be noise in every curate and train command's output.
+        warnings.filterwarnings("ignore", message="lance is not fork-safe", category=UserWarning)
+        if address:
+            ray.init(address=address, **kwargs)
+        else:
+            ray.init(num_cpus=config.ray.num_cpus, **kwargs)
