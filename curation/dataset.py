@@ -130,9 +130,11 @@ class CuratedDataset:
         if self.has_legacy_manifest():
             return (f"{self.shown} is in the Parquet layout of reelforge 0.1 (manifest.json): migrate it once with "
                     f"`reelforge migrate-dataset --data {self.shown}`")
-        first_line = str(err).splitlines()[0] if str(err) else type(err).__name__
-        return f"{self.shown} has no curated {kind} table ({redact_uri(first_line)[:200]}): point --data at the " \
-               "output of `reelforge curate`"
+        if "not found" in str(err).lower() or isinstance(err, FileNotFoundError):
+            return f"{self.shown} has no curated dataset (no {kind}.lance): point --data at the output of " \
+                   "`reelforge curate`"
+        first_line = redact_uri(str(err).splitlines()[0] if str(err) else type(err).__name__)
+        return f"{self.shown}: the curated {kind} table cannot be opened: {first_line[:300]}"
 
     def has_legacy_manifest(self) -> bool:
         from curation.discover import filesystem_and_path

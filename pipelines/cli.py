@@ -106,6 +106,13 @@ def _export_dataset(args: argparse.Namespace) -> int:
     return 0
 
 
+def _dataset_versions(args: argparse.Namespace) -> int:
+    from pipelines.dataset_versions import versions_text
+
+    print(versions_text(args.data))
+    return 0
+
+
 QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
 
 
@@ -223,6 +230,11 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--rows-per-file", type=int, default=1000, help="clips per Parquet file or tar shard")
     export.add_argument("--overwrite", action="store_true", help="replace a previous export in --output")
     export.set_defaults(func=_export_dataset)
+
+    versions = sub.add_parser("dataset-versions", help="list the finished versions of a curated dataset with their "
+                              "counts, config hash and MLflow run")
+    versions.add_argument("--data", required=True, help="a curated dataset (directory or URI)")
+    versions.set_defaults(func=_dataset_versions)
 
     dump = sub.add_parser("make-sample-dump", help="generate synthetic videos with known cuts, motion and captions")
     dump.add_argument("dir")

@@ -180,7 +180,7 @@ def test_bad_data_paths_give_one_line_errors(tmp_path, curated):
         assert "\n" not in str(err.value)
         return str(err.value)
 
-    assert "has no curated videos table" in problem(str(tmp_path / "missing"))
+    assert "has no curated dataset (no videos.lance)" in problem(str(tmp_path / "missing"))
     legacy = tmp_path / "legacy"
     legacy.mkdir()
     (legacy / "manifest.json").write_text("{}")

@@ -150,3 +150,10 @@ def test_cli_errors_are_one_line(curated, tmp_path, capsys):
     assert main(["export-dataset", "--data", f"{curated}@v1", "--format", "parquet", "--output",
                  str(tmp_path / "c")]) == 0
     assert "exported 2 clips" in capsys.readouterr().out
+
+
+def test_dataset_versions_lists_each_finished_version(curated, capsys):
+    assert main(["dataset-versions", "--data", str(curated)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[:5] == ["version", "videos", "quarantined", "clips", "kept"]
+    assert [line.split()[:5] for line in lines[1:]] == [["v1", "3", "1", "3", "2"], ["v2", "2", "0", "3", "3"]]
