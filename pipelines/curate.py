@@ -4,6 +4,7 @@ write its report, and record it all as one MLflow run."""
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import posixpath
@@ -48,9 +49,19 @@ class ConfigDrift(ValueError):
     """A rerun's config differs from the one that started the unfinished version it would finish."""
 
 
+# What may change between the runs that make one version: where things are and how they are run, not what the
+# data becomes (a resumed run joins another cluster, or gives the models a GPU).
+RUN_ONLY = ("input", "output", "tracking", "report", "output_files", "ray")
+RESOURCES = ("batch_size", "videos_per_batch", "device", "num_cpus", "num_gpus", "concurrency")
+
+
 def config_sha256(config: CurateConfig) -> str:
-    """The hash of the resolved config as written beside the output (secrets masked)."""
-    return hashlib.sha256(redacted_yaml(config).encode()).hexdigest()
+    """The hash of the settings that decide the data (secrets masked): every section but RUN_ONLY, and the model
+    stages without their RESOURCES."""
+    settings = {k: v for k, v in redact_config(config).items() if k not in RUN_ONLY}
+    for stage in ("captions", "clip_scores"):
+        settings[stage] = {k: v for k, v in settings[stage].items() if k not in RESOURCES}
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def _claim_version(config: CurateConfig, dataset: CuratedDataset, version: int) -> None:

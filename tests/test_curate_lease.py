@@ -87,3 +87,16 @@ def test_a_tag_without_its_record_is_not_a_finished_version(dataset):
     assert dataset.versions() == [] and dataset.latest() is None
     with pytest.raises(DatasetError, match=r"has no dataset version 1 \(versions: none\)"):
         dataset.read("videos", 1)
+
+
+def test_how_a_run_is_run_does_not_change_its_config_hash():
+    from pipelines.curate import config_sha256
+
+    config = CurateConfig(input="/dump", output="/out")
+    moved = CurateConfig(input="s3://bucket/dump", output="/out")
+    moved.ray.address, moved.ray.num_cpus, moved.tracking.uri = "10.0.0.1:6379", 64, "http://mlflow:5000"
+    moved.output_files.commit_videos, moved.clip_scores.num_gpus, moved.captions.batch_size = 128, 1.0, 64
+    assert config_sha256(moved) == config_sha256(config)
+    changed = CurateConfig(input="/dump", output="/out")
+    changed.filters.motion_stat = "mean" if config.filters.motion_stat == "median" else "median"
+    assert config_sha256(changed) != config_sha256(config)
