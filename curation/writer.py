@@ -9,7 +9,8 @@ to repeat after a crash:
 1. the run-wide filters (percentiles need every clip of the run) resolved once; their bounds stored in the clips
    table's config, then the verdicts committed as one update of `kept` and `drop_reason`;
 2. the shards table takes the verdicts too, and the dropped clips' bytes leave it;
-3. the report and MLflow; then each table is compacted and tagged `v000N` with the version's record (`videos`
+3. the kept clips' embeddings join the vector index (embeddings.lance, keyed by clip_id);
+4. the report and MLflow; then each table is compacted and tagged `v000N` with the version's record (`videos`
    last: its tag is what makes the version exist for readers).
 """
 
@@ -19,6 +20,7 @@ import hashlib
 import json
 import logging
 from dataclasses import dataclass, field
+from datetime import timedelta
 
 import lance
 import pyarrow as pa
@@ -32,6 +34,7 @@ from curation.redact import redact_uri
 
 log = logging.getLogger(__name__)
 
+EMBEDDINGS = "embeddings.lance"  # kept clips' CLIP embeddings and their vector index (curation/embedding_index.py)
 FILTERS_KEY = "reelforge.filters.{tag}"  # the clips table's config: the run-wide bounds of an unfinished version
 # What resolving the filters reads of each clip: no keyframes, no embeddings, no bytes.
 _SCORE_COLUMNS = ["clip_id", "video_id", "start_s", "end_s", "motion_mean", "motion_median", "drop_reason",
@@ -280,16 +283,53 @@ def finish_filters(dataset: CuratedDataset, config: CurateConfig, version: int, 
                         samples=_samples(dataset, clips, config.report.samples))
 
 
+def index_embeddings(dataset: CuratedDataset, version: int) -> str | None:
+    """The version's kept clips' CLIP embeddings into OUTPUT/embeddings.lance, the vector index semantic
+    deduplication queries (a version's new clips against every earlier kept clip); a rerun adds nothing twice.
+    Returns a warning when they cannot go in (embeddings of another size: another model made them)."""
+    from curation.embedding_index import EmbeddingIndex
+
+    clips = dataset.open("clips").to_table(columns=["clip_id", "video_id", "dataset_version", "clip_embedding"],
+                                           filter=f"dataset_version = {version} AND kept")
+    index = EmbeddingIndex(f"{dataset.location.rstrip('/')}/{EMBEDDINGS}", dataset.storage_options)
+    try:
+        index.add(clips.rename_columns(["clip_id", "video_id", "dataset_version", "embedding"]))
+    except ValueError as err:
+        return f"the clips' embeddings were not indexed: {err}"
+    index.build()
+    return None
+
+
+# Compaction: each commit adds small fragments. Compacting at every version would rewrite the whole table each time
+# and every tag would keep its copy (bench/lance_datasets.py: 460 MB on disk for 10.5 MB of rows at version 100).
+# So a table is compacted once it holds COMPACT_AT_FRAGMENTS fragments, into fragments of about FRAGMENT_BYTES;
+# full fragments are left alone, so a row is rewritten a few times in its life, not once per version.
+COMPACT_AT_FRAGMENTS = 64
+FRAGMENT_BYTES = 512 * 2**20
+
+
+def compact(dataset: CuratedDataset, kind: str) -> bool:
+    """Compact `kind` when it has many small fragments; returns whether it did."""
+    table = dataset.open(kind)
+    fragments = table.get_fragments()
+    rows = table.count_rows()
+    if len(fragments) < COMPACT_AT_FRAGMENTS or rows == 0:
+        return False
+    size = sum(file.file_size_bytes or 0 for fragment in fragments for file in fragment.data_files())
+    bytes_per_row = max(1, size // rows)
+    table.optimize.compact_files(target_rows_per_fragment=max(1024, FRAGMENT_BYTES // bytes_per_row),
+                                 materialize_deletions=True)
+    return True
+
+
 def tag_version(dataset: CuratedDataset, version: int, record: dict) -> dict:
-    """Step 3: compact each table and tag it `v000N` with the record; `videos` last, so the version exists for
-    readers only once every table has its tag. Repeating it moves a tag left by a crash to the newest commit."""
+    """Step 4: compact each table where due and tag it `v000N` with the record; `videos` last, so the version exists
+    for readers only once every table has its tag. Repeating it moves a tag left by a crash to the newest commit."""
     tag = version_tag(version)
     lance_versions = {}
     for kind in ("shards", "clips", "videos"):
-        table = dataset.open(kind)
-        table.optimize.compact_files()
-        table = dataset.open(kind)
-        lance_versions[kind] = table.version
+        compact(dataset, kind)
+        lance_versions[kind] = dataset.open(kind).version
     full = {**record, "lance_versions": lance_versions}
     for kind in ("shards", "clips", "videos"):
         table = dataset.open(kind)
@@ -299,7 +339,18 @@ def tag_version(dataset: CuratedDataset, version: int, record: dict) -> dict:
             table.tags.create(tag, lance_versions[kind])
         table.tags.replace_metadata(tag, {RECORD_KEY: json.dumps(full, default=str)})
     dataset.open("clips").delete_config_keys([FILTERS_KEY.format(tag=tag)])
+    for kind in KINDS:
+        remove_untagged_versions(dataset, kind)
     return full
+
+
+def remove_untagged_versions(dataset: CuratedDataset, kind: str) -> None:
+    """Delete the files only the commits between tags used (a version's batches, its rows before their verdicts):
+    readers only ever open tagged versions, and every tag keeps its version."""
+    try:
+        dataset.open(kind).cleanup_old_versions(older_than=timedelta(0), error_if_tagged_old_versions=False)
+    except OSError as err:  # the version is made; the space is reclaimed by the next one
+        log.warning("could not remove the untagged versions of %s: %s", kind, err)
 
 
 def kept_clip_ids(dataset: CuratedDataset, version: int | None = None) -> list[str]:

@@ -27,6 +27,7 @@ from curation.writer import (
     VersionWrite,
     create_tables,
     finish_filters,
+    index_embeddings,
     tag_version,
     verdicts_committed,
     video_status,
@@ -304,6 +305,9 @@ def _finish(config: CurateConfig, dataset: CuratedDataset, plan: RunPlan, run: d
             uri: str | None, retry_quarantined: bool) -> dict:
     """Filters, report, MLflow, tags: the version exists for readers once this returns."""
     written = finish_filters(dataset, config, plan.version, _retried(dataset, plan.version))
+    problem = index_embeddings(dataset, plan.version)
+    if problem:
+        written.warnings.append(problem)
     for warning in written.warnings:
         log.warning("!!! %s", warning)
     out = OutputDir(config.output)

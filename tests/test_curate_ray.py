@@ -6,10 +6,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from curation.config import CurateConfig
 from curation.dataset import KEYS, KINDS, CuratedDataset
+from curation.embedding_index import EmbeddingIndex
 from pipelines.config import load_config
 from pipelines.curate import run_curate, summary_text
 
@@ -61,6 +63,11 @@ def test_curate_sample_dump_writes_tables_and_version_and_reruns_as_noop(sample_
         assert dataset.open(kind, 1).version == version.lance_versions[kind]
     assert "curate-lock" not in dataset.open("videos").tags.list()
     assert "videos quarantined: 4" in summary_text(record)
+    # The kept clips' embeddings are in the vector index dedup queries: a clip is its own nearest neighbour.
+    index = EmbeddingIndex(str(out / "embeddings.lance"))
+    assert len(index) == len(kept) and index.dim == 64
+    first = next(c for c in tables["clips"] if c["kept"])
+    assert index.nearest(np.array([first["clip_embedding"]], np.float32), k=1)[0][0][0] == first["clip_id"]
     # A rerun on the same dump finds nothing new and commits nothing.
     before = {kind: dataset.open(kind).version for kind in KINDS}
     again = run_curate(_config(root, out))

@@ -307,3 +307,25 @@ def test_a_version_resumed_after_its_verdicts_is_judged_as_one_run_over_its_clip
                                                     alone.open("clips").to_table().to_pylist()), version
     kept = dataset.read("clips", filter="kept", columns=["clip_id"])["clip_id"].to_pylist()
     assert sorted(dataset.read("shards", columns=["clip_id"])["clip_id"].to_pylist()) == sorted(kept)
+
+
+def test_tables_are_compacted_only_once_they_hold_many_fragments(tmp_path, monkeypatch):
+    """Compacting at every version would rewrite (and, through the tags, keep) the whole table each time."""
+    from curation import writer
+
+    monkeypatch.setattr(writer, "COMPACT_AT_FRAGMENTS", 3)
+    dataset = CuratedDataset(str(tmp_path / "out"))
+    create_tables(dataset)
+    config = _config()
+    counts = []
+    for version in range(1, 5):
+        _commit(dataset, version, config, *(_staged(f"v{version}{i}", [5.0]) for i in range(2)))
+        written = finish_filters(dataset, config, version, retried=[])
+        before = len(dataset.open("clips").get_fragments())
+        tag_version(dataset, version, {"dataset_version": version, "counts": written.counts})
+        counts.append((before, len(dataset.open("clips", version).get_fragments())))
+    compacted = [after < before for before, after in counts]
+    assert compacted[0] is False and any(compacted), counts  # small tables are left as they are; full ones compacted
+    assert all(before < 3 for (before, _), done in zip(counts, compacted, strict=True) if not done)
+    assert all(after == 1 for (_, after), done in zip(counts, compacted, strict=True) if done)
+    assert len(dataset.read("clips")) == 8 and len(dataset.read("clips", 1)) == 2  # every version still reads
