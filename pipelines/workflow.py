@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -92,9 +93,13 @@ class _State:
         self.data = json.loads(self.path.read_text()) if self.path.is_file() else {"steps": {}}
 
     def save(self) -> None:
-        tmp = self.path.with_suffix(".tmp")
+        """Whole or not at all: a temporary file of this process's own, flushed to disk, then renamed over."""
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
         # Step summaries carry URIs (tracking stores, inputs): the file gets them without their credentials.
-        tmp.write_text(json.dumps(redact_config(self.data), indent=2, sort_keys=True))
+        with open(tmp, "w") as f:
+            f.write(json.dumps(redact_config(self.data), indent=2, sort_keys=True))
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, self.path)
 
     def step(self, name: str) -> dict:

@@ -69,3 +69,16 @@ def test_unknown_steps_are_refused_before_anything_runs(tmp_path):
     with pytest.raises(ConfigError, match="unknown step 'finetune'"):
         run_workflow(config)
     assert not (tmp_path / "wd").exists()
+
+
+def test_workflow_state_is_written_whole_through_a_temporary_file_of_its_own(tmp_path):
+    """No fixed temporary name (two runs, or a leftover folder, cannot collide), nothing left beside the file."""
+    import json
+
+    from pipelines.workflow import _State
+
+    (tmp_path / "workflow.tmp").mkdir()  # what a fixed name would trip over
+    state = _State(tmp_path)
+    state.update("curate", status="running", summary={"tracking": "sqlite:///x"})
+    assert json.loads((tmp_path / "workflow.json").read_text())["steps"]["curate"]["status"] == "running"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["workflow.json", "workflow.tmp"]
