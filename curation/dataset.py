@@ -35,6 +35,11 @@ LEGACY_MANIFEST = "manifest.json"
 _VERSION_SUFFIX = re.compile(r"@v(\d+)$")
 
 
+def sql_list(values) -> str:
+    """Strings as a Lance filter's IN list: `'a', 'it''s'`."""
+    return ", ".join("'" + str(v).replace("'", "''") + "'" for v in values)
+
+
 def version_tag(version: int) -> str:
     return f"v{version:04d}"
 

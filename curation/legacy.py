@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import yaml
 
 from curation import schema
-from curation.dataset import SCHEMAS, CuratedDataset
+from curation.dataset import SCHEMAS, CuratedDataset, sql_list
 from curation.outputs import OutputDir
 from curation.redact import redact_uri, redacted_yaml
 from curation.writer import tag_version
@@ -196,7 +196,7 @@ def migrate_version(dataset: CuratedDataset, out: OutputDir, manifest: dict, ent
     earlier = dataset.open("videos").to_table(columns=["video_id"], filter=f"dataset_version < {version}")
     superseded = sorted(version_video_ids(out, entry) & set(earlier["video_id"].to_pylist()))
     if superseded:
-        quoted = ", ".join("'" + v.replace("'", "''") + "'" for v in superseded)
+        quoted = sql_list(superseded)
         for kind in KINDS:
             _delete(dataset, kind, f"dataset_version < {version} AND video_id IN ({quoted})")
     for kind in ("shards", "clips", "videos"):

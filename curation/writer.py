@@ -24,11 +24,10 @@ from datetime import timedelta
 
 import lance
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from curation import schema
 from curation.config import CurateConfig
-from curation.dataset import KEYS, KINDS, RECORD_KEY, SCHEMAS, CuratedDataset, DatasetError, version_tag
+from curation.dataset import KEYS, KINDS, RECORD_KEY, SCHEMAS, CuratedDataset, DatasetError, sql_list, version_tag
 from curation.filters import SCORES, Bound, ClipFilter, apply_late_filters, clip_scores, reason_filters
 from curation.redact import redact_uri
 
@@ -206,7 +205,7 @@ def _drop_orphans(dataset: CuratedDataset, version: int, video_ids: set[str]) ->
     clips = dataset.open("clips").to_table(columns=["clip_id", "video_id"], filter=f"dataset_version = {version}")
     orphans = sorted(set(clips["video_id"].to_pylist()) - video_ids)
     if orphans:
-        quoted = ", ".join("'" + v.replace("'", "''") + "'" for v in orphans)
+        quoted = sql_list(orphans)
         for kind in ("clips", "shards"):
             dataset.open(kind).delete(f"dataset_version = {version} AND video_id IN ({quoted})")
 
@@ -258,7 +257,7 @@ def _samples(dataset: CuratedDataset, clips: list[dict], count: int) -> list[dic
     wanted = kept + dropped
     if not wanted:
         return []
-    quoted = ", ".join("'" + c.replace("'", "''") + "'" for c in wanted)
+    quoted = sql_list(wanted)
     rows = dataset.open("clips").to_table(columns=["clip_id", "caption", "keyframes"],
                                           filter=f"clip_id IN ({quoted})").to_pylist()
     extra = {r["clip_id"]: r for r in rows}
@@ -351,9 +350,3 @@ def remove_untagged_versions(dataset: CuratedDataset, kind: str) -> None:
         dataset.open(kind).cleanup_old_versions(older_than=timedelta(0), error_if_tagged_old_versions=False)
     except OSError as err:  # the version is made; the space is reclaimed by the next one
         log.warning("could not remove the untagged versions of %s: %s", kind, err)
-
-
-def kept_clip_ids(dataset: CuratedDataset, version: int | None = None) -> list[str]:
-    """The clip ids in the shards at a finished version: each kept clip once."""
-    table = dataset.read("shards", version, columns=["clip_id"])
-    return pc.unique(table["clip_id"]).to_pylist() if len(table) else []

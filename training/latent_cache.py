@@ -16,7 +16,7 @@ import lance
 import numpy as np
 import pyarrow as pa
 
-from curation.dataset import lance_location
+from curation.dataset import lance_location, sql_list
 
 KEY_COLUMNS = ["clip_id", "window", "stage", "codec", "text_encoder"]
 SCHEMA = pa.schema([
@@ -51,10 +51,6 @@ def _row(key: CacheKey, latent: np.ndarray, text: np.ndarray | None) -> dict:
         text = np.ascontiguousarray(text, dtype=latent.dtype)
         row.update(text_shape=list(text.shape), text=text.tobytes())
     return row
-
-
-def _quote(value: str) -> str:
-    return "'" + value.replace("'", "''") + "'"
 
 
 class LatentCache:
@@ -93,7 +89,7 @@ class LatentCache:
         if table is None or not keys:
             return {}
         found: dict[CacheKey, tuple[np.ndarray, np.ndarray | None]] = {}
-        clip_ids = ", ".join(sorted({_quote(k.clip_id) for k in keys}))
+        clip_ids = sql_list(sorted({k.clip_id for k in keys}))
         wanted = set(keys)
         for row in table.to_table(filter=f"clip_id IN ({clip_ids})").to_pylist():
             key = CacheKey(row["clip_id"], row["window"], row["stage"], row["codec"], row["text_encoder"])
