@@ -38,6 +38,9 @@ class TrainJob:
     tracking_uri: str | None = None
     run_id: str | None = None
     distill: DistillRound | None = None  # None: plain diffusion training
+    # What the run trains: None is DiffusionTask (diffusion, or a distillation round with `distill`); another task
+    # class with the same methods (training/vae/task.py: the video autoencoder) reuses this loop and its engine.
+    task: type | None = None
 
 
 @dataclass
@@ -106,6 +109,55 @@ class CurriculumBatches:
             self.loader = None
 
 
+class DiffusionTask:
+    """The parts of a run that are the diffusion model's: what is built (model, text tower, schedule, codec,
+    objective), the loss of a micro-batch, sample videos, and the exported `model/` folder. The loop calls only
+    these methods, so another task (the video autoencoder) plugs into the same loop, engine and checkpoints."""
+
+    EXPORT_DIR = "model"  # what _export writes under the output and pipelines/train.py registers
+    DESCRIPTION = "reelforge text-to-video diffusion models (VDiT)"
+
+    def __init__(self, job: TrainJob, device: torch.device):
+        self.job, self.config, self.device = job, job.config, device
+        self.codec = build_codec(self.config.codec)
+        self.built = build(job, self.codec, device)
+        self.model = self.built.model
+        self.samples: SampleLogger | None = None
+
+    @staticmethod
+    def registration_tags(config: TrainConfig) -> dict[str, str]:
+        return {"preset": config.model.preset, "steps": str(config.total_steps),
+                "sampling_steps": str(config.sampling.num_steps)}
+
+    def training_table(self, table: ClipTable) -> ClipTable:
+        return table
+
+    def attach(self, engine: Engine, tracker: WorkerTracker, step: int) -> None:
+        """Called once the engine exists and the checkpoint (if any) is restored, at `step`."""
+        if self.config.model.compile:
+            engine.module.compile_blocks()
+        self.samples = SampleLogger(self.config.sampling, self.built.text_encoder, self.built.schedule, self.codec,
+                                    tracker, engine.dtype, self.device)
+
+    def loss(self, engine: Engine, video, captions: list[str], g: torch.Generator) -> torch.Tensor:
+        drop = torch.rand(len(captions), generator=g) < self.config.cfg_dropout
+        captions = ["" if d else c for c, d in zip(captions, drop.tolist(), strict=True)]
+        context_, mask = self.built.text_encoder(captions)
+        context_, mask = context_.to(self.device), mask.to(self.device)
+        noised = self.built.objective.noised(self.codec.encode(video).to(self.device), context_, mask, g)
+        out = engine(noised.x_t.to(engine.dtype), noised.t, context_.to(engine.dtype), mask)
+        return F.mse_loss(out.float(), noised.target.float())
+
+    def due(self, step: int) -> bool:
+        return self.samples.due(step, self.config.total_steps)
+
+    def log_samples(self, engine: Engine, ema: EMA, step: int, tag: str) -> None:
+        self.samples.log(engine.module, ema, self.config.stage_at(step - 1)[1], tag, step)
+
+    def export(self, engine: Engine, ema: EMA, rank: int) -> None:
+        _export(engine, ema, self.built, self.codec, self.config, rank, self.job.distill)
+
+
 class MetricsWindow:
     """Sums between two log steps. The loss stays a device tensor until the log step, so no step waits on the GPU."""
 
@@ -138,19 +190,16 @@ def train_loop_per_worker(loop_config: dict) -> None:
                     ", ".join(p.name for p in stale))
     torch.manual_seed(config.seed)  # identical initial weights (and random text tower) on every rank and restart
 
-    codec = build_codec(config.codec)
-    built = build(job, codec, device)
-    engine = Engine(built.model, config, world, device.type == "cuda")
-    if config.model.compile:
-        engine.module.compile_blocks()
+    task = (job.task or DiffusionTask)(job, device)
+    engine = Engine(task.model, config, world, device.type == "cuda")
     ema = EMA(engine.local_tensors(), config.ema_decay)
-    table = ClipTable.open(config.data)
+    table = task.training_table(ClipTable.open(config.data))
     checkpointer = Checkpointer(engine, ema, config, rank, world, table.version)
     tracker = WorkerTracker(rank, job.tracking_uri, job.run_id, config.output)
     step, restored = checkpointer.restore()
     if restored is not None:
         tracker.metrics({"resumed_weights_fingerprint": restored}, step)
-    samples = SampleLogger(config.sampling, built.text_encoder, built.schedule, codec, tracker, engine.dtype, device)
+    task.attach(engine, tracker, step)
     batches = CurriculumBatches(table, config, rank, world)
     stop = StopWatcher(config.output, world)
 
@@ -164,14 +213,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             t0 = time.perf_counter()
             video, captions = batches.batch(step, micro)
             window.data_wait += time.perf_counter() - t0
-            g = step_generator(config.seed, step, rank, micro)
-            drop = torch.rand(len(captions), generator=g) < config.cfg_dropout
-            captions = ["" if d else c for c, d in zip(captions, drop.tolist(), strict=True)]
-            context_, mask = built.text_encoder(captions)
-            context_, mask = context_.to(device), mask.to(device)
-            noised = built.objective.noised(codec.encode(video).to(device), context_, mask, g)
-            out = engine(noised.x_t.to(engine.dtype), noised.t, context_.to(engine.dtype), mask)
-            loss = F.mse_loss(out.float(), noised.target.float())
+            loss = task.loss(engine, video, captions, step_generator(config.seed, step, rank, micro))
             engine.backward(loss)
             engine.step()
             window.loss = window.loss + loss.detach()
@@ -185,8 +227,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if step % config.tracking.log_every_steps == 0 or step == final_step:
             _log_window(window.reduce(world), engine, config, tracker, step, world)
             window = MetricsWindow()
-        if samples.due(step, config.total_steps):
-            samples.log(engine.module, ema, config.stage_at(step - 1)[1], f"step_{step:08d}", step)
+        if task.due(step):
+            task.log_samples(engine, ema, step, f"step_{step:08d}")
         stopped = stop.requested()
         if stopped or step % config.checkpoint.every_steps == 0 or step == final_step:
             checkpointer.save(step, {"step": step, "stopped": stopped})
@@ -200,8 +242,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if stopped or step < config.total_steps:  # checkpointed above; the rerun continues
         return
     if step > resumed_at:
-        samples.log(engine.module, ema, config.stage_at(step - 1)[1], "final", step)
-    _export(engine, ema, built, codec, config, rank, job.distill)
+        task.log_samples(engine, ema, step, "final")
+    task.export(engine, ema, rank)
 
 
 def _device(config: TrainConfig, local_rank: int) -> torch.device:
