@@ -1,11 +1,14 @@
-"""One curation run at a time per output: a lease held as a Lance tag on the `videos` table.
+"""One run at a time per output: a lease held as a Lance tag, with a heartbeat and the takeover of a dead holder.
 
-Creating a tag is atomic in Lance (a second create of the same name fails, on local disks and object stores alike),
-so two runs started together cannot both hold the lease: the second stops with a message that names the first. The
-holder refreshes the lease's heartbeat while it runs and removes it at the end. A lease whose holder is gone (a
-process on this host that no longer exists, or no heartbeat for `timeout_s` from another host) is taken over, which
-is how a rerun after kill -9 resumes at once. The lease also keeps the MLflow run id of the version being made, so
-the run that finishes an interrupted version logs into the same MLflow run.
+Creating a tag is atomic in Lance (a second create of the same name fails, on local disks, where it is an exclusive
+create, and on object stores, where it is a conditional put), so two runs started together cannot both hold the lease:
+the second stops with a message that names the first. The holder refreshes the lease's heartbeat while it runs and
+removes it at the end. A lease whose holder is gone (a process on this host that no longer exists, or no heartbeat
+for `timeout_s` from another host) is taken over, which is how a rerun after kill -9 resumes at once.
+
+Two outputs hold leases: a curated dataset (the tag `curate-lock` on its `videos` table, `CurateLock`, which also
+keeps the MLflow run id of the version being made) and a training or distillation output (the tag `owner` on a
+one-row Lance dataset `OUTPUT/owner.lance`, `OutputLock`), so two trainings cannot share checkpoints and a run.
 """
 
 from __future__ import annotations
@@ -17,15 +20,22 @@ import threading
 import time
 from datetime import datetime
 
-from curation.dataset import CuratedDataset
+import lance
+import pyarrow as pa
+
+from curation.dataset import CuratedDataset, lance_location
+from curation.redact import redact_uri
 
 log = logging.getLogger(__name__)
 
 LOCK_TAG = "curate-lock"
+OWNER_TAG = "owner"
+OWNER_TABLE = "owner.lance"
+DEFAULT_TIMEOUT_S = 600.0
 
 
 class OutputBusy(RuntimeError):
-    """Another curation run holds the output's lease."""
+    """Another run holds the output's lease."""
 
 
 def _alive(pid: int) -> bool:
@@ -38,11 +48,44 @@ def _alive(pid: int) -> bool:
     return True
 
 
-class CurateLock:
+class VideosTable:
+    """Where a curated dataset's lease lives: its `videos` table."""
+
+    def __init__(self, dataset: CuratedDataset):
+        self.dataset, self.shown = dataset, dataset.shown
+
+    def open(self) -> lance.LanceDataset:
+        return self.dataset.open("videos")
+
+
+class OwnerTable:
+    """Where a training output's lease lives: `OUTPUT/owner.lance`, a one-row Lance dataset made for it."""
+
+    def __init__(self, output: str):
+        location, self.options = lance_location(output)
+        self.uri, self.shown = f"{location.rstrip('/')}/{OWNER_TABLE}", redact_uri(output)
+
+    def open(self) -> lance.LanceDataset:
+        try:
+            return lance.dataset(self.uri, storage_options=self.options or None)
+        except (ValueError, FileNotFoundError, OSError):
+            pass
+        try:  # two runs may create it together: one create wins, the other opens what it made
+            return lance.write_dataset(pa.table({"owner": ["reelforge"]}), self.uri, mode="create",
+                                       storage_options=self.options or None)
+        except (ValueError, OSError):
+            return lance.dataset(self.uri, storage_options=self.options or None)
+
+
+class Lease:
     """The lease on one output; use as a context manager around everything a run writes."""
 
-    def __init__(self, dataset: CuratedDataset, timeout_s: float, heartbeat_s: float | None = None):
-        self.dataset, self.timeout_s = dataset, timeout_s
+    doing = "in use by another run"  # how the refusal says what the holder does
+
+    def __init__(self, table, tag: str, what: str, timeout_s: float, heartbeat_s: float | None = None,
+                 setting: str = "output_files.lock_timeout_s"):
+        self.table, self.tag, self.what, self.setting = table, tag, what, setting
+        self.shown, self.timeout_s = table.shown, timeout_s
         self.heartbeat_s = heartbeat_s or max(1.0, timeout_s / 4)
         self.holder = {"host": socket.gethostname(), "pid": str(os.getpid()), "started": f"{time.time():.3f}"}
         self.previous: dict = {}  # the metadata of a dead holder we took over from
@@ -50,34 +93,37 @@ class CurateLock:
         self._thread: threading.Thread | None = None
         self.lost = threading.Event()
 
-    def __enter__(self) -> CurateLock:
+    def __enter__(self) -> Lease:
         self.acquire()
         return self
 
     def __exit__(self, *exc) -> None:
         self.release()
 
+    def _tag(self) -> dict | None:
+        return self.table.open().tags.list().get(self.tag)
+
     def acquire(self) -> None:
-        videos = self.dataset.open("videos")
+        table = self.table.open()
         for _ in range(2):
             try:
-                videos.tags.create(LOCK_TAG, videos.version)
+                table.tags.create(self.tag, table.version)
                 break
             except ValueError:
-                tag = self.dataset.open("videos").tags.list().get(LOCK_TAG)
+                tag = self._tag()
                 if tag is None:
                     continue  # released meanwhile: try again
                 problem = self._busy(tag)
                 if problem:
                     raise OutputBusy(problem) from None
                 self.previous = dict(tag.get("metadata") or {})
-                log.warning("taking over the lease of %s from a curation run that is gone (pid %s on %s)",
-                            self.dataset.shown, self.previous.get("pid", "?"), self.previous.get("host", "?"))
-                self.dataset.open("videos").tags.delete(LOCK_TAG)
+                log.warning("taking over the lease of %s from a %s that is gone (pid %s on %s)", self.shown,
+                            self.what, self.previous.get("pid", "?"), self.previous.get("host", "?"))
+                self.table.open().tags.delete(self.tag)
         else:
-            raise OutputBusy(f"{self.dataset.shown}: another curation run took the lease at the same moment")
+            raise OutputBusy(f"{self.shown}: another {self.what} took the lease at the same moment")
         self.write(heartbeat=True)
-        self._thread = threading.Thread(target=self._beat, name="curate-lease", daemon=True)
+        self._thread = threading.Thread(target=self._beat, name=f"{self.tag}-lease", daemon=True)
         self._thread.start()
 
     def _busy(self, tag: dict) -> str | None:
@@ -92,35 +138,36 @@ class CurateLock:
                 return None
         elif age > self.timeout_s:
             return None
-        return (f"{self.dataset.shown} is being curated by another run (pid {pid or '?'} on {host or '?'}, "
-                f"last heartbeat {age:.0f} s ago): wait for it to finish; a run that died on another host is taken "
-                f"over once its lease is {self.timeout_s:.0f} s old (output_files.lock_timeout_s)")
+        return (f"{self.shown} is {self.doing} (pid {pid or '?'} on {host or '?'}, last heartbeat "
+                f"{age:.0f} s ago): wait for it to finish; a run that died on another host is taken over once its "
+                f"lease is {self.timeout_s:.0f} s old ({self.setting})")
 
     def write(self, heartbeat: bool = False, **fields: str) -> None:
         """Record fields (e.g. the MLflow run id) in the lease, refreshing its heartbeat."""
         if heartbeat or fields:
             self.holder.update(fields)
             self.holder["heartbeat"] = f"{time.time():.3f}"
-            self.dataset.open("videos").tags.replace_metadata(LOCK_TAG, dict(self.holder))
+            self.table.open().tags.replace_metadata(self.tag, dict(self.holder))
 
     def check(self) -> None:
         """Raise when the lease was lost (taken over by another run while this one stalled)."""
         if self.lost.is_set():
-            raise OutputBusy(f"{self.dataset.shown}: this run lost its lease to another curation run; stopping "
-                             "without committing more")
+            raise OutputBusy(f"{self.shown}: this run lost its lease to another {self.what}; stopping without "
+                             "writing more")
+
+    def _mine(self, tag: dict | None) -> bool:
+        meta = (tag or {}).get("metadata") or {}
+        return meta.get("started") == self.holder["started"] and meta.get("pid") == self.holder["pid"]
 
     def _beat(self) -> None:
         while not self._stop.wait(self.heartbeat_s):
             try:
-                tag = self.dataset.open("videos").tags.list().get(LOCK_TAG)
-                mine = tag is not None and (tag.get("metadata") or {}).get("started") == self.holder["started"] \
-                    and (tag.get("metadata") or {}).get("pid") == self.holder["pid"]
-                if not mine:
+                if not self._mine(self._tag()):
                     self.lost.set()
                     return
                 self.write(heartbeat=True)
             except Exception:  # noqa: BLE001 - a missed beat is retried; a long outage shows as a stale lease
-                log.warning("could not refresh the lease on %s", self.dataset.shown, exc_info=True)
+                log.warning("could not refresh the lease on %s", self.shown, exc_info=True)
 
     def release(self) -> None:
         self._stop.set()
@@ -129,8 +176,28 @@ class CurateLock:
         if self.lost.is_set():
             return
         try:
-            tag = self.dataset.open("videos").tags.list().get(LOCK_TAG)
+            tag = self._tag()
             if tag is not None and (tag.get("metadata") or {}).get("pid") == self.holder["pid"]:
-                self.dataset.open("videos").tags.delete(LOCK_TAG)
+                self.table.open().tags.delete(self.tag)
         except Exception:  # noqa: BLE001 - a lease left behind is taken over by the next run
-            log.warning("could not remove the lease on %s", self.dataset.shown, exc_info=True)
+            log.warning("could not remove the lease on %s", self.shown, exc_info=True)
+
+
+class CurateLock(Lease):
+    """One curation run at a time on a curated dataset."""
+
+    doing = "being curated by another run"
+
+    def __init__(self, dataset: CuratedDataset, timeout_s: float, heartbeat_s: float | None = None):
+        super().__init__(VideosTable(dataset), LOCK_TAG, "curation run", timeout_s, heartbeat_s)
+        self.dataset = dataset
+
+
+class OutputLock(Lease):
+    """One training (or distillation) run at a time on an output folder: its checkpoints and MLflow run."""
+
+    doing = "being written by another training run"
+
+    def __init__(self, output: str, timeout_s: float = DEFAULT_TIMEOUT_S, heartbeat_s: float | None = None):
+        super().__init__(OwnerTable(output), OWNER_TAG, "training run", timeout_s, heartbeat_s,
+                         setting="a lease with no heartbeat for that long")

@@ -13,6 +13,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from curation.lock import OutputLock
 from curation.outputs import OutputDir
 from curation.redact import redact_uri, redacted_yaml
 from pipelines import tracking
@@ -57,6 +58,11 @@ def run_distill(config: DistillConfig) -> dict:
     if cfg_scale is None:
         cfg_scale = float(teacher.get("sampling", {}).get("cfg_scale", 1.0))
 
+    with OutputLock(config.output):  # one run per output: its rounds and its MLflow run are its own
+        return _distill(config, table, rounds, cfg_scale, teacher)
+
+
+def _distill(config: DistillConfig, table, rounds: list[int], cfg_scale: float, teacher: dict) -> dict:
     out = OutputDir(config.output)
     out.makedirs()
     out.write_bytes_atomic("distill-config.yaml", redacted_yaml(config).encode())

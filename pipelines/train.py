@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from curation.discover import join_uri
+from curation.lock import OutputLock
 from curation.outputs import OutputDir
 from curation.redact import redact_uri, redacted_yaml
 from pipelines import tracking
@@ -42,6 +43,12 @@ def run_train(config: TrainConfig, distill: DistillRound | None = None, step: st
 
     table = ClipTable.open(config.data)  # fail on a wrong --data before starting anything
     config.data = table.data_uri  # DIR@vN: every worker reads this version, and the saved config names it
+    with OutputLock(config.output):  # one run per output: its checkpoints and its MLflow run are its own
+        return _train(config, table, distill, step, register_tags, alias)
+
+
+def _train(config: TrainConfig, table, distill: DistillRound | None, step: str,
+           register_tags: dict[str, str] | None, alias: str | None) -> dict:
     out = OutputDir(config.output)
     _check_resume(out, config, table.version)
     out.makedirs()
