@@ -143,6 +143,42 @@ class ScoreFilter:
 
 
 @dataclass
+class DedupConfig:
+    """The run-wide `dedup` filter (curation/dedup.py): of each group of duplicate clips one is kept (the highest
+    aesthetic score from trained weights, then the longest, then the first clip_id) and the others are dropped with
+    `duplicate(of=<clip_id>, hamming=3)` or `duplicate(of=<clip_id>, cos=0.97)`; a clip of a new dataset version that
+    duplicates a clip kept by an earlier version is dropped in favour of it."""
+
+    enabled: bool = True
+    # Copies (re-encoded, resized, re-muxed, trimmed), found without weights: each clip keeps a frame's pHash and
+    # colour thumbnail every hash_interval_s (0: none); two clips are copies where, at their best shift, they overlap
+    # on min_overlap of the shorter one's samples (and at least min_samples) with a median hamming distance of at
+    # most max_hamming bits of 64, a pair of samples whose thumbnails differ by more than max_color levels in any
+    # cell counting as 64. Copies measured at 0-6, distinct sample-dump clips at 20 and more (curation/phash.py).
+    hash_interval_s: float = 0.25
+    max_hamming: int = 10
+    max_color: int = 24
+    min_overlap: float = 0.5
+    min_samples: int = 4
+    # Semantic near-duplicates (SemDeDup, Abbas et al. 2023) on the clips' CLIP embeddings: k-means (`clusters`,
+    # None: sqrt of the clips), then the cosine similarity within each cluster; min_cosine and above is a duplicate.
+    # Only with embeddings from trained weights: on random ones the step is off and the run says so.
+    semantic: bool = True
+    min_cosine: float = 0.95
+    clusters: int | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        checks = {"hash_interval_s": self.hash_interval_s >= 0, "max_hamming": 0 <= self.max_hamming <= 64,
+                  "max_color": 0 <= self.max_color <= 255, "min_overlap": 0 < self.min_overlap <= 1,
+                  "min_samples": self.min_samples >= 1, "min_cosine": -1 <= self.min_cosine <= 1,
+                  "clusters": self.clusters is None or self.clusters >= 1}
+        for key, ok in checks.items():
+            if not ok:
+                raise ValueError(f"filters.dedup.{key} is out of range: {getattr(self, key)!r}")
+
+
+@dataclass
 class FilterConfig:
     """The SVD recipe's clip filters (Blattmann et al. 2023, sec. 3.1 and the data curation appendix): cut detection
     (shots), optical-flow motion, CLIP aesthetics, caption/keyframe CLIP similarity and OCR text detection. We have
@@ -168,6 +204,8 @@ class FilterConfig:
     # Filters on aesthetic/caption_match are skipped when their scores come from untrained weights (the tiny CPU
     # default); true applies them anyway, with a loud warning and the tag untrained_filters=applied in the run.
     apply_on_untrained: bool = False
+    # Duplicate clips: copies by perceptual hashes, near-duplicates by CLIP embeddings (see DedupConfig).
+    dedup: DedupConfig = field(default_factory=DedupConfig)
 
 
 @dataclass

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-SCHEMA_VERSION = 3  # 2: captions and CLIP scores (caption ... score_model); 3: Lance tables, dataset_version
+# 2: captions and CLIP scores (caption ... score_model); 3: Lance tables, dataset_version; 4: clips.frame_hashes and
+# frame_thumbs (dedup); tables of version 3 gain them as null columns when a run opens them (writer.create_tables)
+SCHEMA_VERSION = 4
 
 TRANSITION = pa.struct([("start_frame", pa.int64()), ("end_frame", pa.int64()), ("kind", pa.string())])
 
@@ -54,7 +56,14 @@ CLIP_FIELDS = [
     ("score_model", pa.string()),  # where the scores came from, e.g. "open_clip:tiny (untrained); aesthetic:..."
     ("dataset_version", pa.int64()),  # the dataset version that added the clip
 ]
-CLIPS = pa.schema(CLIP_FIELDS)
+# The clip's signature for deduplication (curation/phash.py), in the clips table only: a frame every
+# filters.dedup.hash_interval_s from the clip's first, its 64-bit pHash and its 4x4 RGB thumbnail (48 bytes each,
+# concatenated). Null when dedup was off.
+SIGNATURE_FIELDS = [
+    ("frame_hashes", pa.list_(pa.int64())),
+    ("frame_thumbs", pa.binary()),
+]
+CLIPS = pa.schema(CLIP_FIELDS + SIGNATURE_FIELDS)
 
 SHARDS = pa.schema(CLIP_FIELDS + [
     ("uri", pa.string()),
@@ -65,6 +74,5 @@ SHARDS = pa.schema(CLIP_FIELDS + [
 ])
 
 # What one video's pass produces: its videos row plus every clip, with the encoded bytes of kept clips.
-STAGED = pa.schema(list(VIDEOS) + [("clips", pa.list_(pa.struct(CLIP_FIELDS + [("video_bytes", pa.binary()),
-                                                                                 ("width", pa.int64()),
-                                                                                 ("height", pa.int64())])))])
+STAGED = pa.schema(list(VIDEOS) + [("clips", pa.list_(pa.struct(CLIP_FIELDS + SIGNATURE_FIELDS + [
+    ("video_bytes", pa.binary()), ("width", pa.int64()), ("height", pa.int64())])))])

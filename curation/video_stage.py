@@ -31,6 +31,7 @@ from curation.encode import ClipEncoder, jpeg_bytes
 from curation.filters import ClipFilter
 from curation.isolate import ChildCrashed, ChildTimedOut, IsolatedWorker, set_time_limit
 from curation.motion import MotionScorer
+from curation.phash import ClipSignature
 from curation.redact import redact_uri
 from curation.shots import ShotDetector
 
@@ -43,6 +44,7 @@ class _OpenClip:
     encoder: ClipEncoder | None
     first_jpeg: bytes
     last: Frame
+    signature: ClipSignature
     num_frames: int = 1
     tail: deque = field(default_factory=deque)  # frames from the current middle to the newest one
 
@@ -109,6 +111,8 @@ class ClipAssembler:
             "caption_match": None,
             "clip_embedding": None,
             "score_model": None,
+            "frame_hashes": clip.signature.hashes if clip.signature.interval_s > 0 else None,
+            "frame_thumbs": b"".join(clip.signature.thumbs) if clip.signature.interval_s > 0 else None,
             "video_bytes": video_bytes,
             "width": clip.encoder.width if clip.encoder else last.rgb.shape[1],
             "height": clip.encoder.height if clip.encoder else last.rgb.shape[0],
@@ -120,7 +124,10 @@ class ClipAssembler:
         if self.config.encode.short_side >= 0:
             encoder = ClipEncoder(self.config.encode, frame.rgb.shape[1], frame.rgb.shape[0], self.info.fps)
             encoder.add(frame.time_s, frame.rgb)
-        self._open = _OpenClip(start=frame, encoder=encoder, last=frame,
+        dedup = self.config.filters.dedup
+        signature = ClipSignature(dedup.hash_interval_s if dedup.enabled else 0.0, frame.time_s)
+        signature.add(frame.time_s, frame.analysis)
+        self._open = _OpenClip(start=frame, encoder=encoder, last=frame, signature=signature,
                                first_jpeg=jpeg_bytes(frame.rgb, self.config.keyframes.jpeg_quality))
         self._open.tail.append(frame)
 
@@ -129,6 +136,7 @@ class ClipAssembler:
         if clip.encoder is not None:
             clip.encoder.add(frame.time_s, frame.rgb)
         clip.last = frame
+        clip.signature.add(frame.time_s, frame.analysis)
         clip.num_frames += 1
         clip.tail.append(frame)
         # Keep only the frames from the middle of the clip on: the middle keyframe is known when the clip closes.

@@ -41,16 +41,24 @@ _SCORE_COLUMNS = ["clip_id", "video_id", "start_s", "end_s", "motion_mean", "mot
 
 
 def create_tables(dataset: CuratedDataset) -> None:
-    """The three empty tables, where they do not exist yet (two runs creating them at once is harmless)."""
+    """The three empty tables, where they do not exist yet (two runs creating them at once is harmless); a table of
+    an older schema gains the columns added since as nulls (a metadata-only commit)."""
     for kind in KINDS:
         try:
-            dataset.open(kind)
+            _add_missing_columns(dataset.open(kind), SCHEMAS[kind])
         except DatasetError:
             try:
                 lance.write_dataset(SCHEMAS[kind].empty_table(), dataset.table_uri(kind), mode="create",
                                     storage_options=dataset.storage_options or None)
             except (OSError, ValueError):
                 dataset.open(kind)  # made by the other run meanwhile; any other problem raises here
+
+
+def _add_missing_columns(table: lance.LanceDataset, wanted: pa.Schema) -> None:
+    names = set(table.schema.names)
+    missing = [f for f in wanted if f.name not in names]
+    if missing:
+        table.add_columns(missing)
 
 
 def video_status(dataset: CuratedDataset) -> dict[str, tuple[str, int]]:
