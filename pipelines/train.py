@@ -30,11 +30,14 @@ def _absolute(uri: str) -> str:
 
 
 def run_train(config: TrainConfig, distill: DistillRound | None = None, step: str = "train",
-              register_tags: dict[str, str] | None = None, alias: str | None = None) -> dict:
+              register_tags: dict[str, str] | None = None, alias: str | None = None,
+              task: type | None = None) -> dict:
     """Train `config.data` into `config.output`; rerunning the same command resumes from the last checkpoint.
 
     `distill` makes the run a progressive-distillation round (see pipelines/distill.py); `register_tags` and
-    `alias` go on the registered model version. SIGTERM saves a checkpoint at the current step and returns."""
+    `alias` go on the registered model version. SIGTERM saves a checkpoint at the current step and returns.
+    `task`: what the loop trains (training.loop.TrainJob.task; None: the diffusion model); another task's export
+    is registered by its own workflow (pipelines/train_vae.py)."""
     if not config.data or not config.output:
         raise ValueError("train needs --data (a curated dataset) and --output")
     config.validate()
@@ -44,11 +47,11 @@ def run_train(config: TrainConfig, distill: DistillRound | None = None, step: st
     table = ClipTable.open(config.data)  # fail on a wrong --data before starting anything
     config.data = table.data_uri  # DIR@vN: every worker reads this version, and the saved config names it
     with OutputLock(config.output):  # one run per output: its checkpoints and its MLflow run are its own
-        return _train(config, table, distill, step, register_tags, alias)
+        return _train(config, table, distill, step, register_tags, alias, task)
 
 
 def _train(config: TrainConfig, table, distill: DistillRound | None, step: str,
-           register_tags: dict[str, str] | None, alias: str | None) -> dict:
+           register_tags: dict[str, str] | None, alias: str | None, task: type | None = None) -> dict:
     out = OutputDir(config.output)
     _check_resume(out, config, table.version)
     out.makedirs()
@@ -70,14 +73,14 @@ def _train(config: TrainConfig, table, distill: DistillRound | None, step: str,
     started = time.perf_counter()
     with StopOnSigterm(config.output):
         try:
-            result = _trainer(config, TrainJob(config, uri, run_id, distill)).fit()
+            result = _trainer(config, TrainJob(config, uri, run_id, distill, task)).fit()
         except Exception:
             tracking.finish_run(uri, run_id, status="FAILED")
             raise
     wall = time.perf_counter() - started
     reached = int((result.metrics or {}).get("step", 0))
     finished = reached >= config.total_steps
-    version = _register(client, run_id, config, register_tags, alias) if finished else None
+    version = _register(client, run_id, config, register_tags, alias) if finished and task is None else None
     tracking.finish_run(uri, run_id, status="FINISHED" if finished else "KILLED")
     summary = {"run_id": run_id, "step": reached, "total_steps": config.total_steps, "tracking_uri": uri,
                "model": join_uri(config.output, out.path("model")), "data_version": table.version,
