@@ -37,6 +37,19 @@ def _train(args: argparse.Namespace) -> int:
     return 0 if summary["step"] >= summary["total_steps"] else 3  # 3: stopped early; rerun to continue
 
 
+def _train_vae(args: argparse.Namespace) -> int:
+    from pipelines.train_vae import run_train_vae, summary_text
+    from training.vae.config import VAETrainConfig
+
+    base = {k: v for k, v in (("data", args.data), ("output", args.output)) if v}
+    if args.accept_data_change:
+        base["accept_data_change"] = True
+    config = load_config(VAETrainConfig, args.config, args.set, base=base)
+    summary = run_train_vae(config)
+    print(summary_text(summary))
+    return 0 if summary["step"] >= summary["total_steps"] else 3  # 3: stopped early; rerun to continue
+
+
 def _make_sample_dump(args: argparse.Namespace) -> int:
     from curation.sample_dump import make_sample_dump
 
@@ -157,6 +170,15 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--accept-data-change", action="store_true",
                        help="resume even though the curated dataset changed since the checkpoint (e.g. it grew)")
     train.set_defaults(func=_train)
+
+    train_vae = sub.add_parser("train-vae", help="train reelforge's causal 3D video VAE on curated clips (same engine "
+                               "as train; resumes on rerun; held-out PSNR/SSIM in MLflow)")
+    train_vae.add_argument("--data", help="a curated dataset; DIR@vN for its version N (default: the newest)")
+    train_vae.add_argument("--output", help="directory or URI for checkpoints, the exported vae/ and the MLflow store")
+    _config_arguments(train_vae, "configs/train-vae.yaml")
+    train_vae.add_argument("--accept-data-change", action="store_true",
+                           help="resume even though the curated dataset changed since the checkpoint")
+    train_vae.set_defaults(func=_train_vae)
 
     distill = sub.add_parser("distill", help="progressive distillation of a trained model into fewer-step students")
     distill.add_argument("--teacher", help="the exported model to distil (the model/ folder of a training run)")
