@@ -17,6 +17,7 @@ from urllib.parse import urlsplit, urlunsplit
 from curation import schema
 from curation.config import CurateConfig
 from curation.dataset import CuratedDataset, DatasetError, version_tag
+from curation.dedup import index_hashes
 from curation.discover import list_videos
 from curation.filters import ClipFilter
 from curation.lock import CurateLock
@@ -34,7 +35,7 @@ from curation.writer import (
 )
 from pipelines.cluster import init_ray
 from pipelines.config import flatten
-from pipelines.tracking import client_for, finish_run, log_params, open_run, tracking_uri
+from pipelines.tracking import client_for, close_dangling, finish_run, log_params, open_run, tracking_uri
 
 log = logging.getLogger("reelforge.curate")
 
@@ -308,6 +309,7 @@ def _finish(config: CurateConfig, dataset: CuratedDataset, plan: RunPlan, run: d
     problem = index_embeddings(dataset, plan.version)
     if problem:
         written.warnings.append(problem)
+    index_hashes(dataset, plan.version)  # the kept clips' frame hashes, for the next versions' dedup
     for warning in written.warnings:
         log.warning("!!! %s", warning)
     out = OutputDir(config.output)
@@ -344,6 +346,9 @@ def run_curate(config: CurateConfig, retry_quarantined: bool = False) -> dict:
                            f"migrate it once with `reelforge migrate-dataset --data {dataset.shown}`, then curate")
     create_tables(dataset)
     with CurateLock(dataset, config.output_files.lock_timeout_s) as lock:
+        OutputDir(config.output).sweep_temporary("")  # half-written files of a killed run
+        OutputDir(config.output).sweep_temporary(REPORTS, recursive=True)
+        _close_dangling_run(config, dataset)
         init_ray(config)
         plan = _plan_run(config, dataset, retry_quarantined)
         latest = dataset.latest()
@@ -360,6 +365,16 @@ def run_curate(config: CurateConfig, retry_quarantined: bool = False) -> dict:
             plan = RunPlan(plan.version + 1, plan.pending, plan.duplicates, False)
             started = time.perf_counter()
         return _make_version(config, dataset, lock, plan, retry_quarantined, started)
+
+
+def _close_dangling_run(config: CurateConfig, dataset: CuratedDataset) -> None:
+    """The newest version's MLflow run, if the run that tagged the version was killed before closing it."""
+    latest = dataset.latest()
+    run_id = (dataset.record(latest).get("run") or {}).get("mlflow_run_id") if latest else None
+    uri = curate_tracking_uri(config, OutputDir(config.output)) if run_id else None
+    if uri:
+        close_dangling(uri, run_id, f"the run that made dataset version {latest} stopped after tagging it, before "
+                       "closing this run; the version is complete")
 
 
 def _make_version(config: CurateConfig, dataset: CuratedDataset, lock: CurateLock, plan: RunPlan,

@@ -21,6 +21,7 @@ from pipelines.config import ConfigError, flatten
 from pipelines.train import _absolute, run_train
 from training.distill import DistillConfig, round_train_config
 from training.objective import DistillRound
+from training.publish import sweep_temporary
 
 log = logging.getLogger("reelforge.distill")
 
@@ -65,6 +66,7 @@ def run_distill(config: DistillConfig) -> dict:
 def _distill(config: DistillConfig, table, rounds: list[int], cfg_scale: float, teacher: dict) -> dict:
     out = OutputDir(config.output)
     out.makedirs()
+    sweep_temporary(config.output, folders=("",))  # what a killed run left half-written; this run holds the lease
     out.write_bytes_atomic("distill-config.yaml", redacted_yaml(config).encode())
     uri, run_id = tracking.output_run(config.output, config.tracking.uri, config.tracking.experiment,
                                       {"reelforge.step": "distill", "reelforge.teacher": config.teacher,

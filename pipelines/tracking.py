@@ -103,6 +103,27 @@ def finish_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
     client_for(uri).set_terminated(run_id, status=status)
 
 
+CLOSED_TAG = "reelforge.closed_reason"
+
+
+def close_dangling(uri: str, run_id: str, reason: str) -> bool:
+    """Mark `run_id` KILLED, with `reason` as a tag, if it is still RUNNING: the run of a process that died (kill -9,
+    a lost node) between its last write and closing its run. Call it only where no live process can own the run
+    (while holding the output's lease). Returns whether it closed the run."""
+    client = client_for(uri)
+    try:
+        run = client.get_run(run_id)
+    except Exception:  # noqa: BLE001 - a run of another store, or deleted: nothing to close
+        return False
+    if run.info.status != "RUNNING":
+        return False
+    client.set_tag(run_id, CLOSED_TAG, redact_uri(reason)[:5000])
+    client.set_terminated(run_id, status="KILLED")
+    log.warning("MLflow run %s was left RUNNING by a process that is gone; marked KILLED: %s", run_id,
+                redact_uri(reason))
+    return True
+
+
 RUN_ID_FILE = "mlflow_run_id"
 
 

@@ -20,8 +20,11 @@ from training.config import TrainConfig
 from training.loop import TrainJob
 from training.objective import DistillRound
 from training.preemption import clear_stop, request_stop
+from training.publish import current_model, sweep_temporary
 
 log = logging.getLogger("reelforge.train")
+
+SHA_TAG = "reelforge.model_sha256"  # on each registered version: the sha256 of its published files
 
 
 def _absolute(uri: str) -> str:
@@ -42,9 +45,10 @@ def run_train(config: TrainConfig, distill: DistillRound | None = None, step: st
         raise ValueError("train needs --data (a curated dataset) and --output")
     config.validate()
     config.data, config.output = _absolute(config.data), _absolute(config.output)
-    from training.dataset import ClipTable
+    from training.latent_dataset import check_cache_matches, open_training_data
 
-    table = ClipTable.open(config.data)  # fail on a wrong --data before starting anything
+    table = open_training_data(config.data)  # a curated dataset or a latent cache; fails on a wrong --data now
+    check_cache_matches(table, config)
     config.data = table.data_uri  # DIR@vN: every worker reads this version, and the saved config names it
     with OutputLock(config.output):  # one run per output: its checkpoints and its MLflow run are its own
         return _train(config, table, distill, step, register_tags, alias, task)
@@ -55,6 +59,7 @@ def _train(config: TrainConfig, table, distill: DistillRound | None, step: str,
     out = OutputDir(config.output)
     _check_resume(out, config, table.version)
     out.makedirs()
+    sweep_temporary(config.output)  # what a killed run left half-written; safe: this run holds the lease
     clear_stop(config.output)
     out.write_bytes_atomic("train-config.yaml", redacted_yaml(config).encode())
 
@@ -150,7 +155,9 @@ class StopOnSigterm:
 
 def _register(client, run_id: str, config: TrainConfig, extra_tags: dict[str, str] | None = None,
               alias: str | None = None) -> str | None:
-    """Log `model/` as the run's artifacts and register it as a model version (once per run)."""
+    """Register the published export (models/<sha16>, which is never overwritten) as a model version, once per run:
+    a rerun after a kill between creating the version and tagging the run finds that version instead of making a
+    second one."""
     run = client.get_run(run_id)
     existing = run.data.tags.get("reelforge.model_version")
     if existing:
@@ -159,12 +166,40 @@ def _register(client, run_id: str, config: TrainConfig, extra_tags: dict[str, st
     if not out.exists("model", "config.json"):
         log.warning("no exported model under %s/model; nothing to register", config.output)
         return None
+    published = current_model(config.output) or {"sha256": "", "folder": "model"}  # "model": an older export
+    name = config.tracking.registered_model
+    version = _registered_version(client, name, run_id, published["sha256"])
+    if version is None:
+        version = _create_version(client, run, config, published, extra_tags)
+    else:
+        log.info("%s version %s of this run was registered by an earlier, interrupted invocation", name, version)
+    if alias:  # e.g. "steps-4": the newest 4-step student, whatever its version number
+        client.set_registered_model_alias(name, alias, version)
+    client.set_tag(run_id, "reelforge.model_version", version)
+    log.info("registered %s version %s", name, version)
+    return version
+
+
+def _registered_version(client, name: str, run_id: str, sha256: str) -> str | None:
+    """The version of `name` this run already registered for these weights, if any."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        found = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+    except MlflowException:
+        return None  # no such registered model yet
+    same = [v for v in found if v.tags.get(SHA_TAG, "") == sha256]
+    return str(min(int(v.version) for v in same)) if same else None
+
+
+def _create_version(client, run, config: TrainConfig, published: dict, extra_tags: dict[str, str] | None) -> str:
+    out = OutputDir(config.output)
     if "://" in config.output and not config.output.startswith("file://"):
         # the registry keeps the location, never the credentials in it (they come from the environment on load)
-        source = redact_uri(join_uri(config.output, out.path("model")))
+        source = redact_uri(join_uri(config.output, out.path(published["folder"])))
         log.warning("the model stays at %s (remote outputs are not copied into MLflow)", source)
     else:
-        client.log_artifacts(run_id, os.path.join(config.output, "model"), "model")
+        client.log_artifacts(run.info.run_id, os.path.join(config.output, published["folder"]), "model")
         source = f"{run.info.artifact_uri.rstrip('/')}/model"
     name = config.tracking.registered_model
     from mlflow.exceptions import MlflowException
@@ -173,14 +208,9 @@ def _register(client, run_id: str, config: TrainConfig, extra_tags: dict[str, st
         client.create_registered_model(name, description="reelforge text-to-video diffusion models (VDiT)")
     except MlflowException:
         pass  # it exists
-    tags = {"preset": config.model.preset, "steps": str(config.total_steps),
+    tags = {"preset": config.model.preset, "steps": str(config.total_steps), SHA_TAG: published["sha256"],
             "sampling_steps": str(config.sampling.num_steps), **{k: str(v) for k, v in (extra_tags or {}).items()}}
-    version = client.create_model_version(name, source, run_id=run_id, tags=tags)
-    if alias:  # e.g. "steps-4": the newest 4-step student, whatever its version number
-        client.set_registered_model_alias(name, alias, version.version)
-    client.set_tag(run_id, "reelforge.model_version", version.version)
-    log.info("registered %s version %s", name, version.version)
-    return version.version
+    return str(client.create_model_version(name, source, run_id=run.info.run_id, tags=tags).version)
 
 
 def summary_text(summary: dict) -> str:

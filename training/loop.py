@@ -22,6 +22,7 @@ from training.config import TrainConfig
 from training.dataset import ClipTable, StageLoader
 from training.ema import EMA
 from training.engine import Engine, all_reduce_host
+from training.latent_dataset import CachedInputs, LatentLoader, LatentTable, open_training_data
 from training.objective import DiffusionObjective, DistillationObjective, DistillRound
 from training.preemption import StopWatcher
 from training.sample import SampleLogger
@@ -93,15 +94,23 @@ class CurriculumBatches:
         self.loader: StageLoader | None = None
 
     def batch(self, step: int, micro: int):
+        """(video uint8, captions) from curated data; (LatentBatch, None) from a latent cache."""
         index, stage = self.config.stage_at(step)
         if index != self.stage_index:
             self.close()
             self.stage_index = index
-            self.loader = StageLoader(self.table, stage, self.config.data_loading, self.config.seed + index,
-                                      self.rank, self.world_size, self.config.deepspeed.micro_batch_size,
-                                      cache_bytes=self.config.data_loading.cache_mib * 2**20)
+            self.loader = self._loader(stage, self.config.seed + index)
         start = sum(s.steps for s in self.config.curriculum[:index])
-        return self.loader.batch((step - start) * self.config.deepspeed.grad_accum + micro)
+        k = (step - start) * self.config.deepspeed.grad_accum + micro
+        return (self.loader.batch(k), None) if isinstance(self.table, LatentTable) else self.loader.batch(k)
+
+    def _loader(self, stage, seed: int) -> StageLoader | LatentLoader:
+        data, batch_size = self.config.data_loading, self.config.deepspeed.micro_batch_size
+        if isinstance(self.table, LatentTable):
+            return LatentLoader(self.table, stage, data.windows_per_clip, seed, self.rank, self.world_size,
+                                batch_size, data.prefetch_batches)
+        return StageLoader(self.table, stage, data, seed, self.rank, self.world_size, batch_size,
+                           cache_bytes=data.cache_mib * 2**20)
 
     def close(self) -> None:
         if self.loader is not None:
@@ -129,7 +138,13 @@ class DiffusionTask:
         return {"preset": config.model.preset, "steps": str(config.total_steps),
                 "sampling_steps": str(config.sampling.num_steps)}
 
-    def training_table(self, table: ClipTable) -> ClipTable:
+    def training_table(self, table: ClipTable | LatentTable) -> ClipTable | LatentTable:
+        """Chooses the step's inputs once, by what --data is: a latent cache gives x0 and the caption encodings
+        (no decode, no text tower in the step); curated video is encoded in the step."""
+        if isinstance(table, LatentTable):
+            self.inputs = CachedInputs(table.null_text(), self.config.cfg_dropout, self.device)
+        else:
+            self.inputs = VideoInputs(self.built.text_encoder, self.codec, self.config.cfg_dropout, self.device)
         return table
 
     def attach(self, engine: Engine, tracker: WorkerTracker, step: int) -> None:
@@ -139,12 +154,9 @@ class DiffusionTask:
         self.samples = SampleLogger(self.config.sampling, self.built.text_encoder, self.built.schedule, self.codec,
                                     tracker, engine.dtype, self.device)
 
-    def loss(self, engine: Engine, video, captions: list[str], g: torch.Generator) -> torch.Tensor:
-        drop = torch.rand(len(captions), generator=g) < self.config.cfg_dropout
-        captions = ["" if d else c for c, d in zip(captions, drop.tolist(), strict=True)]
-        context_, mask = self.built.text_encoder(captions)
-        context_, mask = context_.to(self.device), mask.to(self.device)
-        noised = self.built.objective.noised(self.codec.encode(video).to(self.device), context_, mask, g)
+    def loss(self, engine: Engine, video, captions: list[str] | None, g: torch.Generator) -> torch.Tensor:
+        x0, context_, mask = self.inputs(video, captions, g)
+        noised = self.built.objective.noised(x0, context_, mask, g)
         out = engine(noised.x_t.to(engine.dtype), noised.t, context_.to(engine.dtype), mask)
         return F.mse_loss(out.float(), noised.target.float())
 
@@ -156,6 +168,20 @@ class DiffusionTask:
 
     def export(self, engine: Engine, ema: EMA, rank: int) -> None:
         _export(engine, ema, self.built, self.codec, self.config, rank, self.job.distill)
+
+
+class VideoInputs:
+    """The diffusion step's inputs from curated video: the captions (the empty prompt where dropped) through the
+    text tower and the frames through the codec."""
+
+    def __init__(self, text_encoder: FrozenTextEncoder, codec, cfg_dropout: float, device: torch.device):
+        self.text_encoder, self.codec, self.cfg_dropout, self.device = text_encoder, codec, cfg_dropout, device
+
+    def __call__(self, video, captions: list[str], g: torch.Generator) -> tuple[torch.Tensor, ...]:
+        drop = torch.rand(len(captions), generator=g) < self.cfg_dropout
+        captions = ["" if d else c for c, d in zip(captions, drop.tolist(), strict=True)]
+        context_, mask = self.text_encoder(captions)
+        return self.codec.encode(video).to(self.device), context_.to(self.device), mask.to(self.device)
 
 
 class MetricsWindow:
@@ -193,7 +219,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     task = (job.task or DiffusionTask)(job, device)
     engine = Engine(task.model, config, world, device.type == "cuda")
     ema = EMA(engine.local_tensors(), config.ema_decay)
-    table = task.training_table(ClipTable.open(config.data))
+    table = task.training_table(open_training_data(config.data))
     checkpointer = Checkpointer(engine, ema, config, rank, world, table.version)
     tracker = WorkerTracker(rank, job.tracking_uri, job.run_id, config.output)
     step, restored = checkpointer.restore()
@@ -286,10 +312,8 @@ def _export(engine: Engine, ema: EMA, built: Built, codec: PixelCodec, config: T
         state = engine.full_state_dict(rank)
     if rank != 0:
         return
-    import pyarrow.fs
-
-    from curation.outputs import OutputDir
     from training.export import save_model
+    from training.publish import publish_model
 
     extra = {"preset": config.model.preset, "steps": config.total_steps, "codec": codec.id,
              "curriculum": [vars(s) for s in config.curriculum], "ema_decay": config.ema_decay, "weights": "ema",
@@ -298,8 +322,5 @@ def _export(engine: Engine, ema: EMA, built: Built, codec: PixelCodec, config: T
              **(distill.export_info() if distill else {})}
     with tempfile.TemporaryDirectory() as directory:
         save_model(directory, state, built.model_config, built.text_encoder, built.schedule.config, extra)
-        out = OutputDir(config.output)
-        out.makedirs("model")
-        pyarrow.fs.copy_files(directory, out.path("model"), source_filesystem=pyarrow.fs.LocalFileSystem(),
-                              destination_filesystem=out.fs)
-    log.info("exported the EMA weights to %s/model", config.output.rstrip("/"))
+        sha = publish_model(directory, config.output)  # whole, into models/<sha16>; model/ points at it
+    log.info("exported the EMA weights to %s/model (models/%s)", config.output.rstrip("/"), sha[:16])
