@@ -181,16 +181,29 @@ def _resolve_filters(dataset: CuratedDataset, config: CurateConfig, version: int
     outcome = apply_late_filters(config.filters, [{k: c[k] for k in SCORES} for c in clips],
                                  [c["drop_reason"] for c in clips], untrained)
     bounds = [_bound_dict(b) for b in ClipFilter(config.filters).early_bounds() + outcome.bounds]
+    dedup = _dedup(dataset, config, version, clips, outcome.reasons, untrained)
+    bounds += dedup.bounds
+    outcome.warnings.extend(dedup.warnings)
     clips_table.update_config({key: json.dumps({"bounds": bounds, "untrained": untrained,
                                                 "warnings": outcome.warnings})})
     for clip, reason in zip(clips, outcome.reasons, strict=True):
-        clip.update(kept=reason is None, drop_reason=reason)
+        reason = reason or dedup.reasons.get(clip["clip_id"])
+        clip.update(kept=reason is None, drop_reason=reason, **dedup.nearest.get(clip["clip_id"], {}))
     verdicts = pa.table({"clip_id": pa.array([c["clip_id"] for c in clips], pa.string()),
                          "kept": pa.array([c["kept"] for c in clips], pa.bool_()),
                          "drop_reason": pa.array([c["drop_reason"] for c in clips], pa.string())})
     if len(verdicts):
         dataset.open("clips").merge_insert("clip_id").when_matched_update_all().execute(verdicts)
     return bounds, untrained, outcome.warnings
+
+
+def _dedup(dataset: CuratedDataset, config: CurateConfig, version: int, clips: list[dict], reasons: list[str | None],
+           untrained: bool):
+    """The dedup filter over the clips every other filter kept (curation/dedup.py)."""
+    from curation.dedup import deduplicate
+
+    candidates = [c for c, reason in zip(clips, reasons, strict=True) if reason is None]
+    return deduplicate(dataset, config.filters.dedup, version, candidates, trained=not untrained)
 
 
 def _apply_to_shards(dataset: CuratedDataset, version: int, clips: list[dict]) -> None:
