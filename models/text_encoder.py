@@ -20,6 +20,13 @@ class TextEncoderConfig:
     context_length: int = 32  # tokens kept (CLIP's 77 truncated for speed); at most the model's context
 
 
+def text_encoder_id(config: TextEncoderConfig) -> str:
+    """What decides the features a prompt gets: architecture, weights (tag, hub id or file sha256; random weights
+    are seeded, so "random" names them) and the tokens kept. Recorded with everything encoded by it."""
+    weights = config.pretrained_sha256 or config.pretrained or "random"
+    return f"open_clip:{config.model_name}:{weights}:ctx{config.context_length}"
+
+
 class FrozenTextEncoder(nn.Module):
     """Per-token features after ln_final of a frozen open_clip text tower; the vision tower is dropped."""
 

@@ -136,11 +136,27 @@ class StageSampler:
                 continue
             windows = window_indices(n, src_fps, stage.num_frames, stage.fps, windows_per_clip)
             self.items.extend((row, w) for w in range(len(windows)))
+        self._split(f"{len(frames)} curated clips")
+
+    @classmethod
+    def over_items(cls, items: list[tuple[int, int]], stage: CurriculumStage, seed: int, rank: int, world_size: int,
+                   batch_size: int, source: str) -> StageSampler:
+        """The same replayable order over items given as they are (a latent cache's rows of the stage)."""
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, {world_size})")
+        sampler = cls.__new__(cls)
+        sampler.stage, sampler.seed, sampler.rank = stage, seed, rank
+        sampler.world_size, sampler.batch_size, sampler.items = world_size, batch_size, list(items)
+        sampler._split(source)
+        return sampler
+
+    def _split(self, source: str) -> None:
+        stage, world_size, batch_size = self.stage, self.world_size, self.batch_size
         self.batches_per_epoch = len(self.items) // world_size // batch_size
         if self.batches_per_epoch == 0:
             raise ValueError(
                 f"curriculum stage {stage.name!r}: {len(self.items)} training clips fit its {stage.num_frames} "
-                f"frames at {stage.fps:g} fps ({len(frames)} curated clips), fewer than {world_size} workers x "
+                f"frames at {stage.fps:g} fps ({source}), fewer than {world_size} workers x "
                 f"micro-batch {batch_size}: lower deepspeed.micro_batch_size or scaling.num_workers, or curate more "
                 "videos")
         self._per_rank = self.batches_per_epoch * batch_size
