@@ -35,7 +35,13 @@ HISTOGRAMS = [
     ("aesthetic", "aesthetic score"),
     ("caption_match", "caption match: CLIP cosine similarity"),
     ("duration", "clip duration, s"),
+    ("dedup_hamming", "dedup: nearest kept copy, median hamming bits of 64 (frame hashes)"),
+    ("dedup_cos", "dedup: nearest kept clip, CLIP cosine similarity"),
 ]
+# Histograms whose clips are dropped under another filter name than the histogram's (both dedup distances drop a
+# clip as `duplicate`); their bounds say which histogram they are drawn on.
+REASONS = {"dedup_hamming": "duplicate", "dedup_cos": "duplicate"}
+HIST_HEADER_IN, HIST_BOTTOM_IN, HIST_ROW_IN = 1.62, 0.54, 3.42  # histograms.png: title band, bottom margin, a row
 
 
 def _missing(value) -> bool:
@@ -75,7 +81,8 @@ def _histogram(ax, name: str, label: str, scores: list[dict], bounds: list[dict]
         ax.set_yticks([])
         return
     values = np.array([s[name] for s in rows], dtype=np.float64)
-    mine = [b for b in bounds if b["score"] == name]
+    mine = [b for b in bounds if b.get("histogram", b["score"]) == name]
+    reason = REASONS.get(name, name)
     positive = values[values > 0]
     log = name == "motion" and positive.size > 0 and positive.max() / positive.min() > 100
     if log:  # static clips near 0 and pans near 100 px/s only share an axis on a log scale
@@ -85,7 +92,7 @@ def _histogram(ax, name: str, label: str, scores: list[dict], bounds: list[dict]
     groups = {"kept": [], "here": [], "elsewhere": []}
     for value, s in zip(values, rows, strict=True):
         failed = reason_filters(s.get("drop_reason"))
-        groups["kept" if not failed else "here" if name in failed else "elsewhere"].append(value)
+        groups["kept" if not failed else "here" if reason in failed else "elsewhere"].append(value)
     ax.hist([groups["kept"], groups["here"], groups["elsewhere"]], bins=edges, stacked=True,
             color=[KEPT_COLOR, DROPPED_HERE_COLOR, DROPPED_ELSEWHERE_COLOR])
     ax.set_title(f"{label}\nkept {len(groups['kept'])}, dropped by this filter {len(groups['here'])}, "
@@ -113,19 +120,30 @@ def _histogram(ax, name: str, label: str, scores: list[dict], bounds: list[dict]
 
 
 def write_histograms(path: Path, written: VersionWrite, motion_stat: str = "median") -> Path:
-    fig = Figure(figsize=(14, 9), dpi=DPI)
-    axes = fig.subplots(2, 2).ravel()
-    for ax, (name, label) in zip(axes, HISTOGRAMS, strict=True):
+    # Two histograms a row; the header and margins keep their size in inches whatever the number of rows.
+    rows = math.ceil(len(HISTOGRAMS) / 2)
+    height = HIST_HEADER_IN + HIST_BOTTOM_IN + HIST_ROW_IN * rows
+
+    def below_top(inches: float) -> float:  # inches from the top -> figure fraction
+        return 1 - inches / height
+
+    fig = Figure(figsize=(14, height), dpi=DPI)
+    axes = fig.subplots(rows, 2).ravel()
+    for ax in axes[len(HISTOGRAMS):]:
+        ax.set_axis_off()
+    for ax, (name, label) in zip(axes, HISTOGRAMS, strict=False):
         _histogram(ax, name, label.format(stat=f"motion_{motion_stat}"), written.scores, written.bounds)
-    fig.suptitle(_title(written), fontsize=14, y=0.985)
+    fig.suptitle(_title(written), fontsize=14, y=below_top(0.135))
     if written.untrained:
-        fig.text(0.5, 0.935, UNTRAINED_TITLE, ha="center", va="center", fontsize=16, weight="bold", color="#c62828")
-    fig.text(0.5, 0.905, "lines: thresholds (solid: absolute, dashed: percentile of this run, dotted: not applied)",
-             ha="center", fontsize=9, color="#444444")
+        fig.text(0.5, below_top(0.585), UNTRAINED_TITLE, ha="center", va="center", fontsize=16, weight="bold",
+                 color="#c62828")
+    fig.text(0.5, below_top(0.855), "lines: thresholds (solid: absolute, dashed: percentile of this run, dotted: "
+             "not applied)", ha="center", fontsize=9, color="#444444")
     handles = [Patch(color=c) for c in (KEPT_COLOR, DROPPED_HERE_COLOR, DROPPED_ELSEWHERE_COLOR)]
     fig.legend(handles, ["kept", "dropped by this filter", "dropped by other filters"], loc="center",
-               bbox_to_anchor=(0.5, 0.88), ncol=3, fontsize=9, frameon=False)
-    fig.subplots_adjust(top=0.82, bottom=0.06, left=0.06, right=0.98, hspace=0.3, wspace=0.15)
+               bbox_to_anchor=(0.5, below_top(1.08)), ncol=3, fontsize=9, frameon=False)
+    fig.subplots_adjust(top=below_top(HIST_HEADER_IN), bottom=HIST_BOTTOM_IN / height, left=0.06, right=0.98,
+                        hspace=0.3, wspace=0.15)
     return _save(fig, path)
 
 
@@ -216,7 +234,7 @@ def drop_reason_rows(written: VersionWrite) -> list[dict]:
         if len(failed) == 1:
             only[failed[0]] = only.get(failed[0], 0) + 1
     names = [n for n in SCORES if any(b["score"] == n for b in written.bounds) or n in counts["drop_reasons"]]
-    names += sorted(set(counts["drop_reasons"]) - set(names))
+    names += sorted(({b["score"] for b in written.bounds} | set(counts["drop_reasons"])) - set(names))
     rows = []
     for name in names:
         thresholds = [f"{b['side']} {b['label']}" + ("" if b["applied"] else " (not applied: untrained)")

@@ -13,6 +13,7 @@ from curation.dataset import CuratedDataset
 from curation.dedup import index_hashes, semdedup
 from curation.hash_index import HashIndex
 from curation.phash import FLAT, ClipSignature, align, hamming, phash
+from curation.report import write_report
 from curation.writer import BatchCommitter, create_tables, finish_filters, index_embeddings, tag_version
 
 TRAINED, UNTRAINED = "open_clip:ViT-L-14 openai", "open_clip:tiny (untrained)"
@@ -45,7 +46,8 @@ def signature(frames: list[np.ndarray], interval_s: float = 0.25) -> ClipSignatu
     return sig
 
 
-def _align(a: ClipSignature, b: ClipSignature, config: DedupConfig = DedupConfig()):
+def _align(a: ClipSignature, b: ClipSignature):
+    config = DedupConfig()
     thumbs = [np.frombuffer(b"".join(s.thumbs), np.uint8).reshape(len(s.hashes), -1) for s in (a, b)]
     return align(np.array(a.hashes), np.array(b.hashes), thumbs[0], thumbs[1], config.max_color, config.min_overlap,
                  config.min_samples)
@@ -104,7 +106,7 @@ def _clip(video_id: str, frames: list[np.ndarray], embedding: np.ndarray, aesthe
     return {"clip_id": f"{video_id}-0000000", "video_id": video_id, "start_frame": 0,
             "end_frame": len(frames) - 1, "start_s": 0.0, "end_s": len(frames) / FPS, "num_frames": len(frames),
             "motion_mean": 5.0, "motion_median": 5.0, "motion_p90": 6.0, "is_static": False,
-            "keyframes": [b"\xff\xd8k"], "kept": True, "drop_reason": None, "aesthetic": aesthetic,
+            "keyframes": [cv2.imencode(".jpg", frames[0])[1].tobytes()], "kept": True, "drop_reason": None, "aesthetic": aesthetic,
             "caption_match": 0.3, "clip_embedding": embedding.tolist(), "score_model": score_model,
             "frame_hashes": sig.hashes, "frame_thumbs": b"".join(sig.thumbs),
             "video_bytes": f"mp4 {video_id}".encode(), "width": 128, "height": 72}
@@ -177,6 +179,11 @@ def test_copies_and_near_duplicates_are_dropped_naming_the_kept_clip_within_and_
     assert by_id["b-0000000"]["dedup_hamming"] <= 6 and by_id["d-0000000"]["dedup_cos"] > 0.95
     assert {b["label"] for b in written.bounds if b["score"] == "duplicate"} == {"hamming 10", "cos 0.95"}
     assert len(HashIndex(str(tmp_path / "frame_hashes.lance"))) > 0
+    # The report: a drop-reason row for dedup with both thresholds, and the histograms of the nearest distances.
+    report = write_report(tmp_path / "report", written)
+    table = (tmp_path / "report" / "drop_reasons.md").read_text()
+    assert "| duplicate | max hamming 10; min cos 0.95 | 2 | 2 | 50.0% |" in table
+    assert {p.name for p in report} >= {"histograms.png", "drop_reasons.md"}
 
     # Version 2: a trimmed copy of a (with a higher aesthetic: the earlier version's clip stays anyway), a near
     # duplicate of c by embedding, and two distinct clips, one of them in twice (a re-mux: the same pictures).
@@ -216,6 +223,10 @@ def test_with_untrained_embeddings_the_semantic_step_is_off_and_says_so(tmp_path
     semantic = next(b for b in written.bounds if b["score"] == "duplicate" and b["label"].startswith("cos"))
     assert semantic["applied"] is False
     assert any("semantic step" in w and "untrained" in w for w in written.warnings)
+    write_report(tmp_path / "report", written)
+    table = (tmp_path / "report" / "drop_reasons.md").read_text()
+    assert "| duplicate | max hamming 10; min cos 0.95 (not applied: untrained) | 1 |" in table
+    assert "semantic step (CLIP embeddings) is off" in table
 
 
 def test_dedup_off_drops_no_duplicate(tmp_path, config):
