@@ -71,18 +71,61 @@ def config_hash(section, upstream: list[str], extra: dict | None = None) -> str:
 
 
 def input_fingerprint(root: str) -> dict:
-    """Names, sizes and modification times of a local dump's files: a grown dump changes the curate step's hash.
-    A remote dump is listed by curation itself on every run (it processes only new videos)."""
-    path = Path(root)
-    if "://" in root or not path.is_dir():
-        return {"uri": root}
+    """Names, sizes and modification times of a dump's files: a grown dump changes the curate step's hash. A remote
+    dump is listed through pyarrow.fs with the URI's endpoint and credentials; no URI is kept, so no secret."""
+    if not root:
+        return {}
+    if "://" in root and not root.startswith("file://"):
+        return _remote_fingerprint(root)
+    path = Path(root.removeprefix("file://"))
+    if not path.is_dir():
+        return {"missing": str(path)}
     digest = hashlib.sha256()
     count = 0
-    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):  # os.fsencode: names need not be UTF-8
         stat = file.stat()
         digest.update(os.fsencode(f"{file.relative_to(path)}\0{stat.st_size}\0{stat.st_mtime_ns}\n"))
         count += 1
     return {"files": count, "listing_sha256": digest.hexdigest()}
+
+
+def _remote_fingerprint(root: str) -> dict:
+    import pyarrow.fs as pafs
+
+    from curation.discover import filesystem_and_path
+
+    fs, base = filesystem_and_path(root)
+    infos = fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
+    digest = hashlib.sha256()
+    files = sorted((i for i in infos if i.type == pafs.FileType.File), key=lambda i: i.path)
+    for info in files:
+        mtime = info.mtime_ns if info.mtime_ns is not None else -1
+        digest.update(f"{info.path[len(base):]}\0{info.size}\0{mtime}\n".encode())
+    return {"files": len(files), "listing_sha256": digest.hexdigest()}
+
+
+def data_fingerprint(data: str) -> str:
+    """The rows a training step would read: the curated dataset version and its content (ClipTable's version,
+    v<N>-lance<L>-<hash of its data files>), not the dump's file times, so touching a video retrains nothing."""
+    from curation.dataset import DatasetError
+    from training.dataset import ClipTable
+
+    try:
+        return ClipTable.open(data).version
+    except (DatasetError, FileNotFoundError, OSError, ValueError) as err:
+        return f"unreadable ({type(err).__name__})"
+
+
+def model_fingerprint(path: str) -> str:
+    """The sha256 of a model's files: from the output's model.json for a published `OUTPUT/model` (or `OUTPUT`
+    itself), else computed (a model exported before models/<sha16> existed, or a folder the user named)."""
+    from training.publish import CURRENT, current_model, folder_digest
+
+    folder = Path(path.removeprefix("file://"))
+    published = current_model(str(folder.parent)) if folder.name == CURRENT else current_model(str(folder))
+    if published:
+        return published["sha256"]
+    return folder_digest(folder) if folder.is_dir() else "missing"
 
 
 class _State:
@@ -121,8 +164,9 @@ def has_finished_version(output: Path) -> bool:
         return False
 
 
-def _set_aside(directory: Path, old_hash: str) -> None:
-    """A step whose config changed starts in a clean folder; the old outputs stay beside it."""
+def _set_aside(directory: Path, old_hash: str, uri: str | None = None) -> None:
+    """A step whose config or inputs changed starts in a clean folder; the old outputs stay beside it, and the MLflow
+    run they kept, if a killed run left it RUNNING, is closed (nothing will continue it)."""
     if directory.exists():
         target = directory.with_name(f"{directory.name}.stale-{old_hash[:8]}")
         suffix = 1
@@ -130,7 +174,12 @@ def _set_aside(directory: Path, old_hash: str) -> None:
             target = directory.with_name(f"{directory.name}.stale-{old_hash[:8]}-{suffix}")
             suffix += 1
         directory.rename(target)
-        log.warning("the %s config changed since its last run: its old outputs moved to %s", directory.name, target)
+        log.warning("the %s config or inputs changed since its last run: its old outputs moved to %s",
+                    directory.name, target)
+        run_file = target / tracking.RUN_ID_FILE
+        if uri and run_file.is_file():
+            tracking.close_dangling(uri, run_file.read_text().strip(),
+                                    f"superseded: the step's config or inputs changed; its outputs are in {target}")
 
 
 def _generated_dump(directory: Path, num_videos: int, seed: int, shape_size: float) -> str:
@@ -193,7 +242,7 @@ def run_workflow(config: WorkflowConfig) -> dict:
             results[name] = recorded.get("summary")
             return
         if recorded.get("hash") and recorded["hash"] != digest and not resumable:
-            _set_aside(paths[name], recorded["hash"])
+            _set_aside(paths[name], recorded["hash"], uri)
         state.update(name, hash=digest, status="running", started=time.time())
         client.set_tag(parent, f"reelforge.{name}.status", "running")
         log.info("step %s: running (config hash %s)", name, digest[:12])
@@ -241,8 +290,8 @@ def run_workflow(config: WorkflowConfig) -> dict:
                 return {**summary, "text": text(summary), "finished": summary["model_version"] is not None
                         or summary["step"] >= summary["total_steps"]}
 
-            run_step("train", config.train, ["curate"], (paths["train"] / "model" / "config.json").exists, train,
-                     resumable=False)
+            run_step("train", config.train, [], (paths["train"] / "model" / "config.json").exists, train,
+                     extra={"data": data_fingerprint(config.train.data)}, resumable=False)
         if "distill" in config.steps:
             from pipelines.distill import round_dir_name, run_distill
 
@@ -257,7 +306,9 @@ def run_workflow(config: WorkflowConfig) -> dict:
                 summary = run_distill(config.distill)
                 return {**summary, "text": text(summary)}
 
-            run_step("distill", config.distill, ["curate", "train"], last.exists, distill, resumable=False)
+            run_step("distill", config.distill, [], last.exists, distill, resumable=False,
+                     extra={"data": data_fingerprint(config.distill.data),
+                            "teacher": model_fingerprint(config.distill.teacher)})
         if "evaluate" in config.steps:
             from pipelines.evaluate import run_evaluate
 
@@ -274,9 +325,8 @@ def run_workflow(config: WorkflowConfig) -> dict:
                 summary = run_evaluate(config.evaluate)
                 return {**summary, "text": text(summary)}
 
-            run_step("evaluate", config.evaluate, ["curate", "train", "distill"],
-                     (paths["evaluate"] / "comparison.csv").exists, evaluate, extra=input_fingerprint(heldout or ""),
-                     resumable=False)
+            run_step("evaluate", config.evaluate, [], (paths["evaluate"] / "comparison.csv").exists, evaluate,
+                     extra=_evaluation_inputs(config, heldout, paths["heldout"]), resumable=False)
     except _Stopped as stopped:
         log.warning("step %s stopped before its end; rerun the same command to continue", stopped.step)
         tracking.finish_run(uri, parent, status="KILLED")
@@ -322,6 +372,14 @@ def _evaluation_models(config: WorkflowConfig, paths: dict[str, Path]) -> None:
         for index, steps in enumerate(rounds, start=1):
             models.append(ModelSpec(path=str(paths["distill"] / round_dir_name(index, steps) / "model")))
     config.evaluate.models = models
+
+
+def _evaluation_inputs(config: WorkflowConfig, heldout: str, heldout_output: Path) -> dict:
+    """What the evaluate step reads: the models' bytes, and the held-out dump it curates (or the dataset given)."""
+    models = {spec.name or spec.path: model_fingerprint(spec.path) for spec in config.evaluate.models}
+    if heldout and config.evaluate.data == str(heldout_output):
+        return {"models": models, "heldout": input_fingerprint(heldout)}
+    return {"models": models, "data": data_fingerprint(config.evaluate.data) if config.evaluate.data else ""}
 
 
 def _curate_heldout(config: WorkflowConfig, heldout: str, output: Path) -> None:

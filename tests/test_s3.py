@@ -281,3 +281,69 @@ def test_lance_commits_on_the_store_are_atomic_with_concurrent_writers(s3_store)
     table.tags.create("held", table.version)
     with pytest.raises(ValueError, match="already exists"):
         dataset.open("clips").tags.create("held", 1)
+
+
+def _race_for_training_lease(uri: str, results) -> None:
+    from curation.lock import OutputBusy, OutputLock
+
+    try:
+        OutputLock(uri).acquire()
+        results.put("won")
+    except OutputBusy as err:
+        results.put(f"busy: {err}")
+    time.sleep(5)  # the winner holds the lease while the others look
+
+
+@pytest.mark.slow
+def test_training_outputs_on_the_store_take_one_lease_and_a_stale_one_is_taken_over(s3_store):
+    """Issue 13 item 6 on an object store: three processes race for a fresh training output's lease (the lease's
+    Lance table is created by the race too); one wins, the others are told who holds it; a lease whose heartbeat
+    stopped on another host is taken over once older than the timeout."""
+    import multiprocessing
+
+    from curation.lock import OWNER_TAG, OutputBusy, OutputLock, OwnerTable
+
+    uri = s3_store.uri("train-out")
+    context = multiprocessing.get_context("spawn")
+    results = context.Queue()
+    procs = [context.Process(target=_race_for_training_lease, args=(uri, results)) for _ in range(3)]
+    for proc in procs:
+        proc.start()
+    outcomes = sorted(results.get(timeout=300) for _ in procs)
+    for proc in procs:
+        proc.join(300)
+    assert outcomes[2] == "won" and all(o.startswith("busy: ") for o in outcomes[:2]), outcomes
+    assert all(SECRET_KEY not in o and "rf-secret" not in o for o in outcomes)  # the holder is named, not the key
+
+    stale = s3_store.uri("train-stale")
+    owner = OwnerTable(stale).open()
+    owner.tags.create(OWNER_TAG, owner.version)
+    owner.tags.replace_metadata(OWNER_TAG, {"host": "elsewhere-9", "pid": "77", "started": "1.0",
+                                            "heartbeat": f"{time.time():.3f}"})
+    with pytest.raises(OutputBusy, match="pid 77 on elsewhere-9"):
+        OutputLock(stale, timeout_s=2).acquire()
+    time.sleep(2.5)
+    with OutputLock(stale, timeout_s=2) as lock:
+        assert lock.previous["host"] == "elsewhere-9"
+
+
+@pytest.mark.slow
+def test_a_grown_remote_dump_changes_the_workflows_input_fingerprint(s3_store, remote_dump):
+    """Issue 13 item 7: `reelforge run` lists a remote dump (names, sizes, times) through the URI's endpoint and
+    credentials, so a video added to the bucket makes the curate step run; the fingerprint holds no URI."""
+    from pipelines.workflow import input_fingerprint
+
+    local, _ = remote_dump
+    fs = s3_store.fs()
+    pafs.copy_files(str(local), f"{BUCKET}/grown", source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+    uri = s3_store.uri("grown")
+    first = input_fingerprint(uri)
+    assert first["files"] == sum(1 for p in local.rglob("*") if p.is_file())
+    assert input_fingerprint(uri) == first
+    assert SECRET_KEY not in json.dumps(first) and "s3://" not in json.dumps(first)
+    with fs.open_output_stream(f"{BUCKET}/grown/new/extra.mp4") as f:
+        f.write((local / sorted(p.name for p in local.glob("*.mp4"))[0]).read_bytes())
+    grown = input_fingerprint(uri)
+    assert grown["files"] == first["files"] + 1 and grown["listing_sha256"] != first["listing_sha256"]
+    with pytest.raises(OSError):  # a wrong secret fails; it does not fall back to a listing of nothing
+        input_fingerprint(s3_store.uri("grown", secret="wrong"))

@@ -73,15 +73,23 @@ def workflow(tmp_path_factory):
     os.killpg(first.pid, signal.SIGKILL)
     first.wait()
     killed_state = json.loads((workdir / "workflow.json").read_text())
-    # 2. rerun to the end, 3. rerun with nothing left to do
-    outputs = []
-    for _ in range(2):
+    # 2. rerun to the end, 3. rerun after touching a video of the dump: curation finds nothing new, and the steps
+    # downstream, which hash the curated rows and models they read (not file times), have nothing left to do
+    outputs, states = [], []
+    for rerun in range(2):
+        if rerun == 1:
+            video = sorted((workdir / "sample-dump").rglob("*.mp4"))[0]
+            os.utime(video, (time.time(), time.time()))
         proc = _reelforge(workdir, config)
         out, _ = proc.communicate(timeout=900)
         assert proc.returncode == 0, out[-4000:]
         outputs.append(out)
-    state = json.loads((workdir / "workflow.json").read_text())
-    return workdir, killed_state, state, outputs
+        states.append(json.loads((workdir / "workflow.json").read_text()))
+    assert {s: states[0]["steps"][s]["hash"] for s in ("train", "distill", "evaluate")} == \
+        {s: states[1]["steps"][s]["hash"] for s in ("train", "distill", "evaluate")}
+    assert states[0]["steps"]["curate"]["hash"] != states[1]["steps"]["curate"]["hash"]  # the listing changed
+    assert states[0]["steps"]["curate"]["hash"] == killed_state["steps"]["curate"]["hash"]  # the rerun skipped it
+    return workdir, killed_state, states[1], outputs
 
 
 def test_the_kill_landed_in_training_after_curation_finished(workflow):
@@ -96,8 +104,8 @@ def test_rerun_skips_the_finished_step_and_resumes_training(workflow):
     assert "steps run: train, distill, evaluate; skipped (up to date): curate" in second
     assert "resumed from a checkpoint at step" in second  # training went on from its checkpoint, not step 0
     assert all(state["steps"][s]["status"] == "finished" for s in ("curate", "train", "distill", "evaluate"))
-    assert state["steps"]["curate"]["hash"] == killed["steps"]["curate"]["hash"]
-    assert "steps run: -; skipped (up to date): curate, train, distill, evaluate" in third
+    assert "steps run: curate; skipped (up to date): train, distill, evaluate" in third
+    assert "nothing new: dataset version 1 is up to date" in third
     assert state["run_id"] == killed["run_id"]  # one parent run across the three invocations
 
 
