@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from models.ddim import DDIMSampler
+from models.guided_sampling import check_sampler, sample_guided
 from models.schedules import NoiseSchedule
 
 
@@ -17,34 +17,23 @@ from models.schedules import NoiseSchedule
 def generate(model, text_encoder, schedule: NoiseSchedule, prompts: list[str], num_frames: int, size: int,
              num_steps: int, cfg_scale: float, seed: int, in_channels: int = 3, dtype=torch.float32,
              device="cpu", clip_x0: float | None = 1.0, negative_prompts: list[str] | None = None,
-             noise: torch.Tensor | None = None) -> torch.Tensor:
+             noise: torch.Tensor | None = None, sampler: str = "ddim") -> torch.Tensor:
     """Videos for `prompts`, (B, C, T, H, W) in the model's data range. Same seed, same prompts: same videos.
     `clip_x0` (default 1: pixels in [-1, 1]) clamps each step's x0 prediction; None for latents of unknown range.
     `negative_prompts` take the empty prompt's place in guidance; `noise` (B, C, T, H, W), when given, is the start
-    instead of noise drawn from `seed` (per-video seeds, any H and W)."""
+    instead of noise drawn from `seed` (per-video seeds, any H and W). `sampler`: "ddim" or "dpmpp-2m"
+    (DPM-Solver++ 2M, models/dpm_solver.py)."""
+    check_sampler(sampler)
     batch = len(prompts)
     context, mask = text_encoder(prompts)
     null_context, null_mask = text_encoder(list(negative_prompts) if negative_prompts else [""] * batch)
     context, null_context = context.to(device, dtype), null_context.to(device, dtype)
     mask, null_mask = mask.to(device), null_mask.to(device)
-    sampler = DDIMSampler(schedule)
-    timesteps = sampler.set_timesteps(num_steps).tolist()
     generator = torch.Generator().manual_seed(seed)
     x = (noise if noise is not None else
          torch.randn((batch, in_channels, num_frames, size, size), generator=generator)).to(device)
-    guided = cfg_scale != 1.0
-    for i, t in enumerate(timesteps):
-        t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1
-        t_batch = torch.full((batch,), t, device=device, dtype=torch.long)
-        if guided:  # one forward for the conditional and unconditional halves
-            out = model(torch.cat([x, x]).to(dtype), torch.cat([t_batch, t_batch]),
-                        torch.cat([context, null_context]), torch.cat([mask, null_mask])).float()
-            cond, uncond = out.chunk(2)
-            out = uncond + cfg_scale * (cond - uncond)
-        else:
-            out = model(x.to(dtype), t_batch, context, mask).float()
-        x, _ = sampler.step(out, t, t_prev, x, clip_x0=clip_x0)
-    return x
+    return sample_guided(model, schedule, x, context, mask, null_context, null_mask, num_steps, cfg_scale, sampler,
+                         clip_x0, dtype)
 
 
 def _upscale(frames: np.ndarray, min_side: int) -> np.ndarray:
