@@ -37,6 +37,18 @@ def _train(args: argparse.Namespace) -> int:
     return 0 if summary["step"] >= summary["total_steps"] else 3  # 3: stopped early; rerun to continue
 
 
+def _encode(args: argparse.Namespace) -> int:
+    from pipelines.encode import codec_section, run_encode, summary_text
+    from training.latent_encode import EncodeConfig
+
+    base: dict = {k: v for k, v in (("data", args.data), ("output", args.output)) if v}
+    if args.codec:
+        base["codec"] = codec_section(args.codec)
+    config = load_config(EncodeConfig, args.config, args.set, base=base)
+    print(summary_text(run_encode(config), config.output))
+    return 0
+
+
 def _train_vae(args: argparse.Namespace) -> int:
     from pipelines.train_vae import run_train_vae, summary_text
     from training.vae.config import VAETrainConfig
@@ -179,6 +191,15 @@ def build_parser() -> argparse.ArgumentParser:
     train_vae.add_argument("--accept-data-change", action="store_true",
                            help="resume even though the curated dataset changed since the checkpoint")
     train_vae.set_defaults(func=_train_vae)
+
+    encode = sub.add_parser("encode", help="a curated dataset's clips and captions through the codec and the text "
+                            "encoder into a latent cache that `reelforge train --data` reads (incremental)")
+    encode.add_argument("--data", help="a curated dataset; DIR@vN for its version N (default: the newest)")
+    encode.add_argument("--codec", help="the codec: a YAML file (a codec section, or a config with one), an inline "
+                        "YAML mapping such as '{kind: pixels}', or a kind")
+    encode.add_argument("--output", help="directory or URI of the latent cache (a rerun adds what it lacks)")
+    _config_arguments(encode, "configs/encode.yaml")
+    encode.set_defaults(func=_encode)
 
     distill = sub.add_parser("distill", help="progressive distillation of a trained model into fewer-step students")
     distill.add_argument("--teacher", help="the exported model to distil (the model/ folder of a training run)")
