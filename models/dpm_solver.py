@@ -70,8 +70,8 @@ class DPMSolverPP2MSampler:
             x0_before, t_before = previous
             t_before = torch.as_tensor(t_before, device=x_t.device)
             if not bool((t_before > t).all()):
-                raise ValueError(f"the previous step's timestep must be after t={t.tolist()} in sampling order (larger), "
-                                 f"got {t_before.tolist()}")
+                raise ValueError(f"the previous step's timestep must come before t={t.tolist()} in sampling order "
+                                 f"(be larger), got {t_before.tolist()}")
             _, _, lambda_before = self._alpha_sigma_lambda(t_before, x_t.device)
             r = (lambda_t - lambda_before) / h  # the previous step's log-SNR stride relative to this one's
             d = x0 + broadcast_like(0.5 / r, x0) * (x0 - x0_before)

@@ -101,7 +101,7 @@ def _generate(args: argparse.Namespace) -> int:
         negative_prompt=args.negative_prompt, steps=args.steps, cfg=args.cfg, seed=args.seed,
         num_frames=args.num_frames, size=args.size, fps=args.fps, batch=args.batch, gif=args.gif, device=args.device,
         min_side=args.min_side, overwrite=args.overwrite, tracking_uri=args.tracking_uri, cache_dir=args.cache_dir,
-        backend=args.backend)
+        backend=args.backend, sampler=args.sampler)
     print(summary_text(run_generate(config)))
     return 0
 
@@ -228,6 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--negative-prompt", default="", help="guide away from this (replaces the empty prompt in CFG)")
     gen.add_argument("--steps", type=int, help="sampling steps (default: the model's; a student: its distilled steps)")
     gen.add_argument("--cfg", type=float, help="guidance scale (default: the model's; 1 = no guidance)")
+    gen.add_argument("--sampler", choices=["ddim", "dpmpp-2m"], default="ddim",
+                     help="DDIM, or DPM-Solver++ (2M): a teacher sampled well in about half DDIM's steps")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--num-frames", type=int, help="default: the model's last training stage")
     gen.add_argument("--size", help="WxH or N pixels (default: the model's last training stage)")

@@ -102,7 +102,7 @@ def _log_models(client, uri: str, config: EvaluateConfig, parent_id: str, result
         children[model.name] = run_id
         registered = _registered_version(client, model.path)
         versions[model.name] = registered[1] if registered else None
-        params = {"path": model.path, "role": model.role, "num_steps": model.num_steps,
+        params = {"path": model.path, "role": model.role, "sampler": model.sampler, "num_steps": model.num_steps,
                   "cfg_scale": model.cfg_scale, "preset": model.config.get("preset", ""),
                   "train_steps": model.config.get("steps", ""),
                   "registered_model": registered[0] if registered else "",
@@ -156,7 +156,8 @@ def run_evaluate(config: EvaluateConfig) -> dict:
     if not config.output:
         raise ValueError("evaluate needs --output")
     config.validate()
-    video_format(config, resolve_models(config.models)[0])  # a wrong model path or format fails before any run opens
+    # a wrong model path or format fails before any run opens
+    video_format(config, resolve_models(config.model_specs())[0])
     data_version = _pin_data(config)
     started = time.perf_counter()
     out = OutputDir(config.output)

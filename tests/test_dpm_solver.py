@@ -97,3 +97,73 @@ def test_bad_steps_are_refused():
         sampler.step(x, 500, 400, x, previous=(x, 300))
     with pytest.raises(ValueError, match="num_steps"):
         sampler.set_timesteps(0)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The sampler where users meet it: generation and the evaluation's model list
+
+
+@pytest.fixture(scope="module")
+def exported_teacher(tmp_path_factory) -> str:
+    from models.text_encoder import FrozenTextEncoder, TextEncoderConfig
+    from models.vdit import VDiT, vdit_config
+    from training.export import save_model
+
+    torch.manual_seed(0)
+    config = vdit_config("VDiT-T/2")
+    model = VDiT(config)
+    with torch.no_grad():  # adaLN-Zero starts at a zero output: give the random model one that depends on x and t
+        for p in model.parameters():
+            if not p.any():
+                p.normal_(0.0, 0.05)
+    folder = tmp_path_factory.mktemp("teacher") / "model"
+    save_model(folder, model.state_dict(), config, FrozenTextEncoder(TextEncoderConfig()), ScheduleConfig(),
+               {"preset": "VDiT-T/2", "curriculum": [{"name": "high", "steps": 1, "num_frames": 2, "fps": 2.0,
+                                                      "size": 8}],
+                "sampling": {"num_steps": 8, "cfg_scale": 3.0}})
+    return str(folder)
+
+
+def test_generate_with_dpm_solver_is_deterministic_and_not_ddim(exported_teacher):
+    from training.export import load_model
+    from training.sample import generate
+
+    loaded = load_model(exported_teacher)
+    args = (loaded.model, loaded.text_encoder, loaded.schedule, ["a red square moving left"], 2, 8, 6, 3.0, 5)
+    dpm = generate(*args, sampler="dpmpp-2m")
+    assert torch.isfinite(dpm).all() and dpm.abs().max() <= 1.0  # clip_x0=1 keeps pixels in range
+    assert torch.equal(dpm, generate(*args, sampler="dpmpp-2m"))
+    assert not torch.allclose(dpm, generate(*args), atol=1e-4)
+    with pytest.raises(ValueError, match="unknown sampler 'euler'"):
+        generate(*args, sampler="euler")
+
+
+def test_run_generate_refuses_an_unknown_sampler(tmp_path, exported_teacher):
+    from pipelines.generate import GenerateConfig, run_generate
+
+    with pytest.raises(ValueError, match="--sampler 'heun'"):
+        run_generate(GenerateConfig(model=exported_teacher, out=str(tmp_path), prompt="x", sampler="heun"))
+
+
+@pytest.mark.slow
+def test_evaluation_adds_the_teacher_under_dpm_solver(exported_teacher, tmp_path):
+    from pipelines.config import load_config
+    from training.config import ConfigError
+    from training.evaluate import EvaluateConfig, evaluate, resolve_models
+
+    overrides = [f"models=[{{path: {exported_teacher}}}]",
+                 "teacher_samplings=[{sampler: dpmpp-2m, num_steps: 4}, {sampler: dpmpp-2m, num_steps: 2}]",
+                 "prompts=[a red square moving left on a black background, a blue circle moving up on a grey "
+                 "background]", "max_videos=2"]
+    config = load_config(EvaluateConfig, None, overrides, base={"output": str(tmp_path)})
+    models = resolve_models(config.model_specs())
+    assert [(m.name, m.sampler, m.num_steps, m.model_evaluations_per_video) for m in models] == [
+        ("teacher-8", "ddim", 8, 16), ("teacher-dpmpp-4", "dpmpp-2m", 4, 8), ("teacher-dpmpp-2", "dpmpp-2m", 2, 4)]
+    result = evaluate(config)
+    assert [m.name for m in result.models] == ["teacher-8", "teacher-dpmpp-4", "teacher-dpmpp-2"]
+    assert [m.metrics["model_evaluations_per_video"] for m in result.models] == [16, 8, 4]
+    assert not np.array_equal(result.models[0].videos, result.models[1].videos)
+    with pytest.raises(ConfigError, match=r"teacher_samplings\[0\]\.sampler"):
+        load_config(EvaluateConfig, None, [overrides[0], "teacher_samplings=[{sampler: euler}]"]).validate()
+    with pytest.raises(ConfigError, match=r"teacher_samplings\[0\]\.path"):
+        load_config(EvaluateConfig, None, [overrides[0], "teacher_samplings=[{path: x}]"]).validate()

@@ -42,6 +42,7 @@ class ModelSpec:
     name: str = ""  # empty: "teacher-<steps>", or "student-<steps>" for a model whose config.json has distilled_from
     num_steps: int | None = None  # None: config.json's sampling.num_steps (how the model is meant to be sampled)
     cfg_scale: float | None = None  # None: config.json's sampling.cfg_scale (1.0 for a guidance-distilled student)
+    sampler: str = "ddim"  # "ddim" | "dpmpp-2m" (DPM-Solver++ 2M: the teacher in 10-20 steps without retraining)
 
 
 @dataclass
@@ -75,6 +76,10 @@ class TrackingConfig:
 @dataclass
 class EvaluateConfig:
     models: list[ModelSpec] = field(default_factory=list)  # the first is the reference (the teacher)
+    # The first model again with other sampling, evaluated after `models`: each entry's sampler, num_steps and
+    # cfg_scale (its path is left empty), e.g. [{sampler: dpmpp-2m, num_steps: 16}] for the teacher under DPM-Solver++
+    # beside its students at equal network evaluations.
+    teacher_samplings: list[ModelSpec] = field(default_factory=list)
     data: str = ""  # a curated dataset of HELD-OUT clips: captions are the prompts, pixels the real side
     max_videos: int = 16  # held-out clips (and so videos per model) evaluated
     prompts: list[str] = field(default_factory=lambda: list(DEFAULT_PROMPTS))  # only used when data is empty
@@ -91,7 +96,14 @@ class EvaluateConfig:
     output: str = ""  # comparison table, GIFs, results.json, and the MLflow store when none is configured
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
+    def model_specs(self) -> list[ModelSpec]:
+        """`models`, then each of `teacher_samplings` with the first model's path."""
+        from dataclasses import replace
+
+        return [*self.models, *(replace(s, path=self.models[0].path) for s in self.teacher_samplings)]
+
     def validate(self) -> None:
+        from models.guided_sampling import SAMPLERS
         from training.config import ConfigError
 
         if not self.models:
@@ -99,9 +111,17 @@ class EvaluateConfig:
         for i, spec in enumerate(self.models):
             if not spec.path:
                 raise ConfigError(f"models[{i}].path: empty; expected an exported model folder")
-            if spec.num_steps is not None and spec.num_steps < 1:
-                raise ConfigError(f"models[{i}].num_steps: expected >= 1, got {spec.num_steps}")
-        names = [s.name for s in self.models if s.name]
+        for i, spec in enumerate(self.teacher_samplings):
+            if spec.path:
+                raise ConfigError(f"teacher_samplings[{i}].path: leave it empty (the first model's is used), got "
+                                  f"{spec.path!r}; list another model under models")
+        for key, specs in (("models", self.models), ("teacher_samplings", self.teacher_samplings)):
+            for i, spec in enumerate(specs):
+                if spec.num_steps is not None and spec.num_steps < 1:
+                    raise ConfigError(f"{key}[{i}].num_steps: expected >= 1, got {spec.num_steps}")
+                if spec.sampler not in SAMPLERS:
+                    raise ConfigError(f"{key}[{i}].sampler: {spec.sampler!r} is not one of {', '.join(SAMPLERS)}")
+        names = [s.name for s in self.model_specs() if s.name]
         if len(set(names)) != len(names):
             raise ConfigError(f"models: the names {names} are not unique")
         if self.max_videos < 2:
@@ -143,6 +163,7 @@ class ResolvedModel:
     num_steps: int
     cfg_scale: float
     config: dict
+    sampler: str = "ddim"
 
     @property
     def role(self) -> str:
@@ -166,8 +187,8 @@ def model_folder(path: str | Path) -> Path:
 
 
 def resolve_models(specs: list[ModelSpec]) -> list[ResolvedModel]:
-    """Read each model's config.json: sampling defaults, and a derived name ("teacher-32", "student-4") when none
-    is given; repeated derived names get "-2", "-3"."""
+    """Read each model's config.json: sampling defaults, and a derived name ("teacher-32", "student-4",
+    "teacher-dpmpp-16" under DPM-Solver++) when none is given; repeated derived names get "-2", "-3"."""
     from training.config import ConfigError
 
     resolved: list[ResolvedModel] = []
@@ -183,12 +204,13 @@ def resolve_models(specs: list[ModelSpec]) -> list[ResolvedModel]:
                               f"models[{i}].num_steps and models[{i}].cfg_scale")
         name = spec.name
         if not name:
-            base = f"{'student' if 'distilled_from' in config else 'teacher'}-{int(num_steps)}"
+            sampler = "" if spec.sampler == "ddim" else f"{spec.sampler.split('-')[0]}-"
+            base = f"{'student' if 'distilled_from' in config else 'teacher'}-{sampler}{int(num_steps)}"
             name, k = base, 2
             while name in taken:
                 name, k = f"{base}-{k}", k + 1
             taken.add(name)
-        resolved.append(ResolvedModel(name, str(folder), int(num_steps), float(cfg_scale), config))
+        resolved.append(ResolvedModel(name, str(folder), int(num_steps), float(cfg_scale), config, spec.sampler))
     return resolved
 
 
@@ -264,7 +286,7 @@ def load_real_clips(data: str, fmt: VideoFormat, max_videos: int) -> RealClips:
 
 
 def generate_videos(loaded, prompts: list[str], fmt: VideoFormat, num_steps: int, cfg_scale: float, seed: int,
-                    device: torch.device) -> tuple[np.ndarray, float]:
+                    device: torch.device, sampler: str = "ddim") -> tuple[np.ndarray, float]:
     """(N, T, H, W, 3) uint8 videos, prompt i from noise seed + i, and the mean wall seconds per video.
 
     One prompt per call, so a video depends only on its prompt and seed, never on what else is in the batch, and
@@ -274,7 +296,7 @@ def generate_videos(loaded, prompts: list[str], fmt: VideoFormat, num_steps: int
     from training.sample import generate
 
     kwargs = {"num_frames": fmt.num_frames, "size": fmt.size, "cfg_scale": cfg_scale,
-              "in_channels": loaded.model.config.in_channels, "device": device}
+              "in_channels": loaded.model.config.in_channels, "device": device, "sampler": sampler}
     generate(loaded.model, loaded.text_encoder, loaded.schedule, prompts[:1], num_steps=1, seed=seed, **kwargs)
     videos, seconds = [], 0.0
     for i, prompt in enumerate(prompts):
@@ -388,6 +410,7 @@ class ModelResult:
     metrics: dict[str, float]  # the table's columns, identical names for every model
     per_video: dict[str, list[float]]  # clipsim, flicker, motion per prompt
     videos: np.ndarray  # (N, T, H, W, 3) uint8
+    sampler: str = "ddim"
 
 
 @dataclass
@@ -422,7 +445,7 @@ def evaluate(config: EvaluateConfig, real: RealClips | None = None) -> Evaluatio
     from training.export import load_model
 
     config.validate()
-    models = resolve_models(config.models)
+    models = resolve_models(config.model_specs())
     fmt = video_format(config, models[0])
     if real is None and config.data:
         real = load_real_clips(config.data, fmt, config.max_videos)
@@ -446,13 +469,14 @@ def evaluate(config: EvaluateConfig, real: RealClips | None = None) -> Evaluatio
 
     results = []
     for spec in models:
-        log.info("evaluating %s (%s): %d steps, cfg %g, %d videos of %d frames at %d px", spec.name, spec.path,
-                 spec.num_steps, spec.cfg_scale, len(prompts), fmt.num_frames, fmt.size)
+        log.info("evaluating %s (%s): %d %s steps, cfg %g, %d videos of %d frames at %d px", spec.name, spec.path,
+                 spec.num_steps, spec.sampler, spec.cfg_scale, len(prompts), fmt.num_frames, fmt.size)
         loaded = load_model(spec.path, str(device))
         if loaded.model.config.in_channels != 3:
             raise ValueError(f"{spec.path}: the model denoises {loaded.model.config.in_channels} channels; evaluate "
                              "scores pixel-space models (3 channels) only")
-        videos, seconds = generate_videos(loaded, prompts, fmt, spec.num_steps, spec.cfg_scale, config.seed, device)
+        videos, seconds = generate_videos(loaded, prompts, fmt, spec.num_steps, spec.cfg_scale, config.seed, device,
+                                          spec.sampler)
         del loaded  # one model on the device at a time
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -463,7 +487,7 @@ def evaluate(config: EvaluateConfig, real: RealClips | None = None) -> Evaluatio
                    **compare_with_real(videos, scores, scorers, reference),
                    **summary_metrics(scores, videos, prompts, config.metrics.min_confidence)}
         results.append(ModelResult(spec.name, spec.path, spec.role, spec.num_steps, spec.cfg_scale, spec.config,
-                                   metrics, {k: v.tolist() for k, v in scores.items()}, videos))
+                                   metrics, {k: v.tolist() for k, v in scores.items()}, videos, spec.sampler))
     columns = metric_columns(scorers.frechet_names)
     return EvaluationResult(results, prompts, seeds, list(real.clip_ids) if real is not None else [], fmt,
                             reference.metrics if reference is not None else None,
@@ -523,7 +547,8 @@ def comparison_markdown(result: EvaluationResult, grid_columns: int) -> str:
         real = ", ".join(f"{k} {_md_value(result.real[k])}" for k in ("clipsim_mean", "flicker_mean", "motion_median",
                                                                       *ADHERENCE))
         lines.append(f"Real held-out clips (reference): {real}.")
-    lines += ["", "Models:"] + [f"- {m.name}: {m.path}" for m in result.models]
+    lines += ["", "Models:"] + [f"- {m.name}: {m.path} ({m.sampler}, {m.num_steps} steps, cfg {m.cfg_scale:g})"
+                                for m in result.models]
     lines += ["", "Notes:"] + [f"- {note}" for note in result.notes]
     lines += ["", f"grid.gif: rows are the models in the order above, columns the first {grid_columns} prompts "
               "of prompts.txt."]
@@ -588,7 +613,7 @@ def write_outputs(result: EvaluationResult, directory: str | Path, grid_prompts:
     data = {"format": asdict(result.format), "columns": result.columns, "untrained_metrics": result.untrained_metrics,
             "scorers": result.scorers, "notes": result.notes, "real": result.real,
             "prompts": result.prompts, "seeds": result.seeds, "clip_ids": result.clip_ids,
-            "models": [{"name": m.name, "path": m.path, "role": m.role, "num_steps": m.num_steps,
+            "models": [{"name": m.name, "path": m.path, "role": m.role, "sampler": m.sampler, "num_steps": m.num_steps,
                         "cfg_scale": m.cfg_scale, "metrics": m.metrics, "per_video": m.per_video}
                        for m in result.models]}
     (directory / "results.json").write_text(json.dumps(_json_safe(data), indent=2))

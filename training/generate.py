@@ -18,14 +18,15 @@ def seeded_noise(seeds: list[int], channels: int, frames: int, height: int, widt
 
 def generate_videos(loaded, codec, prompts: list[str], seeds: list[int], num_frames: int, height: int, width: int,
                     num_steps: int, cfg_scale: float, device: torch.device | str = "cpu",
-                    negative_prompt: str = "") -> np.ndarray:
+                    negative_prompt: str = "", sampler: str = "ddim") -> np.ndarray:
     """(B, T, H, W, 3) uint8 videos of an exported model (training.export.LoadedModel) at `num_frames` x `height` x
-    `width` pixels; `negative_prompt` replaces the empty prompt in classifier-free guidance."""
+    `width` pixels; `negative_prompt` replaces the empty prompt in classifier-free guidance; `sampler` is "ddim" or
+    "dpmpp-2m"."""
     frames = num_frames // codec.time_compression
     latent_h, latent_w = height // codec.space_compression, width // codec.space_compression
     noise = seeded_noise(seeds, loaded.model.config.in_channels, frames, latent_h, latent_w)
     negatives = [negative_prompt] * len(prompts) if negative_prompt else None
     latents = generate(loaded.model, loaded.text_encoder, loaded.schedule, list(prompts), frames, latent_h, num_steps,
                        cfg_scale, seed=int(seeds[0]), in_channels=noise.shape[1], device=device,
-                       clip_x0=codec.clip_range, negative_prompts=negatives, noise=noise)
+                       clip_x0=codec.clip_range, negative_prompts=negatives, noise=noise, sampler=sampler)
     return codec.decode(latents)
