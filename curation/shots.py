@@ -12,6 +12,12 @@ downscaled to `analysis_width` (the decoder's Frame.analysis picture):
 Stages 1 and 2 score each frame from one HSV conversion shared between them (each ContentDetector would convert on
 its own, which was a quarter of the analysis time). Boundaries become final `lag_frames` behind the newest frame,
 so a consumer can stream clips out with bounded memory.
+
+With `shots.learned=verify` (the default) cheap detectors propose and TransNetV2 (curation/transnet.py) decides:
+a cut of stages 1-2 is taken as it is only where the frames either side are uncorrelated and differ in colour
+(a cut between unlike shots); every other one (flashes, lighting changes, impact frames in animation, cuts between
+like shots) and every dissolve of stage 4 (slow lighting ramps look like one) is kept only if the network, run on a
+window around it, agrees. With `everywhere` the network scores every frame and its cuts are the cuts.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from scenedetect import AdaptiveDetector, ContentDetector, FrameTimecode, Thresh
 
 from curation.config import ShotsConfig
 from curation.decode import analysis_size
+from curation.transnet import LearnedCuts, load_transnet
 
 
 @dataclass
@@ -59,9 +66,11 @@ class _HsvDeltas:
 
     def __init__(self):
         self._previous: tuple[np.ndarray, ...] | None = None
+        self.hsv: np.ndarray | None = None  # the last frame's HSV picture
 
     def __call__(self, bgr: np.ndarray) -> tuple[float, float, float]:
-        channels = cv2.split(cv2.cvtColor(bgr, cv2.COLOR_BGR2HSV))
+        self.hsv = cv2.cvtColor(bgr, cv2.COLOR_BGR2HSV)
+        channels = cv2.split(self.hsv)
         previous, self._previous = self._previous, channels
         if previous is None:
             return 0.0, 0.0, 0.0  # as ContentDetector: no score before there are two frames
@@ -74,6 +83,9 @@ class _HsvDeltas:
             raise ValueError("edge weights need ContentDetector's edge pass; the shared score has none")
         parts = (weights.delta_hue, weights.delta_sat, weights.delta_lum)
         return sum(d * w for d, w in zip(deltas, parts, strict=True)) / sum(abs(w) for w in weights)
+
+
+_STEP_FRAMES = 3  # frames either side of a cut that must stand still for a step between still pictures
 
 
 class ShotDetector:
@@ -103,12 +115,28 @@ class ShotDetector:
         self._size: tuple[int, int] | None = None
         self._last_index = -1
         self._finished = False
+        # The learned detector (verify, everywhere): the network's frames, and the candidates waiting for it.
+        self._learned = None if config.learned == "off" else LearnedCuts(
+            _ModelLoader(config), config.learned_context, history=self.lag_frames + 4 * config.learned_context + 64,
+            batch_windows=config.learned_batch_windows)
+        self._recent: deque[tuple[int, np.ndarray, np.ndarray]] = deque(
+            maxlen=config.learned_context + config.adaptive_window + 2 * _STEP_FRAMES + 8)
+        self._candidates: list[tuple[int, float, float]] = []  # (frame, correlation, histogram distance)
+        self._pending_dissolves: list[Transition] = []
+        self._verified_cuts: list[int] = []
+        self._rejected_dissolves: list[Transition] = []
+        self.decisions: list[dict] = []  # verify: what was decided on each candidate and how (for reports, tests)
 
     @property
     def lag_frames(self) -> int:
         """How far behind the newest frame boundaries are final: detector windows plus the longest transition."""
         window = self.config.adaptive_window + 1
-        return window + 2 * max(1, self.config.gradual_stride) + round(self.config.max_transition_seconds * self.fps)
+        lag = window + 2 * max(1, self.config.gradual_stride) + round(self.config.max_transition_seconds * self.fps)
+        if self.config.learned == "verify":  # a candidate is decided once the network's context after it is decoded
+            lag += self.config.learned_context + 2
+        elif self.config.learned == "everywhere":  # frames are scored in whole windows, learned_batch_windows at once
+            lag += self.config.learned_context + 2 + 50 * self.config.learned_batch_windows
+        return lag
 
     @property
     def finalized_until(self) -> int:
@@ -133,16 +161,84 @@ class ShotDetector:
         deltas = self._deltas(bgr)
         for detector in (self._content, self._luma):
             detector.next_score = _HsvDeltas.score(deltas, detector.weights)
-        for tc in self._content.process_frame(timecode, bgr):
-            self._raw_cuts.append(tc.frame_num)
-        for tc in self._luma.process_frame(timecode, bgr):
-            self._raw_cuts.append(tc.frame_num)
+        new_cuts = [tc.frame_num for tc in self._content.process_frame(timecode, bgr)]
+        new_cuts += [tc.frame_num for tc in self._luma.process_frame(timecode, bgr)]
+        self._raw_cuts += new_cuts
         for tc in self._fade.process_frame(timecode, bgr):
             self._raw_fade_cuts.append(tc.frame_num)
         grey = cv2.cvtColor(small, cv2.COLOR_RGB2GRAY).astype(np.float32)
         self._brightness.append((index, cv2.mean(grey)[0]))  # OpenCV's reductions: a third of numpy's cost here
         self._push_gradual(index, grey)
         self._last_index = index
+        if self._learned is not None:
+            self._learned.push(small)
+            self._recent.append((index, grey, self._deltas.hsv))
+            if self.config.learned == "verify":
+                for cut in new_cuts:
+                    self._propose(cut)
+            self._decide(finished=False)
+
+    def _propose(self, cut: int) -> None:
+        """Queue a cheap detector's cut for the verify step, with the features that say whether it is clear."""
+        if any(c == cut for c, _, _ in self._candidates) or cut in self._verified_cuts:
+            return
+        frames = {i: (grey, hsv) for i, grey, hsv in self._recent}
+        if cut - 1 in frames and cut in frames:
+            (grey_a, hsv_a), (grey_b, hsv_b) = frames[cut - 1], frames[cut]
+            correlation = float(cv2.matchTemplate(grey_b, grey_a, cv2.TM_CCOEFF_NORMED)[0, 0])
+            distance = cv2.compareHist(_hue_sat_histogram(hsv_a), _hue_sat_histogram(hsv_b),
+                                       cv2.HISTCMP_BHATTACHARYYA)
+        else:
+            correlation, distance = 1.0, 0.0  # features unknown: never a clear cut
+        self._candidates.append((cut, correlation, distance))
+
+    def _still_around(self, cut: int) -> bool:
+        """Whether the picture stands still for _STEP_FRAMES frames before the cut and after it: a step between
+        two still pictures (a slide change) is a cut; a flash returns, a pan or an action scene never stands still."""
+        grey = {i: g for i, g, _ in self._recent}
+        spans = (range(cut - _STEP_FRAMES, cut - 1), range(cut, cut + _STEP_FRAMES))
+        pairs = [(i, i + 1) for span in spans for i in span]
+        if any(i not in grey or j not in grey for i, j in pairs):
+            return False
+        return max(cv2.mean(cv2.absdiff(grey[i], grey[j]))[0] for i, j in pairs) <= self.config.step_still_max_diff
+
+    def _decide(self, finished: bool) -> None:
+        """Settle the candidates whose context the network has (all of them at the end of the video)."""
+        learned, config = self._learned, self.config
+        if config.learned == "everywhere":
+            learned.score_through(finished)
+        waiting = []
+        for cut, correlation, distance in self._candidates:
+            if not learned.ready(cut, finished):
+                waiting.append((cut, correlation, distance))
+                continue
+            unlike = correlation <= config.confident_max_correlation and distance >= config.confident_min_histogram
+            step = correlation <= config.step_max_correlation and self._still_around(cut)
+            if unlike or step:
+                self._verified_cuts.append(cut)
+                self.decisions.append({"frame": cut, "kind": "cut", "by": "cheap", "correlation": correlation,
+                                       "histogram": distance, "step": step, "kept": True})
+            else:
+                # The network scores a shot's last frame: the frame before the cut, give or take one.
+                probability = float(learned.scores(cut - 2, cut).max(initial=0.0))
+                kept = probability >= config.learned_threshold
+                if kept:
+                    self._verified_cuts.append(cut)
+                self.decisions.append({"frame": cut, "kind": "cut", "by": "learned", "correlation": correlation,
+                                       "histogram": distance, "probability": probability, "kept": kept})
+        self._candidates = waiting
+        pending = []
+        for t in self._pending_dissolves:
+            if learned.ready(t.end_frame, finished):
+                probability = float(learned.scores(t.start_frame, t.end_frame).max(initial=0.0))
+                if probability < config.learned_threshold:
+                    self._rejected_dissolves.append(t)
+                self.decisions.append({"frame": t.start_frame, "end_frame": t.end_frame, "kind": "dissolve",
+                                       "by": "learned", "probability": probability,
+                                       "kept": probability >= config.learned_threshold})
+            else:
+                pending.append(t)
+        self._pending_dissolves = pending
 
     def _push_gradual(self, index: int, grey: np.ndarray) -> None:
         self._grey.append((index, grey))
@@ -168,6 +264,8 @@ class ShotDetector:
         dark = [brightness.get(i) for i in (start, end)]
         kind = "fade" if any(b is not None and b <= self.config.fade_threshold for b in dark) else "dissolve"
         self._raw_transitions.append(Transition(start, end, kind))
+        if kind == "dissolve" and self._learned is not None:
+            self._pending_dissolves.append(self._raw_transitions[-1])
 
     def finish(self) -> None:
         end = FrameTimecode(max(0, self._last_index), self.fps)
@@ -175,15 +273,23 @@ class ShotDetector:
                                (self._fade, self._raw_fade_cuts)):
             for tc in detector.post_process(end):
                 sink.append(tc.frame_num)
+                if self.config.learned == "verify" and sink is self._raw_cuts:
+                    self._propose(tc.frame_num)
         if self._gradual_run:
             self._close_gradual_run()
         self._finished = True
+        if self._learned is not None:
+            self._decide(finished=True)
 
     def boundaries(self) -> ShotBoundaries:
         """The boundaries found so far, merged: transitions unioned, one cut per shot change, flashes dropped."""
         last = self._last_index
         transitions: list[Transition] = []
-        for t in sorted(self._raw_transitions, key=lambda t: t.start_frame):
+        raw = self._raw_transitions
+        if self._learned is not None:  # dissolves the network turned down, or has yet to see, are not transitions
+            unsettled = self._rejected_dissolves + self._pending_dissolves
+            raw = [t for t in raw if not any(t is u for u in unsettled)]
+        for t in sorted(raw, key=lambda t: t.start_frame):
             start, end = max(0, t.start_frame), min(last, t.end_frame)
             if transitions and start <= transitions[-1].end_frame + 2:
                 prev = transitions[-1]
@@ -192,7 +298,7 @@ class ShotDetector:
             else:
                 transitions.append(Transition(start, end, t.kind))
         fade_cuts = set(self._raw_fade_cuts)
-        cuts = set(self._raw_cuts) | fade_cuts
+        cuts = set(self._cut_proposals()) | fade_cuts
         for t in transitions:
             if any(t.start_frame - 2 * self._stride <= c <= t.end_frame + 2 * self._stride for c in fade_cuts):
                 t.kind = "fade"
@@ -213,3 +319,28 @@ class ShotDetector:
                 continue
             merged.append(cut)
         return ShotBoundaries(cuts=merged, transitions=transitions)
+
+    def _cut_proposals(self) -> list[int]:
+        """The cuts before transitions and flashes are merged: the cheap detectors' (off), those the verify step
+        kept (verify), or the network's own (everywhere)."""
+        if self.config.learned == "off":
+            return self._raw_cuts
+        if self.config.learned == "verify":
+            return self._verified_cuts
+        return self._learned.cuts(self.config.learned_threshold)
+
+
+def _hue_sat_histogram(hsv: np.ndarray) -> np.ndarray:
+    histogram = cv2.calcHist([hsv], [0, 1], None, [16, 8], [0, 180, 0, 256])
+    return cv2.normalize(histogram, histogram, 1.0, 0.0, cv2.NORM_L1)
+
+
+class _ModelLoader:
+    """Loads the network on first use: a video whose every cut is clear never imports torch."""
+
+    def __init__(self, config: ShotsConfig):
+        self.config = config
+
+    def __call__(self):
+        c = self.config
+        return load_transnet(c.learned_device, c.learned_weights, c.learned_threads)
