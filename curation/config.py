@@ -207,8 +207,8 @@ class DedupConfig:
 @dataclass
 class FilterConfig:
     """The SVD recipe's clip filters (Blattmann et al. 2023, sec. 3.1 and the data curation appendix): cut detection
-    (shots), optical-flow motion, CLIP aesthetics, caption/keyframe CLIP similarity and OCR text detection. We have
-    all but OCR (no text detector yet, so clips full of text are kept). SVD ranks clips by each score and removes a
+    (shots), optical-flow motion, CLIP aesthetics, caption/keyframe CLIP similarity and OCR text detection (all
+    five are here; OCR in curation/ocr.py). SVD ranks clips by each score and removes a
     bottom fraction chosen by human-preference studies of models trained on each subset; it publishes no universal
     thresholds, so the percentiles below are starting points to tune on your data with the run report's histograms.
     A dropped clip's drop_reason lists every filter it failed (see curation/filters.py)."""
@@ -227,6 +227,10 @@ class FilterConfig:
     aesthetic: ScoreFilter = field(default_factory=lambda: ScoreFilter(min_percentile=25.0))
     # Cosine similarity of the caption's and the middle keyframe's CLIP embeddings (~0.15-0.35 for real CLIP).
     caption_match: ScoreFilter = field(default_factory=lambda: ScoreFilter(min_percentile=25.0))
+    # On-screen text: the largest fraction of a keyframe in the OCR stage's text boxes (curation/ocr.py). 0.02 drops
+    # burned-in subtitles (a line measures 0.03-0.09), title cards, credits and slides (0.05-0.2), and keeps
+    # corner watermarks and small scene text such as a sign (~0.01-0.02); real weights, so on by default.
+    text: ScoreFilter = field(default_factory=lambda: ScoreFilter(max=0.02))
     # Filters on aesthetic/caption_match are skipped when their scores come from untrained weights (the tiny CPU
     # default); true applies them anyway, with a loud warning and the tag untrained_filters=applied in the run.
     apply_on_untrained: bool = False
@@ -307,6 +311,37 @@ class ClipScoreConfig:
 
 
 @dataclass
+class OcrConfig:
+    """On-screen text of each clip (curation/ocr.py), for the `text` filter: the PP-OCRv4 text detector and
+    recogniser that the rapidocr-onnxruntime wheel bundles (real weights, no download), on the clip's keyframes. A
+    CPU stage (onnxruntime): its cost per clip is in bench/README.md ("ocr.py")."""
+
+    enabled: bool = True
+    recognize: bool = True  # also read the text of the keyframe with the most text (ocr_text); false: boxes only
+    max_side: int = 960  # keyframes longer than this are shrunk for detection; smaller ones are read as they are
+    box_threshold: float = 0.5  # the detector's mean text probability inside a box, below which it is dropped
+    text_score: float = 0.5  # recognised lines less confident than this are left out of ocr_text
+    max_lines: int = 8  # the largest boxes read per clip (end credits hold dozens of lines; ~50 ms a line)
+    max_text_chars: int = 512  # ocr_text is cut to this length
+    skip_dropped: bool = False  # leave clips already dropped (static, too short) unread
+    videos_per_batch: int = 1  # staged video records per Ray Data batch
+    device: str = "cpu"  # "cpu", or "cuda" with onnxruntime-gpu installed in place of onnxruntime
+    num_cpus: float = 0.5  # per actor; also its onnxruntime thread count (at least 1)
+    num_gpus: float = 0.0  # per actor
+    concurrency: int = 1  # actors
+
+    def __post_init__(self) -> None:
+        if self.device not in ("cpu", "cuda"):
+            raise ValueError(f"ocr.device must be 'cpu' or 'cuda', got {self.device!r}")
+        checks = {"max_side": 32 <= self.max_side <= 2000, "box_threshold": 0 <= self.box_threshold <= 1,
+                  "text_score": 0 <= self.text_score <= 1, "max_lines": self.max_lines >= 1,
+                  "max_text_chars": self.max_text_chars >= 0}
+        for key, ok in checks.items():
+            if not ok:
+                raise ValueError(f"ocr.{key} is out of range: {getattr(self, key)!r}")
+
+
+@dataclass
 class OutputConfig:
     commit_videos: int = 32  # finished videos per commit: kill -9 loses at most this many videos' work
     lock_timeout_s: float = 600.0  # a run on another host with no heartbeat for this long is taken over
@@ -332,6 +367,7 @@ class CurateConfig:
     encode: EncodeConfig = field(default_factory=EncodeConfig)
     captions: CaptionConfig = field(default_factory=CaptionConfig)
     clip_scores: ClipScoreConfig = field(default_factory=ClipScoreConfig)
+    ocr: OcrConfig = field(default_factory=OcrConfig)
     filters: FilterConfig = field(default_factory=FilterConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     report: ReportConfig = field(default_factory=ReportConfig)

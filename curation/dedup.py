@@ -25,12 +25,11 @@ import numpy as np
 
 from curation.config import DedupConfig
 from curation.dataset import CuratedDataset, sql_list
-from curation.hash_index import MIN_BAND_HITS, HashIndex, band_lookup
+from curation.hash_index import HashIndex, Samples, band_hits, strong_pairs
 from curation.phash import align, thumbnails
 
 REASON = "duplicate"
 HASHES = "frame_hashes.lance"  # kept clips' frame hashes by band (curation/hash_index.py)
-MAX_BUCKET = 64  # in-version clips sharing one band value beyond which the value says nothing (a common look)
 FETCH_CLIPS = 512  # earlier clips' signatures read per IN-list query
 KMEANS_SAMPLE = 20_000  # k-means trains on at most this many embeddings, then assigns all
 KMEANS_ITERATIONS = 10
@@ -86,22 +85,16 @@ def _match(a: Signature, b: Signature, config: DedupConfig) -> float | None:
 
 
 def copy_pairs(signatures: dict[str, Signature], config: DedupConfig) -> dict[str, dict[str, float]]:
-    """clip_id -> {other clip_id: hamming} for every pair of the given clips that shares a hash band and aligns;
-    distances above max_hamming are kept too (the report's histogram shows how near the threshold they come)."""
-    lookup = band_lookup({k: s.hashes.tolist() for k, s in signatures.items()})
-    hits: dict[tuple[str, str], int] = {}
-    for band in lookup:
-        for members in band.values():
-            if len(members) > MAX_BUCKET:
-                continue
-            ordered = sorted(members)
-            for i, a in enumerate(ordered):
-                for b in ordered[i + 1:]:
-                    hits[a, b] = hits.get((a, b), 0) + 1
+    """clip_id -> {other clip_id: hamming} for every pair of the given clips that shares hash bands at one shift
+    (curation/hash_index.py) and aligns; distances above max_hamming are kept too (the report's histogram shows how
+    near the threshold they come)."""
+    samples = Samples.of({k: s.hashes.tolist() for k, s in signatures.items()})
+    hits = band_hits(samples, samples.clip, samples.position, samples.bands)
+    hits = np.stack([hits[:, 0], samples.clip[hits[:, 1]], hits[:, 2]], axis=1)  # stored row -> its clip
+    hits = hits[hits[:, 0] < hits[:, 1]]  # each pair once, never a clip with itself
     found: dict[str, dict[str, float]] = {k: {} for k in signatures}
-    for (a, b), count in hits.items():
-        if count < MIN_BAND_HITS:
-            continue
+    for i, j in strong_pairs(hits).tolist():
+        a, b = samples.clip_ids[i], samples.clip_ids[j]
         distance = _match(signatures[a], signatures[b], config)
         if distance is not None:
             found[a][b] = found[b][a] = distance

@@ -23,7 +23,7 @@ import numpy as np
 
 from curation.config import FilterConfig, ScoreFilter
 
-SCORES = ("duration", "resolution", "motion", "aesthetic", "caption_match")
+SCORES = ("duration", "resolution", "motion", "aesthetic", "caption_match", "text")
 STRUCTURAL = ("duration", "resolution", "motion")  # known in the video stage, from the decode itself
 LEARNED = ("aesthetic", "caption_match")  # from the CLIP stage: meaningless when its weights are untrained
 SEPARATOR = "; "
@@ -73,6 +73,7 @@ def clip_scores(clip: dict, short_side: int | None, motion_stat: str) -> dict[st
         "motion": clip.get(f"motion_{motion_stat}"),
         "aesthetic": clip.get("aesthetic"),
         "caption_match": clip.get("caption_match"),
+        "text": clip.get("text_area"),
     }
 
 
@@ -128,13 +129,13 @@ class ClipFilter:
 
     def late_bounds(self, candidates: dict[str, list[float]], untrained: bool) -> list[Bound]:
         """Percentile bounds resolved on `candidates` (score -> values of the run's candidate clips) and absolute
-        bounds on learned scores. With `untrained` scores, learned-score bounds are returned with applied=False
-        unless filters.apply_on_untrained is set."""
+        bounds on the model stages' scores (learned ones and text). With `untrained` scores, learned-score bounds
+        are returned with applied=False unless filters.apply_on_untrained is set."""
         bounds = []
         for name in SCORES:
             spec = self.spec(name, self.config)
             applied = not (untrained and name in LEARNED and not self.config.apply_on_untrained)
-            if name in LEARNED:
+            if name not in STRUCTURAL:
                 bounds += [Bound(name, side, getattr(spec, side), applied=applied)
                            for side in ("min", "max") if getattr(spec, side) is not None]
             values = np.asarray([v for v in candidates.get(name, []) if not _missing(v)], dtype=np.float64)

@@ -1,15 +1,23 @@
 """The frame-hash index that copy detection queries: kept clips' frame pHashes in a Lance dataset, split into bands.
 
-    OUTPUT/frame_hashes.lance   clip_id, dataset_version, band0 .. band3 (int32): one row per non-flat sample
+    OUTPUT/frame_hashes.lance   clip_id, dataset_version, sample, band0 .. band2 (int32): one row per non-flat
+                                sample (`sample`: its position in the clip's signature)
 
-Multi-index hashing (Norouzi et al. 2012): a 64-bit hash is four 16-bit bands, and two hashes within 3 bits share at
-least one band exactly. Copies differ by 0-6 bits a sample over many samples, so a copy of a clip shares a band with
-it on some samples with near certainty; `candidates` finds, with one filtered scan per chunk of query clips (a BTREE
-index per band once the table is large), the earlier clips that share any band with a new clip. Those candidates
-are then verified on their whole signatures (curation/phash.py `align`), so the index only has to not miss them.
+Multi-index hashing (Norouzi et al. 2012): a 64-bit hash is three bands of 21, 21 and 22 bits, and two hashes that
+differ in few bits often agree on a whole band: at 4 differing bits a sample pair shares one with probability 0.55,
+at 6 with 0.24. A copy aligns with its original on dozens of samples, so it shares bands with it on several samples
+at one shift (or two neighbouring shifts: sampling grids out of phase); unrelated clips share a band value by chance
+about 0.002 times a pair of 10 s clips. `band_hits` is that join, vectorised: sort the query's band values, and for
+each stored row find its matches with `searchsorted`. Candidates with MIN_BAND_HITS at one shift are then verified
+on their whole signatures (curation/phash.py `align`).
+
+`HashIndex.candidates` streams the stored rows in batches (16 bytes and a clip_id a row), so its memory is one batch
+plus the query, whatever the index's size; its time grows with the rows (one scan per dataset version).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import lance
 import numpy as np
@@ -17,30 +25,89 @@ import pyarrow as pa
 
 from curation.phash import FLAT
 
-BANDS = 4
-BAND_BITS = 16
-MIN_INDEX_ROWS = 50_000  # below this a scan is as fast as the BTREE lookups
-QUERY_CLIPS = 256  # query clips per Lance scan: bounds the IN lists
-# A candidate shares at least this many (sample, band) values with the query: one shared 16-bit band happens by
-# chance (about 0.1 times per pair of unrelated 10 s clips), a copy shares dozens.
-MIN_BAND_HITS = 2
+BAND_BITS = (21, 21, 22)  # most significant first
+BANDS = len(BAND_BITS)
+MIN_BAND_HITS = 3  # shared (sample, band) values at one shift, or two neighbouring ones, that make a candidate
+SCAN_ROWS = 1 << 20  # stored rows per scan batch
 
 
 def bands(hashes: np.ndarray) -> np.ndarray:
-    """(n,) int64 hashes -> (n, BANDS) int32 16-bit bands, the most significant first."""
+    """(n,) int64 hashes -> (n, BANDS) int32 bands."""
     values = np.asarray(hashes, np.int64).view(np.uint64)
-    shifts = np.arange(BANDS - 1, -1, -1, dtype=np.uint64) * np.uint64(BAND_BITS)
-    return ((values[:, None] >> shifts[None, :]) & np.uint64(0xFFFF)).astype(np.int32)
+    out = np.empty((len(values), BANDS), np.int32)
+    shift = 64
+    for b, bits in enumerate(BAND_BITS):
+        shift -= bits
+        out[:, b] = ((values >> np.uint64(shift)) & np.uint64((1 << bits) - 1)).astype(np.int32)
+    return out
+
+
+@dataclass
+class Samples:
+    """The non-flat samples of some clips, one row each: which clip (an index into `clip_ids`), where in its
+    signature, and its bands."""
+
+    clip_ids: list[str]
+    clip: np.ndarray  # (n,) int64
+    position: np.ndarray  # (n,) int64
+    bands: np.ndarray  # (n, BANDS) int32
+
+    @classmethod
+    def of(cls, signatures: dict[str, list[int]]) -> Samples:
+        ids, clip, position, values = list(signatures), [], [], []
+        for i, clip_id in enumerate(ids):
+            hashes = np.asarray(signatures[clip_id] or [], np.int64)
+            keep = np.flatnonzero(hashes != FLAT)
+            clip.append(np.full(len(keep), i, np.int64))
+            position.append(keep.astype(np.int64))
+            values.append(hashes[keep])
+        cat = (lambda parts, dtype: np.concatenate(parts) if parts else np.empty(0, dtype))  # noqa: E731
+        return cls(ids, cat(clip, np.int64), cat(position, np.int64), bands(cat(values, np.int64)))
+
+
+def band_hits(query: Samples, clip: np.ndarray, position: np.ndarray, stored: np.ndarray) -> np.ndarray:
+    """Every (query sample, stored row) pair that agrees on a band, as rows (query clip, stored row, shift), where
+    shift = stored position - query position; `clip`/`position`/`stored` describe the stored rows."""
+    found = []
+    for b in range(BANDS):
+        order = np.argsort(query.bands[:, b], kind="stable")
+        sorted_values = query.bands[order, b]
+        # searchsorted is several times faster on sorted needles (cache locality): sort, search, put back.
+        needles = np.argsort(stored[:, b], kind="stable")
+        lo, hi = np.empty(len(stored), np.int64), np.empty(len(stored), np.int64)
+        lo[needles] = np.searchsorted(sorted_values, stored[needles, b], "left")
+        hi[needles] = np.searchsorted(sorted_values, stored[needles, b], "right")
+        counts = hi - lo
+        rows = np.repeat(np.arange(len(stored)), counts)  # (pairs,)
+        if not len(rows):
+            continue
+        starts = np.repeat(lo - np.cumsum(counts) + counts, counts)  # each row's lo, minus its first pair's index
+        matched = order[starts + np.arange(len(rows))]  # (pairs,) query sample of each pair
+        found.append(np.stack([query.clip[matched], rows, position[rows] - query.position[matched]], axis=1))
+    return np.concatenate(found) if found else np.empty((0, 3), np.int64)
+
+
+def strong_pairs(pairs: np.ndarray) -> np.ndarray:
+    """(query clip, other clip, shift) hit rows -> the distinct (query clip, other clip) with MIN_BAND_HITS at one
+    shift or at two neighbouring shifts together."""
+    if not len(pairs):
+        return np.empty((0, 2), np.int64)
+    keys, counts = np.unique(pairs, axis=0, return_counts=True)  # sorted by clip, other, shift
+    next_count = np.zeros_like(counts)
+    same_pair = (keys[1:, 0] == keys[:-1, 0]) & (keys[1:, 1] == keys[:-1, 1]) & (keys[1:, 2] == keys[:-1, 2] + 1)
+    next_count[:-1][same_pair] = counts[1:][same_pair]
+    strong = keys[counts + next_count >= MIN_BAND_HITS]
+    return np.unique(strong[:, :2], axis=0)
 
 
 def _schema() -> pa.Schema:
-    return pa.schema([("clip_id", pa.string()), ("dataset_version", pa.int64())]
+    return pa.schema([("clip_id", pa.string()), ("dataset_version", pa.int64()), ("sample", pa.int32())]
                      + [(f"band{b}", pa.int32()) for b in range(BANDS)])
 
 
 class HashIndex:
     """Kept clips' frame hashes by band. `add(version, ...)` replaces the rows of that version (a rerun of a
-    version's finish adds nothing twice); `candidates` answers 'which earlier kept clips share a band with these'."""
+    version's finish adds nothing twice); `candidates` answers 'which earlier kept clips may be copies of these'."""
 
     def __init__(self, uri: str, storage_options: dict | None = None):
         self.uri = uri
@@ -60,78 +127,48 @@ class HashIndex:
 
     def add(self, version: int, signatures: dict[str, list[int]]) -> int:
         """The non-flat hashes of `signatures` (clip_id -> frame_hashes) as rows of `version`; returns the rows."""
-        ids, rows = [], []
-        for clip_id, hashes in signatures.items():
-            usable = np.asarray([h for h in hashes or [] if h != FLAT], np.int64)
-            if len(usable):
-                ids += [clip_id] * len(usable)
-                rows.append(bands(usable))
+        samples = Samples.of(signatures)
         ds = self._open()
         if ds is not None and ds.count_rows(f"dataset_version = {int(version)}"):
             ds.delete(f"dataset_version = {int(version)}")
-        if not ids:
+        if not len(samples.clip):
             return 0
-        stacked = np.concatenate(rows)
-        table = pa.Table.from_arrays([pa.array(ids, pa.string()), pa.array([int(version)] * len(ids), pa.int64())]
-                                     + [pa.array(stacked[:, b]) for b in range(BANDS)], schema=_schema())
+        ids = pa.array(samples.clip_ids, pa.string()).take(pa.array(samples.clip))
+        table = pa.Table.from_arrays([ids, pa.array(np.full(len(ids), int(version), np.int64)),
+                                      pa.array(samples.position.astype(np.int32))]
+                                     + [pa.array(samples.bands[:, b]) for b in range(BANDS)], schema=_schema())
         lance.write_dataset(table, self.uri, mode="append" if ds is not None else "create",
                             storage_options=self.storage_options)
-        self._index()
         return len(ids)
 
-    def _index(self) -> None:
-        """A BTREE index per band once the table is large; later rows join it (optimize_indices), and rows not yet
-        in it are scanned, so answers never depend on it."""
-        ds = self._open()
-        if ds is None or ds.count_rows() < MIN_INDEX_ROWS:
-            return
-        names = {i.name for i in ds.describe_indices()}
-        if all(f"band{b}_idx" in names for b in range(BANDS)):
-            ds.optimize.optimize_indices()
-            return
-        for b in range(BANDS):
-            ds.create_scalar_index(f"band{b}", "BTREE", name=f"band{b}_idx", replace=True)
-
     def candidates(self, signatures: dict[str, list[int]], max_version: int) -> dict[str, set[str]]:
-        """For each query clip (clip_id -> frame_hashes), the indexed clips of dataset_version <= max_version that
-        share at least MIN_BAND_HITS band values with its non-flat hashes.
-
-        Scale: a band value matches about rows / 65,536 unrelated rows, so the rows read grow with the index: about
-        600 per query value at a million 10 s clips (40 samples each). Past that, longer bands are the next step."""
-        ds = self._open()
+        """For each query clip (clip_id -> frame_hashes), the stored clips of dataset_version <= max_version that
+        share MIN_BAND_HITS band values with it at one shift (see strong_pairs)."""
         found: dict[str, set[str]] = {clip_id: set() for clip_id in signatures}
-        if ds is None:
+        ds = self._open()
+        query = Samples.of(signatures)
+        if ds is None or not len(query.clip):
             return found
-        ids = list(signatures)
-        for start in range(0, len(ids), QUERY_CLIPS):
-            chunk = {clip_id: signatures[clip_id] for clip_id in ids[start:start + QUERY_CLIPS]}
-            lookup = band_lookup(chunk)
-            clauses = [f"band{b} IN ({', '.join(str(v) for v in sorted(lookup[b]))})"
-                       for b in range(BANDS) if lookup[b]]
-            if not clauses:
+        hits = []
+        for batch in ds.to_batches(columns=["clip_id", "sample"] + [f"band{b}" for b in range(BANDS)],
+                                   filter=f"dataset_version <= {int(max_version)}", batch_size=SCAN_ROWS):
+            stored = np.stack([batch.column(f"band{b}").to_numpy() for b in range(BANDS)], axis=1)
+            pairs = band_hits(query, np.zeros(len(stored), np.int64), batch.column("sample").to_numpy(), stored)
+            if not len(pairs):
                 continue
-            table = ds.to_table(columns=["clip_id"] + [f"band{b}" for b in range(BANDS)],
-                                filter=f"dataset_version <= {int(max_version)} AND ({' OR '.join(clauses)})")
-            columns = [table[f"band{b}"].to_numpy() for b in range(BANDS)]
-            hits: dict[tuple[str, str], int] = {}
-            for row, clip_id in enumerate(table["clip_id"].to_pylist()):
-                for b in range(BANDS):
-                    for query in lookup[b].get(int(columns[b][row]), ()):
-                        hits[query, clip_id] = hits.get((query, clip_id), 0) + 1
-            for (query, clip_id), count in hits.items():
-                if count >= MIN_BAND_HITS:
-                    found[query].add(clip_id)
+            rows = np.unique(pairs[:, 1])
+            names = np.asarray(batch.column("clip_id").take(pa.array(rows)).to_pylist(), dtype=object)
+            hits.append((pairs, rows, names))
+        # The same stored clip may span two batches: its rows are named, then numbered across all batches.
+        if not hits:
+            return found
+        all_names = np.concatenate([names for _, _, names in hits])
+        unique_names, codes = np.unique(all_names.astype(str), return_inverse=True)
+        offset, coded = 0, []
+        for pairs, rows, _ in hits:
+            code = codes[offset:offset + len(rows)][np.searchsorted(rows, pairs[:, 1])]
+            coded.append(np.stack([pairs[:, 0], code, pairs[:, 2]], axis=1))
+            offset += len(rows)
+        for q, other in strong_pairs(np.concatenate(coded)).tolist():
+            found[query.clip_ids[q]].add(str(unique_names[other]))
         return found
-
-
-def band_lookup(signatures: dict[str, list[int]]) -> list[dict[int, set[str]]]:
-    """Per band: band value -> the query clips that have it."""
-    lookup: list[dict[int, set[str]]] = [{} for _ in range(BANDS)]
-    for clip_id, hashes in signatures.items():
-        usable = np.asarray([h for h in hashes or [] if h != FLAT], np.int64)
-        if not len(usable):
-            continue
-        for b, column in enumerate(bands(usable).T):
-            for value in set(column.tolist()):
-                lookup[b].setdefault(value, set()).add(clip_id)
-    return lookup

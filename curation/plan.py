@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import math
+
 import ray
 
 from curation.captions import CaptionStage
 from curation.clip_scores import ClipScoreStage
 from curation.config import CurateConfig
 from curation.discover import DiscoverStage
+from curation.ocr import OcrStage
 from curation.video_stage import VideoStage
 
 
@@ -43,6 +46,8 @@ def _workers(config: CurateConfig, reserved_cpus: float = 0.0) -> int:
 def _model_stages(config: CurateConfig) -> list[tuple[type, object]]:
     """The model stages that run, in order (captions before scores: caption_match reads the final caption)."""
     stages: list[tuple[type, object]] = []
+    if config.ocr.enabled:
+        stages.append((OcrStage, config.ocr))
     if config.captions.sidecar or config.captions.enabled:
         stages.append((CaptionStage, config.captions))
     if config.clip_scores.enabled:
@@ -50,19 +55,31 @@ def _model_stages(config: CurateConfig) -> list[tuple[type, object]]:
     return stages
 
 
+def _model_share(config: CurateConfig, reserved: float) -> float:
+    """The share of their declared CPUs that the model actors reserve: all of it, unless they and one video worker
+    do not fit the cluster (2 CPUs hold a video worker and two model actors of 0.5). Ray would then hold an actor
+    back until the video stage ends, and finished videos would stop streaming into commits."""
+    room = ray.cluster_resources().get("CPU", 1) - config.ray.cpus_per_video
+    if reserved <= room or room <= 0:
+        return 1.0
+    return math.floor(room / reserved * 1e4) / 1e4  # Ray counts CPUs in units of 1e-4
+
+
 def curate_plan(pending: list[dict], config: CurateConfig) -> ray.data.Dataset:
-    """pending videos -> one decode pass each (actors, 1 CPU) -> captions -> CLIP scores (actor pools that load
-    their models once each) -> one staged record per video (schema.STAGED), which the driver commits in batches."""
+    """pending videos -> one decode pass each (actors, 1 CPU) -> OCR -> captions -> CLIP scores (actor pools that
+    load their models once each) -> one staged record per video (schema.STAGED), which the driver commits in
+    batches."""
     stages = [(cls, settings, min(settings.concurrency, max(1, len(pending)))) for cls, settings in
               _model_stages(config)]
     # The model actors live as long as the video actors, so their CPUs are not there for decoding.
     reserved = sum(settings.num_cpus * actors for _, settings, actors in stages)
-    workers = min(_workers(config, reserved), max(1, len(pending)))
+    share = _model_share(config, reserved)
+    workers = min(_workers(config, reserved * share), max(1, len(pending)))
     ds = ray.data.from_items(pending, override_num_blocks=max(1, len(pending)))
     ds = ds.map_batches(_Actor, fn_constructor_args=(VideoStage, config), batch_size=1, batch_format="pyarrow",
                         concurrency=workers, num_cpus=config.ray.cpus_per_video)
     for stage_cls, settings, actors in stages:
         ds = ds.map_batches(_Actor, fn_constructor_args=(stage_cls, settings), batch_size=settings.videos_per_batch,
-                            batch_format="pyarrow", concurrency=actors, num_cpus=settings.num_cpus,
+                            batch_format="pyarrow", concurrency=actors, num_cpus=settings.num_cpus * share,
                             num_gpus=settings.num_gpus)
     return ds

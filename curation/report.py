@@ -35,6 +35,7 @@ HISTOGRAMS = [
     ("aesthetic", "aesthetic score"),
     ("caption_match", "caption match: CLIP cosine similarity"),
     ("duration", "clip duration, s"),
+    ("text", "on-screen text: fraction of the frame in OCR text boxes (max over keyframes)"),
     ("dedup_hamming", "dedup: nearest kept copy, median hamming bits of 64 (frame hashes)"),
     ("dedup_cos", "dedup: nearest kept clip, CLIP cosine similarity"),
 ]
@@ -178,7 +179,7 @@ def _tile_lines(sample: dict) -> list[tuple[str, str]]:
     """Up to five (text, colour) lines under a tile: id, scores, duration and caption, then the verdict."""
     scores = []
     for name, short, fmt in (("motion", "flow", "{:.3g}"), ("aesthetic", "aes", "{:.3g}"),
-                             ("caption_match", "match", "{:.3f}")):
+                             ("caption_match", "match", "{:.3f}"), ("text", "text", "{:.3f}")):
         if not _missing(sample.get(name)):
             scores.append(f"{short} {fmt.format(sample[name])}")
     duration = "" if _missing(sample.get("duration")) else f"{sample['duration']:.1f}s "

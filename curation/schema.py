@@ -7,8 +7,9 @@ from __future__ import annotations
 import pyarrow as pa
 
 # 2: captions and CLIP scores (caption ... score_model); 3: Lance tables, dataset_version; 4: clips.frame_hashes and
-# frame_thumbs (dedup); tables of version 3 gain them as null columns when a run opens them (writer.create_tables)
-SCHEMA_VERSION = 4
+# frame_thumbs (dedup); 5: clips.text_area and ocr_text (OCR); tables of an older version gain the new columns as
+# nulls when a run opens them (writer.create_tables)
+SCHEMA_VERSION = 5
 
 TRANSITION = pa.struct([("start_frame", pa.int64()), ("end_frame", pa.int64()), ("kind", pa.string())])
 
@@ -63,7 +64,13 @@ SIGNATURE_FIELDS = [
     ("frame_hashes", pa.list_(pa.int64())),
     ("frame_thumbs", pa.binary()),
 ]
-CLIPS = pa.schema(CLIP_FIELDS + SIGNATURE_FIELDS)
+# On-screen text (curation/ocr.py), in the clips table only: the largest fraction of a keyframe in detected text
+# boxes and the text read in that keyframe. Null when the OCR stage did not read the clip.
+TEXT_FIELDS = [
+    ("text_area", pa.float64()),
+    ("ocr_text", pa.string()),
+]
+CLIPS = pa.schema(CLIP_FIELDS + SIGNATURE_FIELDS + TEXT_FIELDS)
 
 SHARDS = pa.schema(CLIP_FIELDS + [
     ("uri", pa.string()),
@@ -74,5 +81,5 @@ SHARDS = pa.schema(CLIP_FIELDS + [
 ])
 
 # What one video's pass produces: its videos row plus every clip, with the encoded bytes of kept clips.
-STAGED = pa.schema(list(VIDEOS) + [("clips", pa.list_(pa.struct(CLIP_FIELDS + SIGNATURE_FIELDS + [
+STAGED = pa.schema(list(VIDEOS) + [("clips", pa.list_(pa.struct(CLIP_FIELDS + SIGNATURE_FIELDS + TEXT_FIELDS + [
     ("video_bytes", pa.binary()), ("width", pa.int64()), ("height", pa.int64())])))])

@@ -37,7 +37,7 @@ EMBEDDINGS = "embeddings.lance"  # kept clips' CLIP embeddings and their vector 
 FILTERS_KEY = "reelforge.filters.{tag}"  # the clips table's config: the run-wide bounds of an unfinished version
 # What resolving the filters reads of each clip: no keyframes, no embeddings, no bytes.
 _SCORE_COLUMNS = ["clip_id", "video_id", "start_s", "end_s", "motion_mean", "motion_median", "drop_reason",
-                  "aesthetic", "caption_match", "score_model", "kept"]
+                  "aesthetic", "caption_match", "score_model", "kept", "text_area"]
 
 
 def create_tables(dataset: CuratedDataset) -> None:

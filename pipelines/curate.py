@@ -61,7 +61,7 @@ def config_sha256(config: CurateConfig) -> str:
     """The hash of the settings that decide the data (secrets masked): every section but RUN_ONLY, and the model
     stages without their RESOURCES."""
     settings = {k: v for k, v in redact_config(config).items() if k not in RUN_ONLY}
-    for stage in ("captions", "clip_scores"):
+    for stage in ("captions", "clip_scores", "ocr"):
         settings[stage] = {k: v for k, v in settings[stage].items() if k not in RESOURCES}
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
 

@@ -7,7 +7,7 @@ import cv2
 import numpy as np
 import pytest
 
-from curation import schema
+from curation import hash_index, schema
 from curation.config import CurateConfig, DedupConfig, ScoreFilter
 from curation.dataset import CuratedDataset
 from curation.dedup import index_hashes, semdedup
@@ -106,7 +106,8 @@ def _clip(video_id: str, frames: list[np.ndarray], embedding: np.ndarray, aesthe
     return {"clip_id": f"{video_id}-0000000", "video_id": video_id, "start_frame": 0,
             "end_frame": len(frames) - 1, "start_s": 0.0, "end_s": len(frames) / FPS, "num_frames": len(frames),
             "motion_mean": 5.0, "motion_median": 5.0, "motion_p90": 6.0, "is_static": False,
-            "keyframes": [cv2.imencode(".jpg", frames[0])[1].tobytes()], "kept": True, "drop_reason": None, "aesthetic": aesthetic,
+            "keyframes": [cv2.imencode(".jpg", frames[0])[1].tobytes()], "kept": True, "drop_reason": None,
+            "aesthetic": aesthetic,
             "caption_match": 0.3, "clip_embedding": embedding.tolist(), "score_model": score_model,
             "frame_hashes": sig.hashes, "frame_thumbs": b"".join(sig.thumbs),
             "video_bytes": f"mp4 {video_id}".encode(), "width": 128, "height": 72}
@@ -239,7 +240,8 @@ def test_dedup_off_drops_no_duplicate(tmp_path, config):
     assert set(_reasons(dataset).values()) == {None}
 
 
-def test_the_hash_index_replaces_a_versions_rows_on_a_rerun(tmp_path):
+def test_the_hash_index_replaces_a_versions_rows_on_a_rerun(tmp_path, monkeypatch):
+    monkeypatch.setattr(hash_index, "SCAN_ROWS", 7)  # a clip's rows span several scan batches
     index = HashIndex(str(tmp_path / "frame_hashes.lance"))
     sig = signature(scene(40))
     assert index.add(1, {"a": sig.hashes, "flat": [FLAT, FLAT]}) == len(sig.hashes)
@@ -248,3 +250,6 @@ def test_the_hash_index_replaces_a_versions_rows_on_a_rerun(tmp_path):
     assert index.candidates({"q": copy}, max_version=1) == {"q": {"a"}}
     assert index.candidates({"q": copy}, max_version=0) == {"q": set()}
     assert index.candidates({"q": signature(scene(41)).hashes}, max_version=1) == {"q": set()}
+    index.add(2, {"b": signature(scene(42)).hashes})
+    trimmed = signature([resized(f) for f in scene(42)[30:]]).hashes
+    assert index.candidates({"q": copy, "r": trimmed}, max_version=2) == {"q": {"a"}, "r": {"b"}}

@@ -21,7 +21,7 @@ def _scores(n: int, **columns) -> list[dict]:
 
 def _learned_only(**filters) -> FilterConfig:
     config = FilterConfig(duration=ScoreFilter(), motion=ScoreFilter(), aesthetic=ScoreFilter(),
-                          caption_match=ScoreFilter())
+                          caption_match=ScoreFilter(), text=ScoreFilter())
     for name, spec in filters.items():
         setattr(config, name, spec)
     return config
