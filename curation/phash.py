@@ -115,12 +115,17 @@ def align(a: np.ndarray, b: np.ndarray, colors_a: np.ndarray, colors_b: np.ndarr
     pairs = distances(a, b, colors_a, colors_b, max_color)  # (m, n)
     shorter = min(int((a != FLAT).sum()), int((b != FLAT).sum()))
     needed = max(min_samples, int(np.ceil(min_overlap * shorter)))
-    best: Alignment | None = None
-    for offset in range(-(len(a) - 1), len(b)):
-        ok = np.diagonal(valid, offset)
-        if ok.sum() < needed:
-            continue
-        median = float(np.median(np.diagonal(pairs, offset)[ok]))
-        if best is None or median < best.hamming:
-            best = Alignment(offset, int(ok.sum()), median)
-    return best
+    # Every shift at once: the valid pairs sorted by (shift, distance), so each shift's median is in the middle of
+    # its run.
+    shift = (np.arange(len(b))[None, :] - np.arange(len(a))[:, None])[valid]
+    values = pairs[valid]
+    order = np.lexsort((values, shift))
+    shift, values = shift[order], values[order]
+    shifts, starts, counts = np.unique(shift, return_index=True, return_counts=True)
+    enough = counts >= needed
+    if not enough.any():
+        return None
+    shifts, starts, counts = shifts[enough], starts[enough], counts[enough]
+    medians = (values[starts + (counts - 1) // 2] + values[starts + counts // 2]) / 2
+    best = int(np.argmin(medians))  # the first (smallest) shift among equals, as a loop over shifts would pick
+    return Alignment(int(shifts[best]), int(counts[best]), float(medians[best]))
