@@ -44,9 +44,10 @@ class EncodeConfig:
     windows_per_clip: int = 1  # as the train config's data_loading.windows_per_clip
     dtype: str = "float16"  # how latents and text embeddings are stored
     commit_clips: int = 16  # clips per commit: kill -9 loses at most this many clips' work
+    # The three pools live at once: their CPUs add up to 2, so a 2-core machine runs them; a VAE wants num_gpus
     decode: PoolConfig = field(default_factory=PoolConfig)
-    encoder: PoolConfig = field(default_factory=PoolConfig)  # the codec's actors
-    text_encoder: PoolConfig = field(default_factory=lambda: PoolConfig(batch_size=16))
+    encoder: PoolConfig = field(default_factory=lambda: PoolConfig(num_cpus=0.5, batch_size=8))  # the codec's actors
+    text_encoder: PoolConfig = field(default_factory=lambda: PoolConfig(num_cpus=0.5, batch_size=16))
     ray: RayConfig = field(default_factory=RayConfig)
 
 
