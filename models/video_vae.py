@@ -128,6 +128,7 @@ class LatentCodec:
         self.weights_sha256 = hash_files(self.folder, config.sha256)
         # set by subclasses once the VAE is loaded
         self.channels = self.time_compression = self.space_compression = 0
+        self.frame_step = 0  # clips take 1 + frame_step * k frames (the time compression, or more: CogVideoX)
         self.shift = torch.zeros(0)  # (C,) subtracted from raw latents
         self.scale = torch.ones(0)  # (C,) multiplied after the shift
         self.model_config: dict = {}
@@ -135,7 +136,7 @@ class LatentCodec:
 
     # -- geometry
     def frame_count_ok(self, num_frames: int) -> bool:
-        return num_frames >= 1 and (num_frames - 1) % self.time_compression == 0
+        return num_frames >= 1 and (num_frames - 1) % self.frame_step == 0
 
     def latent_shape(self, frames: int, height: int, width: int) -> tuple[int, int, int, int]:
         self._check_geometry(frames, height, width)
@@ -144,10 +145,10 @@ class LatentCodec:
 
     def _check_geometry(self, frames: int, height: int, width: int) -> None:
         if not self.frame_count_ok(frames):
-            k = max(0, round((frames - 1) / self.time_compression))
-            raise ValueError(f"codec {self.id}: {frames} frames do not fit; causal VAEs take 1 + "
-                             f"{self.time_compression}k frames, e.g. {1 + self.time_compression * k} or "
-                             f"{1 + self.time_compression * (k + 1)}")
+            step = self.frame_step
+            k = max(0, (frames - 1) // step)
+            raise ValueError(f"codec {self.id}: {frames} frames do not fit; it takes 1 + {step}k frames, e.g. "
+                             f"{1 + step * k} or {1 + step * (k + 1)}")
         if height % self.space_compression or width % self.space_compression:
             raise ValueError(f"codec {self.id}: frame size {height}x{width} is not divisible by the spatial "
                              f"compression {self.space_compression}")
@@ -229,6 +230,10 @@ class DiffusersVideoVAECodec(LatentCodec):
         self.vae = self._load()
         self.model_config = _plain_config(self.vae.config)
         self.channels, self.time_compression, self.space_compression = self._geometry()
+        # CogVideoX decodes latent frames in pairs after the first three: only an odd latent count (1 + 8k frames)
+        # decodes back to the frames it came from (4 latents -> 16 frames, not 13)
+        cogvideox = config.vae_class == "AutoencoderKLCogVideoX"
+        self.frame_step = 2 * self.time_compression if cogvideox else self.time_compression
         self.shift, self.scale = self._normalisation()
         if config.slicing:
             self.vae.enable_slicing()
@@ -277,10 +282,12 @@ class DiffusersVideoVAECodec(LatentCodec):
         if tile % self.space_compression:
             raise ValueError(f"codec.tile_size: {tile} is not a multiple of the spatial compression "
                              f"{self.space_compression}")
-        if self.config.vae_class == "AutoencoderKLCogVideoX":
-            self.vae.enable_tiling(tile_sample_min_height=tile, tile_sample_min_width=tile)
-            return
         stride = max(self.space_compression, tile * 3 // 4 // self.space_compression * self.space_compression)
+        if self.config.vae_class == "AutoencoderKLCogVideoX":  # its "overlap factor" sets the stride: tile * (1 - f)
+            overlap = 1 - stride / tile
+            self.vae.enable_tiling(tile_sample_min_height=tile, tile_sample_min_width=tile,
+                                   tile_overlap_factor_height=overlap, tile_overlap_factor_width=overlap)
+            return
         self.vae.enable_tiling(tile_sample_min_height=tile, tile_sample_min_width=tile,
                                tile_sample_stride_height=stride, tile_sample_stride_width=stride)
 
@@ -316,6 +323,7 @@ class ReelforgeVAECodec(LatentCodec):
         self.channels = int(self.vae.latent_channels)
         self.time_compression = int(self.vae.time_compression)
         self.space_compression = int(self.vae.space_compression)
+        self.frame_step = self.time_compression
         factor = float(self.vae.scaling_factor)
         if not math.isfinite(factor) or factor <= 0:
             raise ValueError(f"codec.model: {self.folder} has scaling_factor {factor}; expected a positive number")
