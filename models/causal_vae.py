@@ -305,9 +305,9 @@ PRESETS: dict[str, CausalVAEConfig] = {
     "CausalVAE-4x8x8": CausalVAEConfig(latent_channels=16, block_channels=[64, 128, 256, 256], time_compression=4,
                                        space_compression=8),
     # small enough for 2 CPU cores: 4x spatial
-    "CausalVAE-T-4x4x4": CausalVAEConfig(latent_channels=8, block_channels=[32, 64, 64], time_compression=4,
+    "CausalVAE-T-4x4x4": CausalVAEConfig(latent_channels=8, block_channels=[16, 32, 64], time_compression=4,
                                          space_compression=4),
-    "CausalVAE-T-1x4x4": CausalVAEConfig(latent_channels=8, block_channels=[32, 64, 64], time_compression=1,
+    "CausalVAE-T-1x4x4": CausalVAEConfig(latent_channels=8, block_channels=[16, 32, 64], time_compression=1,
                                          space_compression=4),
 }
 

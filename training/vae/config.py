@@ -11,6 +11,8 @@ from models.causal_vae import PRESETS, CausalVAEConfig, causal_vae_config
 from training.config import ConfigError, CurriculumStage, TrackingConfig, TrainConfig, _non_negative, _positive
 
 RECONSTRUCTION_LOSSES = ("l1", "l2")
+VAE_EXPERIMENT = "reelforge-train-vae"
+VAE_REGISTERED_MODEL = "reelforge-vae"
 # TrainConfig sections the autoencoder does not use: a value there is a mistake, not a setting
 DIFFUSION_ONLY = ("model", "text", "codec", "schedule", "sampling", "cfg_dropout")
 
@@ -49,21 +51,25 @@ class VAEEvalConfig:
     gif_clips: int = 4  # held-out clips in each side-by-side GIF (original | reconstruction)
 
 
-def _vae_tracking() -> TrackingConfig:
-    return TrackingConfig(experiment="reelforge-train-vae", registered_model="reelforge-vae")
-
-
 def _vae_curriculum() -> list[CurriculumStage]:
     return [CurriculumStage(num_frames=9, size=32)]  # 1 + 4k frames for the default preset's 4x time compression
 
 
 @dataclass
 class VAETrainConfig(TrainConfig):
-    tracking: TrackingConfig = field(default_factory=_vae_tracking)
     curriculum: list[CurriculumStage] = field(default_factory=_vae_curriculum)
     vae: VAEModelSection = field(default_factory=VAEModelSection)
     loss: VAELossConfig = field(default_factory=VAELossConfig)
     eval: VAEEvalConfig = field(default_factory=VAEEvalConfig)
+
+    def __post_init__(self):
+        # the shared tracking section's defaults name the diffusion model's experiment and registry entry: a VAE
+        # run left at them logs and registers under its own (a section built from YAML or --set gets them too)
+        defaults = TrackingConfig()
+        if self.tracking.experiment == defaults.experiment:
+            self.tracking.experiment = VAE_EXPERIMENT
+        if self.tracking.registered_model == defaults.registered_model:
+            self.tracking.registered_model = VAE_REGISTERED_MODEL
 
     def validate(self) -> None:
         if not self.curriculum:

@@ -7,8 +7,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from training.sample import tile
-
 
 def psnr(original: np.ndarray, reconstruction: np.ndarray) -> np.ndarray:
     """(B, T, H, W, 3) uint8 each -> (B,) PSNR in dB over each clip's pixels (peak 255)."""
@@ -56,11 +54,12 @@ def _float_pair(original: np.ndarray, reconstruction: np.ndarray) -> tuple[torch
 
 
 def side_by_side(original: np.ndarray, reconstruction: np.ndarray, pad: int = 2) -> np.ndarray:
-    """(B, T, H, W, 3) each -> (T, B*(H+pad)-pad, 2W+pad, 3): one row per clip, original left, reconstruction
-    right."""
-    rows = [tile(np.stack([o, r]), pad) for o, r in zip(original, reconstruction, strict=True)]
-    t, h, w, c = rows[0].shape
-    out = np.full((t, len(rows) * (h + pad) - pad, w, c), 255, np.uint8)
-    for i, row in enumerate(rows):
-        out[:, i * (h + pad):i * (h + pad) + h] = row
+    """(B, T, H, W, 3) each -> (T, B*(H+pad)-pad, 2W+pad, 3) on white: one row per clip, original left,
+    reconstruction right."""
+    b, t, h, w, c = original.shape
+    out = np.full((t, b * (h + pad) - pad, 2 * w + pad, c), 255, np.uint8)
+    for i in range(b):
+        top = i * (h + pad)
+        out[:, top:top + h, :w] = original[i]
+        out[:, top:top + h, w + pad:] = reconstruction[i]
     return out

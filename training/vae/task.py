@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from models.causal_vae import WEIGHTS_FILE, CausalVAE
 from training.data import decode_row, to_model_input, to_uint8
@@ -19,29 +18,13 @@ from training.ema import EMA
 from training.engine import Engine
 from training.tracker import WorkerTracker
 from training.vae import heldout
-from training.vae.config import VAELossConfig, VAETrainConfig
+from training.vae.config import VAETrainConfig
+from training.vae.loss import vae_loss
 from training.vae.quality import psnr, side_by_side, ssim
 
 log = logging.getLogger("reelforge.train")
 
 INFO_FILE = "reelforge-vae.json"  # beside config.json and model.safetensors: the weights' sha256 and how they scored
-
-
-def vae_loss(x: torch.Tensor, reconstruction: torch.Tensor, mean: torch.Tensor, logvar: torch.Tensor,
-             config: VAELossConfig) -> torch.Tensor:
-    """Reconstruction per pixel value + kl_weight x KL(q(z|x) || N(0, I)) summed over the latent per pixel value,
-    + gradient_weight x L1 between the finite differences (x, y, t) of input and output."""
-    x, reconstruction = x.float(), reconstruction.float()
-    if config.reconstruction == "l1":
-        loss = F.l1_loss(reconstruction, x)
-    else:
-        loss = F.mse_loss(reconstruction, x)
-    kl = 0.5 * (mean.float().pow(2) + logvar.float().exp() - 1.0 - logvar.float()).sum()
-    loss = loss + config.kl_weight * kl / x.numel()
-    if config.gradient_weight:
-        for dim in (2, 3, 4) if x.shape[2] > 1 else (3, 4):
-            loss = loss + config.gradient_weight * F.l1_loss(reconstruction.diff(dim=dim), x.diff(dim=dim))
-    return loss
 
 
 @torch.no_grad()
