@@ -224,7 +224,7 @@ def run_generate(config: GenerateConfig) -> dict:
     import torch
 
     from models.clip_scorer import resolve_device
-    from models.codec import CodecConfig, build_codec
+    from training.export import export_codec
 
     started = time.perf_counter()
     if config.batch < 1:
@@ -253,25 +253,27 @@ def run_generate(config: GenerateConfig) -> dict:
         raise ValueError(f"{folder}/config.json does not say how to sample this model: give {' '.join(missing)}")
     steps, cfg, num_frames, width, height, fps = int(steps), float(cfg), int(num_frames), int(width), int(height), \
         float(fps)
-    codec = build_codec(CodecConfig(kind=model_config.get("codec", "pixels")))
+    device = resolve_device(config.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA GPU is visible here; use --device cpu or auto")
+    codec = export_codec(model_config, str(device))  # the model's own codec, from its config.json
     model_params = model_config.get("model") or {}
     patch, patch_frames = model_params.get("patch_size", 1), model_params.get("patch_frames", 1)
-    side, frame_step = patch * codec.space_compression, patch_frames * codec.time_compression
+    side = patch * codec.space_compression
     if width % side or height % side:
         raise ValueError(f"--size {width}x{height}: width and height must be multiples of {side} (the model's patch "
                          f"of {patch} pixels)")
-    if steps < 1 or num_frames < 1 or num_frames % frame_step or fps <= 0:
+    latent_frames = codec.latent_shape(num_frames, height, width)[1] if codec.frame_count_ok(num_frames) else 0
+    if steps < 1 or latent_frames < 1 or latent_frames % patch_frames or fps <= 0:
         raise ValueError(f"--steps {steps}, --num-frames {num_frames}, fps {fps}: expected steps >= 1, fps > 0 and a "
-                         f"frame count that is a positive multiple of {frame_step}")
+                         f"frame count codec {codec.id} takes whose {latent_frames} latent frames are a positive "
+                         f"multiple of the model's patch_frames {patch_frames}")
     if width != height:
         log.warning("the model was trained on squares (%s px); %dx%d is outside what it saw", stage.get("size"),
                     width, height)
     if config.negative_prompt and cfg == 1.0:
         log.warning("--cfg 1 (no guidance, as a guidance-distilled student is sampled): the negative prompt has no "
                     "effect; give --cfg above 1 to use it")
-    device = resolve_device(config.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA GPU is visible here; use --device cpu or auto")
     onnx = config.backend == "onnxruntime"
     if onnx and not (folder / "denoiser.onnx").is_file():
         raise FileNotFoundError(f"{folder} has no denoiser.onnx: run `reelforge export-onnx --model {config.model} "

@@ -40,6 +40,24 @@ class LoadedModel:
     text_encoder: FrozenTextEncoder
     schedule: NoiseSchedule
     config: dict
+    codec: object = None  # what the model denoises in (models.codec): decode its samples through it
+
+
+def export_codec(config: dict, device: str = "cpu"):
+    """The codec an exported model was trained in, rebuilt from its config.json: `codec_config` (a CodecConfig
+    without its device; exports older than it name only their codec's id, which was "pixels"). The rebuilt codec's
+    id must be the recorded one: another VAE, or the same one with other weights, would decode garbage."""
+    from models.codec import CodecConfig, build_codec
+
+    section = dict(config.get("codec_config") or {"kind": "pixels"})
+    if section.get("kind", "pixels") != "pixels":
+        section["device"] = device
+    codec = build_codec(CodecConfig(**section))
+    recorded = config.get("codec", codec.id)
+    if codec.id != recorded:
+        raise ValueError(f"the model was trained in codec {recorded!r}, but its codec_config now builds {codec.id!r} "
+                         "(other weights at that path or revision?): restore the codec it was trained with")
+    return codec
 
 
 def load_model(directory: str | Path, device: str = "cpu") -> LoadedModel:
@@ -53,4 +71,5 @@ def load_model(directory: str | Path, device: str = "cpu") -> LoadedModel:
     if (directory / TEXT_WEIGHTS).is_file():
         text_encoder.load_state_dict(load_file(directory / TEXT_WEIGHTS))
     schedule = NoiseSchedule(ScheduleConfig(**config["schedule"]))
-    return LoadedModel(model.to(device).eval(), text_encoder.to(device), schedule, config)
+    return LoadedModel(model.to(device).eval(), text_encoder.to(device), schedule, config,
+                       export_codec(config, device))

@@ -22,8 +22,7 @@ def generate_videos(loaded, codec, prompts: list[str], seeds: list[int], num_fra
     """(B, T, H, W, 3) uint8 videos of an exported model (training.export.LoadedModel) at `num_frames` x `height` x
     `width` pixels; `negative_prompt` replaces the empty prompt in classifier-free guidance; `sampler` is "ddim" or
     "dpmpp-2m"."""
-    frames = num_frames // codec.time_compression
-    latent_h, latent_w = height // codec.space_compression, width // codec.space_compression
+    _, frames, latent_h, latent_w = codec.latent_shape(num_frames, height, width)  # causal VAEs: 1 + (n - 1) / 4
     noise = seeded_noise(seeds, loaded.model.config.in_channels, frames, latent_h, latent_w)
     negatives = [negative_prompt] * len(prompts) if negative_prompt else None
     latents = generate(loaded.model, loaded.text_encoder, loaded.schedule, list(prompts), frames, latent_h, num_steps,

@@ -316,6 +316,7 @@ def _export(engine: Engine, ema: EMA, built: Built, codec: PixelCodec, config: T
     from training.publish import publish_model
 
     extra = {"preset": config.model.preset, "steps": config.total_steps, "codec": codec.id,
+             "codec_config": codec.describe()["config"],  # training.export.load_model rebuilds the codec from it
              "curriculum": [vars(s) for s in config.curriculum], "ema_decay": config.ema_decay, "weights": "ema",
              # how this model is meant to be sampled (evaluation reads it; a distilled student says 1.0)
              "sampling": {"num_steps": config.sampling.num_steps, "cfg_scale": config.sampling.cfg_scale},

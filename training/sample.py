@@ -93,8 +93,10 @@ class SampleLogger:
         s = self.config
         model.eval()
         with ema.swapped_in():
-            latents = generate(model, self.text_encoder, self.schedule, s.prompts, stage.num_frames, stage.size,
-                               s.num_steps, s.cfg_scale, s.seed, self.codec.channels, self.dtype, self.device,
+            # the stage's clip in the codec's space: a latent codec's frames and size, decoded below
+            channels, frames, size, _ = self.codec.latent_shape(stage.num_frames, stage.size, stage.size)
+            latents = generate(model, self.text_encoder, self.schedule, s.prompts, frames, size, s.num_steps,
+                               s.cfg_scale, s.seed, channels, self.dtype, self.device,
                                clip_x0=self.codec.clip_range)
         model.train()
         if self.tracker.client is not None:
