@@ -85,7 +85,9 @@ def _train(config: TrainConfig, table, distill: DistillRound | None, step: str,
     wall = time.perf_counter() - started
     reached = int((result.metrics or {}).get("step", 0))
     finished = reached >= config.total_steps
-    version = _register(client, run_id, config, register_tags, alias) if finished and task is None else None
+    lineage = {"data": redact_uri(config.data), "data_version": table.version}  # what the weights were trained on
+    version = (_register(client, run_id, config, {**lineage, **(register_tags or {})}, alias)
+               if finished and task is None else None)
     tracking.finish_run(uri, run_id, status="FINISHED" if finished else "KILLED")
     summary = {"run_id": run_id, "step": reached, "total_steps": config.total_steps, "tracking_uri": uri,
                "model": join_uri(config.output, out.path("model")), "data_version": table.version,
@@ -193,14 +195,10 @@ def _registered_version(client, name: str, run_id: str, sha256: str) -> str | No
 
 
 def _create_version(client, run, config: TrainConfig, published: dict, extra_tags: dict[str, str] | None) -> str:
-    out = OutputDir(config.output)
-    if "://" in config.output and not config.output.startswith("file://"):
-        # the registry keeps the location, never the credentials in it (they come from the environment on load)
-        source = redact_uri(join_uri(config.output, out.path(published["folder"])))
-        log.warning("the model stays at %s (remote outputs are not copied into MLflow)", source)
-    else:
-        client.log_artifacts(run.info.run_id, os.path.join(config.output, published["folder"]), "model")
-        source = f"{run.info.artifact_uri.rstrip('/')}/model"
+    tags = {"preset": config.model.preset, "steps": str(config.total_steps), SHA_TAG: published["sha256"],
+            "sampling_steps": str(config.sampling.num_steps), **{k: str(v) for k, v in (extra_tags or {}).items()}}
+    _log_pyfunc(client, run.info.run_id, OutputDir(config.output), published["folder"], tags)
+    source = f"{run.info.artifact_uri.rstrip('/')}/model"
     name = config.tracking.registered_model
     from mlflow.exceptions import MlflowException
 
@@ -208,9 +206,29 @@ def _create_version(client, run, config: TrainConfig, published: dict, extra_tag
         client.create_registered_model(name, description="reelforge text-to-video diffusion models (VDiT)")
     except MlflowException:
         pass  # it exists
-    tags = {"preset": config.model.preset, "steps": str(config.total_steps), SHA_TAG: published["sha256"],
-            "sampling_steps": str(config.sampling.num_steps), **{k: str(v) for k, v in (extra_tags or {}).items()}}
     return str(client.create_model_version(name, source, run_id=run.info.run_id, tags=tags).version)
+
+
+def _log_pyfunc(client, run_id: str, out: OutputDir, folder: str, tags: dict[str, str]) -> None:
+    """The run's artifact `model/`: the exported folder as an MLflow pyfunc model (training/pyfunc.py: signature,
+    input example, pip requirements, its code), so `models:/NAME/VERSION` loads with mlflow.pyfunc and serves with
+    `mlflow models serve`. A remote output is copied here first (the registry never holds its credentials). Logging
+    again after an interruption rewrites the same files."""
+    import tempfile
+
+    import pyarrow.fs as pafs
+
+    from training.pyfunc import save_pyfunc
+
+    with tempfile.TemporaryDirectory() as tmp:
+        local = out.path(folder)
+        if not out.is_local:
+            local = os.path.join(tmp, "export")
+            pafs.copy_files(out.path(folder), local, source_filesystem=out.fs,
+                            destination_filesystem=pafs.LocalFileSystem())
+        metadata = {f"reelforge.{k}": tags[k] for k in ("data", "data_version") if k in tags}
+        save_pyfunc(local, os.path.join(tmp, "pyfunc"), {**metadata, "reelforge.run_id": run_id})
+        client.log_artifacts(run_id, os.path.join(tmp, "pyfunc"), "model")
 
 
 def summary_text(summary: dict) -> str:

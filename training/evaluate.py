@@ -177,9 +177,10 @@ class ResolvedModel:
 
 
 def model_folder(path: str | Path) -> Path:
-    """The folder holding config.json: `path` itself, or `path/model` for a train/distill run's output."""
+    """The folder holding config.json: `path` itself, `path/model` for a train/distill run's output, or
+    `path/artifacts/model` for the MLflow pyfunc model a registered version is (training/pyfunc.py)."""
     path = Path(path)
-    for candidate in (path, path / "model"):
+    for candidate in (path, path / "model", path / "artifacts" / "model"):
         if (candidate / "config.json").is_file():
             return candidate
     raise FileNotFoundError(f"{path} has no config.json (nor model/config.json): expected an exported model, the "
