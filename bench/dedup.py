@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import tempfile
@@ -74,9 +75,9 @@ def semantic(args, rng: np.random.Generator) -> dict:
     rank = np.empty(len(x), int)
     rank[order] = np.arange(len(x))
     tracemalloc.start()
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     duplicate_of, cosine = semdedup(x, order, THRESHOLD, None, seed=0)
-    seconds = time.perf_counter() - start
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     copies = np.arange(len(base), len(x))
@@ -87,6 +88,7 @@ def semantic(args, rng: np.random.Generator) -> dict:
     planted = set(second.tolist())
     unplanted = int(sum(1 for i in np.flatnonzero(duplicate_of >= 0) if i not in planted))
     return {"clips": len(x), "dim": args.dim, "planted_pairs": args.planted, "seconds": round(seconds, 2),
+            "cpu_seconds": round(cpu, 2),
             "clips_per_s": round(len(x) / seconds), "peak_traced_mib": round(peak / 2**20, 1),
             "embeddings_mib": round(x.nbytes / 2**20, 1), "peak_over_embeddings": round(peak / x.nbytes, 2),
             "recall": round(found / args.planted, 4), "drops_not_planted": unplanted,
@@ -109,16 +111,17 @@ def index(args, rng: np.random.Generator, workdir: Path) -> dict:
     planted = args.new // 20
     originals = rng.choice(len(old), planted, replace=False)
     new = np.concatenate([near(rng, old[originals]), clustered(rng, args.new - planted, args.dim, args.topics)])
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     hits = index.nearest(new, k=1, max_version=10)
-    seconds = time.perf_counter() - start
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     blocks = np.array_split(np.arange(len(old)), 10)
     names = {int(i): f"v{v}-{int(i):07d}" for v, block in enumerate(blocks, start=1) for i in block}
     found = sum(1 for q, o in enumerate(originals) if hits[q] and hits[q][0][0] == names[int(o)]
                 and 1 - hits[q][0][1] >= THRESHOLD)
     false = sum(1 for q in range(planted, len(new)) if hits[q] and 1 - hits[q][0][1] >= THRESHOLD)
     return {"indexed_clips": len(old), "index": how, "add_seconds": round(added, 1), "build_seconds": round(built, 1),
-            "new_clips": len(new), "query_seconds": round(seconds, 2), "queries_per_s": round(len(new) / seconds),
+            "new_clips": len(new), "query_seconds": round(seconds, 2), "query_cpu_seconds": round(cpu, 2),
+            "queries_per_s": round(len(new) / seconds),
             "recall": round(found / planted, 4), "planted": planted, "false_duplicates": false}
 
 
@@ -144,9 +147,9 @@ def hashes(args, rng: np.random.Generator, workdir: Path) -> dict:
     fresh = rng.integers(np.iinfo(np.int64).min, np.iinfo(np.int64).max, (args.new - planted, args.samples),
                          dtype=np.int64)
     new.update({f"new{q:05d}": row for q, row in enumerate(fresh)})
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     found = index.candidates({k: v.tolist() for k, v in new.items()}, max_version=10)
-    lookup = time.perf_counter() - start
+    lookup, lookup_cpu = time.perf_counter() - start, time.process_time() - cpu
     thumbs = np.zeros((args.samples, 48), np.uint8)  # colours equal: the hashes decide
     start = time.perf_counter()
     matched = {}
@@ -158,7 +161,8 @@ def hashes(args, rng: np.random.Generator, workdir: Path) -> dict:
     verify = time.perf_counter() - start
     recall = sum(matched.get(f"copy{q:05d}") == f"c{o:07d}" for q, o in enumerate(originals)) / planted
     return {"indexed_clips": args.clips, "rows": len(index), "add_seconds": round(added, 1), "new_clips": len(new),
-            "lookup_seconds": round(lookup, 2), "verify_seconds": round(verify, 2),
+            "lookup_seconds": round(lookup, 2), "lookup_cpu_seconds": round(lookup_cpu, 2),
+            "verify_seconds": round(verify, 2),
             "candidates_per_clip": round(sum(map(len, found.values())) / len(new), 3),
             "recall": round(recall, 4), "false_duplicates": sum(1 for k in matched if k.startswith("new"))}
 
@@ -174,7 +178,8 @@ def main() -> None:
     parser.add_argument("--sections", default="semantic,index,hashes")
     parser.add_argument("--json")
     args = parser.parse_args()
-    result = {"machine": platform.processor() or platform.machine(), "threshold": THRESHOLD}
+    result = {"machine": platform.processor() or platform.machine(), "threshold": THRESHOLD,
+              "load_average_start": list(os.getloadavg())}
     sections = args.sections.split(",")
     if "semantic" in sections:
         result["semantic"] = semantic(args, np.random.default_rng(0))
@@ -187,6 +192,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             result["hashes"] = hashes(args, np.random.default_rng(2), Path(tmp))
         print(json.dumps({"hashes": result["hashes"]}), flush=True)
+    result["load_average_end"] = list(os.getloadavg())
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
 
