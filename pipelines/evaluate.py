@@ -102,7 +102,8 @@ def _log_models(client, uri: str, config: EvaluateConfig, parent_id: str, result
         children[model.name] = run_id
         registered = _registered_version(client, model.path)
         versions[model.name] = registered[1] if registered else None
-        params = {"path": model.path, "role": model.role, "sampler": model.sampler, "num_steps": model.num_steps,
+        params = {"path": model.path, "role": model.role, "sampler": model.sampler, "backend": model.backend,
+                  "num_steps": model.num_steps,
                   "cfg_scale": model.cfg_scale, "preset": model.config.get("preset", ""),
                   "train_steps": model.config.get("steps", ""),
                   "registered_model": registered[0] if registered else "",

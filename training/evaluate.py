@@ -29,6 +29,7 @@ DEFAULT_PROMPTS = [
     "a white square moving down on a grey background",
 ]
 UNTRAINED_NOTE = "scores from untrained weights are not meaningful"
+BACKENDS = ("torch", "onnxruntime")
 ADHERENCE = ("color_accuracy", "direction_accuracy", "both_accuracy", "background_accuracy")
 
 
@@ -43,6 +44,9 @@ class ModelSpec:
     num_steps: int | None = None  # None: config.json's sampling.num_steps (how the model is meant to be sampled)
     cfg_scale: float | None = None  # None: config.json's sampling.cfg_scale (1.0 for a guidance-distilled student)
     sampler: str = "ddim"  # "ddim" | "dpmpp-2m" (DPM-Solver++ 2M: the teacher in 10-20 steps without retraining)
+    # "onnxruntime": path is a folder written by `reelforge export-onnx` (fp32, or int8 with --int8), whose denoiser
+    # runs under ONNX Runtime: the same prompts and seeds as the PyTorch models, so int8 is compared with fp32
+    backend: str = "torch"
 
 
 @dataclass
@@ -121,6 +125,8 @@ class EvaluateConfig:
                     raise ConfigError(f"{key}[{i}].num_steps: expected >= 1, got {spec.num_steps}")
                 if spec.sampler not in SAMPLERS:
                     raise ConfigError(f"{key}[{i}].sampler: {spec.sampler!r} is not one of {', '.join(SAMPLERS)}")
+                if spec.backend not in BACKENDS:
+                    raise ConfigError(f"{key}[{i}].backend: {spec.backend!r} is not one of {', '.join(BACKENDS)}")
         names = [s.name for s in self.model_specs() if s.name]
         if len(set(names)) != len(names):
             raise ConfigError(f"models: the names {names} are not unique")
@@ -164,6 +170,7 @@ class ResolvedModel:
     cfg_scale: float
     config: dict
     sampler: str = "ddim"
+    backend: str = "torch"
 
     @property
     def role(self) -> str:
@@ -207,12 +214,26 @@ def resolve_models(specs: list[ModelSpec]) -> list[ResolvedModel]:
         if not name:
             sampler = "" if spec.sampler == "ddim" else f"{spec.sampler.split('-')[0]}-"
             base = f"{'student' if 'distilled_from' in config else 'teacher'}-{sampler}{int(num_steps)}"
+            if spec.backend == "onnxruntime":  # student-4-onnx-int8: the weights export-onnx wrote (onnx.json)
+                base += f"-onnx-{_onnx_weights(folder)}"
             name, k = base, 2
             while name in taken:
                 name, k = f"{base}-{k}", k + 1
             taken.add(name)
-        resolved.append(ResolvedModel(name, str(folder), int(num_steps), float(cfg_scale), config, spec.sampler))
+        resolved.append(ResolvedModel(name, str(folder), int(num_steps), float(cfg_scale), config, spec.sampler,
+                                      spec.backend))
     return resolved
+
+
+def _onnx_weights(folder: Path) -> str:
+    """"fp32" or "int8", as `reelforge export-onnx` recorded in onnx.json; a folder without one is not an export."""
+    from training.config import ConfigError
+
+    description = folder / "onnx.json"
+    if not description.is_file():
+        raise ConfigError(f"{folder}: backend onnxruntime needs the folder `reelforge export-onnx --out` wrote (no "
+                          "onnx.json here)")
+    return str(json.loads(description.read_text()).get("weights", "fp32"))
 
 
 @dataclass
@@ -412,6 +433,7 @@ class ModelResult:
     per_video: dict[str, list[float]]  # clipsim, flicker, motion per prompt
     videos: np.ndarray  # (N, T, H, W, 3) uint8
     sampler: str = "ddim"
+    backend: str = "torch"
 
 
 @dataclass
@@ -472,7 +494,12 @@ def evaluate(config: EvaluateConfig, real: RealClips | None = None) -> Evaluatio
     for spec in models:
         log.info("evaluating %s (%s): %d %s steps, cfg %g, %d videos of %d frames at %d px", spec.name, spec.path,
                  spec.num_steps, spec.sampler, spec.cfg_scale, len(prompts), fmt.num_frames, fmt.size)
-        loaded = load_model(spec.path, str(device))
+        if spec.backend == "onnxruntime":
+            from training.onnx_export import load_onnx_model
+
+            loaded = load_onnx_model(spec.path, device)
+        else:
+            loaded = load_model(spec.path, str(device))
         if loaded.model.config.in_channels != 3:
             raise ValueError(f"{spec.path}: the model denoises {loaded.model.config.in_channels} channels; evaluate "
                              "scores pixel-space models (3 channels) only")
@@ -488,7 +515,8 @@ def evaluate(config: EvaluateConfig, real: RealClips | None = None) -> Evaluatio
                    **compare_with_real(videos, scores, scorers, reference),
                    **summary_metrics(scores, videos, prompts, config.metrics.min_confidence)}
         results.append(ModelResult(spec.name, spec.path, spec.role, spec.num_steps, spec.cfg_scale, spec.config,
-                                   metrics, {k: v.tolist() for k, v in scores.items()}, videos, spec.sampler))
+                                   metrics, {k: v.tolist() for k, v in scores.items()}, videos, spec.sampler,
+                                   spec.backend))
     columns = metric_columns(scorers.frechet_names)
     return EvaluationResult(results, prompts, seeds, list(real.clip_ids) if real is not None else [], fmt,
                             reference.metrics if reference is not None else None,
@@ -548,8 +576,8 @@ def comparison_markdown(result: EvaluationResult, grid_columns: int) -> str:
         real = ", ".join(f"{k} {_md_value(result.real[k])}" for k in ("clipsim_mean", "flicker_mean", "motion_median",
                                                                       *ADHERENCE))
         lines.append(f"Real held-out clips (reference): {real}.")
-    lines += ["", "Models:"] + [f"- {m.name}: {m.path} ({m.sampler}, {m.num_steps} steps, cfg {m.cfg_scale:g})"
-                                for m in result.models]
+    lines += ["", "Models:"] + [f"- {m.name}: {m.path} ({m.sampler}, {m.num_steps} steps, cfg {m.cfg_scale:g}, "
+                                f"{m.backend})" for m in result.models]
     lines += ["", "Notes:"] + [f"- {note}" for note in result.notes]
     lines += ["", f"grid.gif: rows are the models in the order above, columns the first {grid_columns} prompts "
               "of prompts.txt."]
@@ -614,7 +642,8 @@ def write_outputs(result: EvaluationResult, directory: str | Path, grid_prompts:
     data = {"format": asdict(result.format), "columns": result.columns, "untrained_metrics": result.untrained_metrics,
             "scorers": result.scorers, "notes": result.notes, "real": result.real,
             "prompts": result.prompts, "seeds": result.seeds, "clip_ids": result.clip_ids,
-            "models": [{"name": m.name, "path": m.path, "role": m.role, "sampler": m.sampler, "num_steps": m.num_steps,
+            "models": [{"name": m.name, "path": m.path, "role": m.role, "sampler": m.sampler, "backend": m.backend,
+                        "num_steps": m.num_steps,
                         "cfg_scale": m.cfg_scale, "metrics": m.metrics, "per_video": m.per_video}
                        for m in result.models]}
     (directory / "results.json").write_text(json.dumps(_json_safe(data), indent=2))
