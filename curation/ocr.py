@@ -18,6 +18,7 @@ needs no upscaling for text of 10 px and more there (tests/test_ocr.py), and ups
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -25,6 +26,7 @@ import pyarrow as pa
 from curation.config import OcrConfig
 from curation.model_stage import per_video
 
+DETECTOR, RECOGNISER = "ch_PP-OCRv4_det_infer.onnx", "ch_PP-OCRv4_rec_infer.onnx"  # in the wheel
 MIN_SIDE = 32  # the detector works on multiples of 32 px: smaller keyframes are upscaled to this short side
 LINE_SEPARATOR = "\n"
 
@@ -58,19 +60,38 @@ def decode_keyframe(data: bytes) -> np.ndarray:
     return image
 
 
+def ort_session(path: str, threads: int, cuda: bool):
+    """An onnxruntime session on `threads` threads that do not spin while idle: onnxruntime's spinning pool doubled
+    the CPU time of 2 threads (bench/README.md, "ocr.py"), time that other actors on the node could use."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    providers = ["CPUExecutionProvider"]
+    if cuda and "CUDAExecutionProvider" in ort.get_available_providers():
+        providers.insert(0, "CUDAExecutionProvider")
+    return ort.InferenceSession(path, sess_options=options, providers=providers)
+
+
 class TextReader:
     """The bundled PP-OCRv4 detector and recogniser in one onnxruntime session each, `threads` threads per call."""
 
     def __init__(self, config: OcrConfig):
+        import rapidocr_onnxruntime
         from rapidocr_onnxruntime import RapidOCR
 
         self.config = config
         cuda = config.device == "cuda"
         # detect() sizes each frame itself; rapidocr's limit_type "max" then leaves frames of up to 2000 px as
         # they are (its limit_side_len only applies to limit_type "min").
-        self.engine = RapidOCR(det_limit_type="max", det_box_thresh=config.box_threshold, det_use_cuda=cuda,
-                               rec_use_cuda=cuda,
-                               intra_op_num_threads=max(1, int(config.num_cpus)), inter_op_num_threads=1)
+        self.engine = RapidOCR(det_limit_type="max", det_box_thresh=config.box_threshold, use_cls=False,
+                               intra_op_num_threads=1, inter_op_num_threads=1)
+        # rapidocr's own sessions spin (see ort_session): each model gets a session of ours
+        threads, models = max(1, int(config.num_cpus)), Path(rapidocr_onnxruntime.__file__).parent / "models"
+        self.engine.text_det.infer.session = ort_session(str(models / DETECTOR), threads, cuda)
+        self.engine.text_rec.session.session = ort_session(str(models / RECOGNISER), threads, cuda)
 
     def detect(self, image: np.ndarray) -> FrameText:
         """The text boxes of one BGR frame, in its pixels."""

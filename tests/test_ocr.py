@@ -11,7 +11,7 @@ import statistics
 import numpy as np
 import pyarrow as pa
 import pytest
-from text_frames import NEGATIVE_KINDS, POSITIVE_KINDS, TextFrame, rendered_set, write_video
+from text_frames import NEGATIVE_KINDS, POSITIVE_KINDS, TextFrame, render, rendered_set, write_video
 
 from curation import schema
 from curation.config import FilterConfig, OcrConfig, ScoreFilter
@@ -99,7 +99,7 @@ def _video(video_id: str, clips: list[dict]) -> dict:
 
 
 def _frame(kind: str, seed: int) -> TextFrame:
-    return next(f for f in rendered_set(per_kind=1, seed=seed) if f.kind == kind)
+    return render(kind, seed)
 
 
 def test_stage_fills_each_clip_and_quarantines_only_the_video_with_a_bad_keyframe():
