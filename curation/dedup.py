@@ -22,6 +22,8 @@ import math
 from dataclasses import dataclass, field
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from curation.config import DedupConfig
 from curation.dataset import CuratedDataset, sql_list
@@ -239,11 +241,10 @@ def deduplicate(dataset: CuratedDataset, config: DedupConfig, version: int, cand
         outcome.warnings.append("dedup: the semantic step (CLIP embeddings) is off: the embeddings come from "
                                 "untrained weights; only copies found by frame hashes are dropped")
     ids = [c["clip_id"] for c in candidates]
-    rows = dataset.open("clips").to_table(
-        columns=["clip_id", "frame_hashes", "frame_thumbs", "clip_embedding"],
-        filter=f"dataset_version = {version} AND clip_id IN ({sql_list(ids)})").to_pylist()
-    by_id = {r["clip_id"]: r for r in rows}
-    signatures = {i: s for i in ids if (s := _signature(by_id[i]["frame_hashes"], by_id[i]["frame_thumbs"]))}
+    table = _version_rows(dataset, version, ids)
+    signatures = {i: s for i, hashes, thumbs in zip(table["clip_id"].to_pylist(), table["frame_hashes"].to_pylist(),
+                                                    table["frame_thumbs"].to_pylist(), strict=True)
+                  if (s := _signature(hashes, thumbs))}
     root = dataset.location.rstrip("/")
     earlier = earlier_copies(dataset, HashIndex(f"{root}/{HASHES}", dataset.storage_options), signatures, version,
                              config)
@@ -251,7 +252,7 @@ def deduplicate(dataset: CuratedDataset, config: DedupConfig, version: int, cand
     order = sorted(candidates, key=lambda c: preference(c, trained))
     semantic, earlier_semantic = None, {}
     if semantic_on:
-        semantic, earlier_semantic = _semantic_setup(dataset, config, version, ids, by_id, outcome)
+        semantic, earlier_semantic = _semantic_setup(dataset, config, version, table, outcome)
     kept: set[str] = set()
     for clip in order:
         clip_id = clip["clip_id"]
@@ -290,17 +291,40 @@ def _judge(clip_id: str, config: DedupConfig, earlier: tuple[str, float] | None,
             outcome.reasons[clip_id] = f"{REASON}(of={other}, cos={cosine:.3f})"
 
 
-def _semantic_setup(dataset: CuratedDataset, config: DedupConfig, version: int, ids: list[str], by_id: dict,
+def _version_rows(dataset: CuratedDataset, version: int, ids: list[str]) -> pa.Table:
+    """The candidates' signature and embedding columns, read with the version's rows (no IN list of every id)."""
+    table = dataset.open("clips").to_table(columns=["clip_id", "frame_hashes", "frame_thumbs", "clip_embedding"],
+                                           filter=f"dataset_version = {version}")
+    return table.filter(pc.is_in(table["clip_id"], value_set=pa.array(ids, pa.string())))
+
+
+def _embeddings(table: pa.Table) -> tuple[list[str], np.ndarray]:
+    """The clips that have an embedding and their embeddings as one (n, D) float32 array, without Python floats."""
+    column = table["clip_embedding"].combine_chunks()
+    lengths = pc.fill_null(pc.list_value_length(column), 0).to_numpy(zero_copy_only=False)
+    has = lengths > 0
+    if not has.any():
+        return [], np.empty((0, 0), np.float32)
+    dim = int(lengths[has][0])
+    if (lengths[has] != dim).any():
+        raise ValueError(f"the version's clip embeddings have several sizes ({sorted(set(lengths[has].tolist()))}): "
+                         "one model must embed a version")
+    chosen = column.filter(pa.array(has))
+    x = chosen.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, dim)
+    return table["clip_id"].filter(pa.array(has)).to_pylist(), x
+
+
+def _semantic_setup(dataset: CuratedDataset, config: DedupConfig, version: int, table: pa.Table,
                     outcome: DedupOutcome) -> tuple[VersionEmbeddings | None, dict[str, tuple[str, float]]]:
     """The version's clustered embeddings and each clip's nearest clip kept by an earlier version (clip_id,
     cosine), from the embedding index."""
     from curation.embedding_index import EmbeddingIndex
     from curation.writer import EMBEDDINGS
 
-    embedded = [i for i in ids if by_id[i]["clip_embedding"]]
+    embedded, x = _embeddings(table)
     if not embedded:
         return None, {}
-    x = normalise(np.asarray([by_id[i]["clip_embedding"] for i in embedded], np.float32))
+    x = normalise(x)
     labels = kmeans(x, config.clusters or default_clusters(len(x)), config.seed)
     semantic = VersionEmbeddings(SemanticKept(x, labels), {clip_id: row for row, clip_id in enumerate(embedded)},
                                  embedded)
