@@ -211,3 +211,26 @@ def test_wrong_class_for_folder_is_one_line(vae_folders):
 
 def test_every_kind_is_a_config_kind():
     assert set(CODEC_KINDS) == {"pixels", "diffusers", "reelforge-vae"}
+
+
+def test_reelforge_vae_codec_adapts_causal_vae(tmp_path):
+    causal_vae = pytest.importorskip("models.causal_vae")
+    torch.manual_seed(0)
+    config = causal_vae.causal_vae_config("CausalVAE-T-4x4x4", latent_channels=4, block_channels=[8, 8, 8],
+                                          scaling_factor=0.5)
+    weights = causal_vae.CausalVAE(config).save_pretrained(tmp_path / "vae")
+    codec = build_codec(CodecConfig(kind="reelforge-vae", model=str(tmp_path / "vae"),
+                                    sha256={weights.name: sha256_of(weights)}))
+    assert (codec.channels, codec.time_compression, codec.space_compression) == (4, 4, 4)
+    video = _video(9, 16)
+    mean, logvar = codec.encode_distribution(video)
+    raw_mean, raw_logvar = codec.vae.encode(torch.as_tensor(video).float().div(127.5).sub(1).permute(0, 4, 1, 2, 3))
+    torch.testing.assert_close(mean, raw_mean * 0.5)
+    torch.testing.assert_close(logvar, raw_logvar + 2 * np.log(0.5))
+    assert mean.shape == (1, *codec.latent_shape(9, 16, 16)) == (1, 4, 3, 4, 4)
+    assert codec.decode(mean).shape == video.shape and codec.id.startswith("reelforge-vae:vae@local:")
+    changed = video.copy()
+    changed[:, 5] = 255 - changed[:, 5]
+    assert torch.equal(codec.encode(changed)[:, :, :1], mean[:, :, :1])  # frame 5 is in latent frame 1
+    with pytest.raises(ValueError, match="codec.sha256: model.safetensors"):
+        build_codec(CodecConfig(kind="reelforge-vae", model=str(tmp_path / "vae"), sha256={weights.name: "0" * 64}))
