@@ -192,3 +192,23 @@ def test_curation_run_drops_the_subtitled_clip_with_its_text_and_reports_it(ray_
     assert run.data.metrics["dropped_by.text"] == 1 and run.data.params["ocr.enabled"] == "True"
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "report")}
     assert {"report/histograms.png", "report/drop_reasons.md"} <= artifacts
+
+
+def test_a_clips_table_of_schema_4_gains_the_text_columns_and_takes_rows_with_them(tmp_path):
+    import lance
+
+    from curation.dataset import CuratedDataset
+    from curation.writer import create_tables
+
+    dataset = CuratedDataset(str(tmp_path / "out"))
+    old = pa.schema([f for f in schema.CLIPS if f.name not in ("text_area", "ocr_text")])
+    lance.write_dataset(pa.Table.from_pylist([{"clip_id": "old", "video_id": "v"}], schema=old),
+                        dataset.table_uri("clips"))
+    create_tables(dataset)
+    clips = dataset.open("clips")
+    assert {"text_area", "ocr_text"} <= set(clips.schema.names)
+    row = {"clip_id": "new", "video_id": "v", "text_area": 0.12, "ocr_text": "TITLE"}
+    clips.merge_insert("clip_id").when_not_matched_insert_all().execute(
+        pa.Table.from_pylist([row], schema=schema.CLIPS))
+    rows = {r["clip_id"]: r for r in dataset.open("clips").to_table(columns=["clip_id", "text_area"]).to_pylist()}
+    assert rows == {"old": {"clip_id": "old", "text_area": None}, "new": {"clip_id": "new", "text_area": 0.12}}
