@@ -6,10 +6,11 @@ It writes a curated dataset of synthetic clips with the curation writer, encodes
 stages of `reelforge encode` (called in this process: the bench times training, not encoding), then times optimizer
 steps of one VDiT on each source the way training/loop.py runs them: the curated path through StageLoader (decode
 threads, prefetch) and VideoInputs (text tower and codec in the step), the cached path through LatentLoader and
-CachedInputs (x0 drawn from the cached distribution, cached caption encodings). Steps are interleaved in rounds so a
-slow spell of a shared machine hits both. The decoded-clip cache of StageLoader is off: it stands for a dataset
-larger than the workers' memory, where every epoch decodes again (with it on, epochs after the first skip decoding
-but still run the text tower).
+CachedInputs (x0 drawn from the cached distribution, cached caption encodings). Per source: the median step
+(data wait + inputs + forward/backward/AdamW), the data wait, and the inputs' own time in the step. Steps are
+interleaved in rounds so a slow spell of a shared machine hits both. The decoded-clip cache of StageLoader is off: it
+stands for a dataset larger than the workers' memory, where every epoch decodes again (with it on, epochs after the
+first skip decoding but still run the text tower).
 """
 
 from __future__ import annotations
@@ -117,13 +118,17 @@ class Trainer:
         self.model, self.objective = model, objective
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
-    def step(self, inputs, batch, captions, g: torch.Generator) -> None:
+    def step(self, inputs, batch, captions, g: torch.Generator) -> float:
+        """Returns the seconds the step's inputs took (text tower and codec, or the draw from the cache)."""
+        started = time.perf_counter()
         x0, context, mask = inputs(batch, captions, g)
+        prepared = time.perf_counter() - started
         noised = self.objective.noised(x0, context, mask, g)
         loss = F.mse_loss(self.model(noised.x_t, noised.t, context, mask).float(), noised.target.float())
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
+        return prepared
 
 
 def main() -> None:
@@ -170,21 +175,22 @@ def run(args, stage: CurriculumStage, text: TextEncoderConfig, clips: ClipTable,
         "cache": (LatentLoader(latents, stage, 1, 0, 0, 1, args.batch, 2),
                   CachedInputs(latents.null_text(), 0.1, torch.device("cpu"))),
     }
-    times: dict[str, dict[str, list[float]]] = {k: {"step": [], "wait": []} for k in sources}
+    times: dict[str, dict[str, list[float]]] = {k: {"step": [], "wait": [], "inputs": []} for k in sources}
     for k in range(args.steps + 2):  # interleaved: step k of each source, back to back
         for name, (loader, inputs) in sources.items():
             started = time.perf_counter()
             batch = loader.batch(k)
             waited = time.perf_counter() - started
             batch, captions = (batch, None) if name == "cache" else batch
-            trainers[name].step(inputs, batch, captions, step_generator(0, k, 0, 0))
+            prepared = trainers[name].step(inputs, batch, captions, step_generator(0, k, 0, 0))
             if k >= 2:
                 times[name]["step"].append(time.perf_counter() - started)
                 times[name]["wait"].append(waited)
+                times[name]["inputs"].append(prepared)
     for loader, _ in sources.values():
         loader.close()
-    out = {name: {"step_s": statistics.median(t["step"]), "data_wait_s": statistics.median(t["wait"])}
-           for name, t in times.items()}
+    out = {name: {"step_s": statistics.median(t["step"]), "data_wait_s": statistics.median(t["wait"]),
+                  "inputs_s": statistics.median(t["inputs"])} for name, t in times.items()}
     out["ratio"] = out["curated"]["step_s"] / out["cache"]["step_s"]
     return out
 
@@ -192,10 +198,10 @@ def run(args, stage: CurriculumStage, text: TextEncoderConfig, clips: ClipTable,
 def report(results: dict, args) -> str:
     lines = [f"{args.clips} clips of {args.source}, stage {args.frames} frames at {args.size}px, micro-batch "
              f"{args.batch}, VDiT-T/2, text tower {args.text_model} (random weights), {args.threads} torch thread(s)",
-             f"{'source':<10} {'step (median)':>14} {'data wait':>10}"]
+             f"{'source':<10} {'step (median)':>14} {'data wait':>10} {'inputs in step':>15}"]
     for name in ("curated", "cache"):
         step, wait = results[name]["step_s"] * 1000, results[name]["data_wait_s"] * 1000
-        lines.append(f"{name:<10} {step:>12.1f}ms {wait:>8.1f}ms")
+        lines.append(f"{name:<10} {step:>12.1f}ms {wait:>8.1f}ms {results[name]['inputs_s'] * 1000:>13.1f}ms")
     lines.append(f"curated / cache step time: {results['ratio']:.2f}x")
     lines.append(f"encode (stages in one process): {results['encode_clips_per_s']:.2f} clips/s")
     return "\n".join(lines)
