@@ -43,12 +43,12 @@ def test_onnx_fp32_and_int8_rows_on_the_same_prompts_and_seeds(exports, tmp_path
     from training.evaluate import EvaluateConfig, evaluate
 
     models = (f"models=[{{path: {exports['torch']}}}, {{path: {exports['fp32']}, backend: onnxruntime}}, "
-              f"{{path: {exports['int8']}, backend: onnxruntime}}]")
+              f"{{path: {exports['int8']}, backend: onnxruntime-int8}}]")
     prompts = "prompts=[" + ", ".join(PROMPTS) + "]"
     config = load_config(EvaluateConfig, None, [models, prompts, "max_videos=2"], base={"output": str(tmp_path)})
     result = evaluate(config)
     assert [(m.name, m.backend) for m in result.models] == [
-        ("teacher-3", "torch"), ("teacher-3-onnx-fp32", "onnxruntime"), ("teacher-3-onnx-int8", "onnxruntime")]
+        ("teacher-3", "torch"), ("teacher-3-onnx-fp32", "onnxruntime"), ("teacher-3-onnx-int8", "onnxruntime-int8")]
     torch_videos, fp32, int8 = (m.videos for m in result.models)
     # fp32 under ONNX Runtime is the PyTorch model within a uint8 level; int8 is another model, measured, not equal
     assert np.abs(fp32.astype(int) - torch_videos.astype(int)).max() <= 1
@@ -58,6 +58,29 @@ def test_onnx_fp32_and_int8_rows_on_the_same_prompts_and_seeds(exports, tmp_path
         assert model.metrics["prompts_scored"] == 2
     with pytest.raises(ConfigError, match=r"models\[0\]\.backend"):
         load_config(EvaluateConfig, None, ["models=[{path: x, backend: tensorrt}]"]).validate()
-    with pytest.raises(ConfigError, match="onnx.json"):
-        evaluate(load_config(EvaluateConfig, None, [f"models=[{{path: {exports['torch']}, backend: onnxruntime}}]",
+    with pytest.raises(ConfigError, match="holds int8 ONNX weights: use backend onnxruntime-int8"):
+        evaluate(load_config(EvaluateConfig, None, [f"models=[{{path: {exports['int8']}, backend: onnxruntime}}]",
                                                     prompts, "max_videos=2"], base={"output": str(tmp_path)}))
+
+
+def test_onnx_models_adds_fp32_and_int8_rows_exported_for_the_evaluation(exports, tmp_path):
+    """What the quickstart's table uses: `onnx_models: [teacher-3]` exports the PyTorch model itself, no folder."""
+    from pipelines.config import load_config
+    from training.config import ConfigError
+    from training.evaluate import EvaluateConfig, evaluate
+
+    prompts = "prompts=[" + ", ".join(PROMPTS) + "]"
+    sets = [f"models=[{{path: {exports['torch']}}}]", prompts, "max_videos=2", "onnx_models=[teacher-3]"]
+    result = evaluate(load_config(EvaluateConfig, None, sets, base={"output": str(tmp_path)}))
+    assert [(m.name, m.backend) for m in result.models] == [
+        ("teacher-3", "torch"), ("teacher-3-onnx-fp32", "onnxruntime"), ("teacher-3-onnx-int8", "onnxruntime-int8")]
+    torch_videos, fp32, int8 = (m.videos for m in result.models)
+    assert np.abs(fp32.astype(int) - torch_videos.astype(int)).max() <= 1
+    # the same int8 graph as `reelforge export-onnx --int8` writes: the same videos as that folder's
+    from_folder = evaluate(load_config(EvaluateConfig, None, [
+        f"models=[{{path: {exports['int8']}, backend: onnxruntime-int8}}]", prompts, "max_videos=2"],
+        base={"output": str(tmp_path)}))
+    assert np.array_equal(from_folder.models[0].videos, int8)
+    with pytest.raises(ConfigError, match="onnx_models: no model named student-4"):
+        evaluate(load_config(EvaluateConfig, None, [*sets[:3], "onnx_models=[student-4]"],
+                             base={"output": str(tmp_path)}))

@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import re
+import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -29,7 +30,7 @@ DEFAULT_PROMPTS = [
     "a white square moving down on a grey background",
 ]
 UNTRAINED_NOTE = "scores from untrained weights are not meaningful"
-BACKENDS = ("torch", "onnxruntime")
+BACKENDS = ("torch", "onnxruntime", "onnxruntime-int8")
 ADHERENCE = ("color_accuracy", "direction_accuracy", "both_accuracy", "background_accuracy")
 
 
@@ -44,8 +45,9 @@ class ModelSpec:
     num_steps: int | None = None  # None: config.json's sampling.num_steps (how the model is meant to be sampled)
     cfg_scale: float | None = None  # None: config.json's sampling.cfg_scale (1.0 for a guidance-distilled student)
     sampler: str = "ddim"  # "ddim" | "dpmpp-2m" (DPM-Solver++ 2M: the teacher in 10-20 steps without retraining)
-    # "onnxruntime": path is a folder written by `reelforge export-onnx` (fp32, or int8 with --int8), whose denoiser
-    # runs under ONNX Runtime: the same prompts and seeds as the PyTorch models, so int8 is compared with fp32
+    # "onnxruntime" | "onnxruntime-int8": the denoiser runs under ONNX Runtime, on the same prompts and seeds as the
+    # PyTorch models (so int8 is compared with fp32): path is a `reelforge export-onnx` folder (its weights must be
+    # the backend's), or a model folder exported for the evaluation (int8: ORT dynamic quantisation)
     backend: str = "torch"
 
 
@@ -84,6 +86,9 @@ class EvaluateConfig:
     # cfg_scale (its path is left empty), e.g. [{sampler: dpmpp-2m, num_steps: 16}] for the teacher under DPM-Solver++
     # beside its students at equal network evaluations.
     teacher_samplings: list[ModelSpec] = field(default_factory=list)
+    # Models (by their name in the table, e.g. student-4) evaluated again under ONNX Runtime with fp32 and with int8
+    # weights, exported for the evaluation: rows <name>-onnx-fp32 and <name>-onnx-int8.
+    onnx_models: list[str] = field(default_factory=list)
     data: str = ""  # a curated dataset of HELD-OUT clips: captions are the prompts, pixels the real side
     max_videos: int = 16  # held-out clips (and so videos per model) evaluated
     prompts: list[str] = field(default_factory=lambda: list(DEFAULT_PROMPTS))  # only used when data is empty
@@ -214,8 +219,8 @@ def resolve_models(specs: list[ModelSpec]) -> list[ResolvedModel]:
         if not name:
             sampler = "" if spec.sampler == "ddim" else f"{spec.sampler.split('-')[0]}-"
             base = f"{'student' if 'distilled_from' in config else 'teacher'}-{sampler}{int(num_steps)}"
-            if spec.backend == "onnxruntime":  # student-4-onnx-int8: the weights export-onnx wrote (onnx.json)
-                base += f"-onnx-{_onnx_weights(folder)}"
+            if spec.backend != "torch":  # student-4-onnx-int8
+                base += f"-onnx-{_onnx_weights(folder, spec.backend)}"
             name, k = base, 2
             while name in taken:
                 name, k = f"{base}-{k}", k + 1
@@ -225,15 +230,56 @@ def resolve_models(specs: list[ModelSpec]) -> list[ResolvedModel]:
     return resolved
 
 
-def _onnx_weights(folder: Path) -> str:
-    """"fp32" or "int8", as `reelforge export-onnx` recorded in onnx.json; a folder without one is not an export."""
+def _onnx_weights(folder: Path, backend: str) -> str:
+    """"fp32" or "int8", the backend's: an export folder's onnx.json (`reelforge export-onnx`) must agree."""
     from training.config import ConfigError
 
+    weights = "int8" if backend == "onnxruntime-int8" else "fp32"
     description = folder / "onnx.json"
-    if not description.is_file():
-        raise ConfigError(f"{folder}: backend onnxruntime needs the folder `reelforge export-onnx --out` wrote (no "
-                          "onnx.json here)")
-    return str(json.loads(description.read_text()).get("weights", "fp32"))
+    if description.is_file():
+        written = str(json.loads(description.read_text()).get("weights", "fp32"))
+        if written != weights:
+            raise ConfigError(f"{folder} holds {written} ONNX weights: use backend "
+                              f"{'onnxruntime-int8' if written == 'int8' else 'onnxruntime'} for it")
+    return weights
+
+
+def onnx_rows(models: list[ResolvedModel], names: list[str]) -> list[ResolvedModel]:
+    """Each named model again under ONNX Runtime, fp32 then int8 (EvaluateConfig.onnx_models)."""
+    from dataclasses import replace
+
+    from training.config import ConfigError
+
+    by_name = {m.name: m for m in models}
+    missing = [n for n in names if n not in by_name]
+    if missing:
+        raise ConfigError(f"onnx_models: no model named {', '.join(missing)} (the models are "
+                          f"{', '.join(by_name)})")
+    return [replace(by_name[n], name=f"{n}-onnx-{w}", backend=b) for n in names
+            for w, b in (("fp32", "onnxruntime"), ("int8", "onnxruntime-int8"))]
+
+
+def load_for_evaluation(spec: ResolvedModel, device: torch.device, workdir: Path):
+    """The model as training.export.LoadedModel, its denoiser under ONNX Runtime for the onnxruntime backends: from
+    an export-onnx folder, or exported (and for int8 quantised) into `workdir` from the model's own weights."""
+    from training.export import load_model
+
+    if spec.backend == "torch":
+        return load_model(spec.path, str(device))
+    from training.onnx_export import OnnxDenoiser, export_denoiser, load_onnx_model, quantize_denoiser, trained_shapes
+
+    if (Path(spec.path) / "onnx.json").is_file():
+        return load_onnx_model(spec.path, device)
+    from models.codec import CodecConfig, build_codec
+
+    loaded = load_model(spec.path, "cpu")
+    graph = workdir / f"{file_name(spec.name)}.onnx"
+    export_denoiser(loaded.model, graph, trained_shapes(loaded, build_codec(CodecConfig())))
+    if spec.backend == "onnxruntime-int8":
+        quantize_denoiser(graph, graph.with_suffix(".int8.onnx"))
+        graph = graph.with_suffix(".int8.onnx")
+    loaded.model = OnnxDenoiser(graph, device)
+    return loaded
 
 
 @dataclass
@@ -465,10 +511,10 @@ def evaluate(config: EvaluateConfig, real: RealClips | None = None) -> Evaluatio
     """Generate and score every model of `config.models`. `real`: held-out clips already decoded at the evaluation
     format (tests, notebooks); by default they are read from `config.data`, and with no data there are none."""
     from models.clip_scorer import resolve_device
-    from training.export import load_model
 
     config.validate()
     models = resolve_models(config.model_specs())
+    models += onnx_rows(models, config.onnx_models)
     fmt = video_format(config, models[0])
     if real is None and config.data:
         real = load_real_clips(config.data, fmt, config.max_videos)
@@ -491,15 +537,11 @@ def evaluate(config: EvaluateConfig, real: RealClips | None = None) -> Evaluatio
     reference = real_reference(real, scorers, fmt) if real is not None else None
 
     results = []
+    workdir = tempfile.TemporaryDirectory(prefix="reelforge-evaluate-onnx-")  # graphs exported for this evaluation
     for spec in models:
         log.info("evaluating %s (%s): %d %s steps, cfg %g, %d videos of %d frames at %d px", spec.name, spec.path,
                  spec.num_steps, spec.sampler, spec.cfg_scale, len(prompts), fmt.num_frames, fmt.size)
-        if spec.backend == "onnxruntime":
-            from training.onnx_export import load_onnx_model
-
-            loaded = load_onnx_model(spec.path, device)
-        else:
-            loaded = load_model(spec.path, str(device))
+        loaded = load_for_evaluation(spec, device, Path(workdir.name))
         if loaded.model.config.in_channels != 3:
             raise ValueError(f"{spec.path}: the model denoises {loaded.model.config.in_channels} channels; evaluate "
                              "scores pixel-space models (3 channels) only")
@@ -517,6 +559,7 @@ def evaluate(config: EvaluateConfig, real: RealClips | None = None) -> Evaluatio
         results.append(ModelResult(spec.name, spec.path, spec.role, spec.num_steps, spec.cfg_scale, spec.config,
                                    metrics, {k: v.tolist() for k, v in scores.items()}, videos, spec.sampler,
                                    spec.backend))
+    workdir.cleanup()
     columns = metric_columns(scorers.frechet_names)
     return EvaluationResult(results, prompts, seeds, list(real.clip_ids) if real is not None else [], fmt,
                             reference.metrics if reference is not None else None,
