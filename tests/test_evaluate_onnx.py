@@ -81,6 +81,8 @@ def test_onnx_models_adds_fp32_and_int8_rows_exported_for_the_evaluation(exports
         f"models=[{{path: {exports['int8']}, backend: onnxruntime-int8}}]", prompts, "max_videos=2"],
         base={"output": str(tmp_path)}))
     assert np.array_equal(from_folder.models[0].videos, int8)
+    (note,) = [n for n in result.notes if n.startswith("teacher-3-onnx-int8 against teacher-3-onnx-fp32")]
+    assert "largest drop" in note and ("keep it" in note or "drop it" in note)
     with pytest.raises(ConfigError, match="onnx_models: no model named student-4"):
         evaluate(load_config(EvaluateConfig, None, [*sets[:3], "onnx_models=[student-4]"],
                              base={"output": str(tmp_path)}))

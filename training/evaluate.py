@@ -560,11 +560,38 @@ def evaluate(config: EvaluateConfig, real: RealClips | None = None) -> Evaluatio
                                    metrics, {k: v.tolist() for k, v in scores.items()}, videos, spec.sampler,
                                    spec.backend))
     workdir.cleanup()
+    notes += quantisation_notes(results)
     columns = metric_columns(scorers.frechet_names)
     return EvaluationResult(results, prompts, seeds, list(real.clip_ids) if real is not None else [], fmt,
                             reference.metrics if reference is not None else None,
                             real.videos if real is not None else None, columns, scorers.untrained_metrics,
                             scorers.labels, notes)
+
+
+QUANTISED_TOLERANCE_POINTS = 5.0  # an int8 model is worth keeping if no adherence accuracy drops by more
+
+
+def quantisation_notes(results: list[ModelResult]) -> list[str]:
+    """For each int8 row (<name>-onnx-int8) with an fp32 twin (<name>-onnx-fp32, else <name>): its prompt adherence
+    against fp32's on the same prompts and seeds, and whether it is within QUANTISED_TOLERANCE_POINTS to keep."""
+    by_name = {r.name: r for r in results}
+    notes = []
+    for row in results:
+        if not row.name.endswith("-onnx-int8"):
+            continue
+        base = row.name.removesuffix("-onnx-int8")
+        twin = by_name.get(f"{base}-onnx-fp32") or by_name.get(base)
+        if twin is None or not row.metrics.get("prompts_scored"):
+            continue
+        drops = {k: 100 * (twin.metrics[k] - row.metrics[k]) for k in ADHERENCE}
+        worst = max(drops, key=drops.get)
+        verdict = "keep it" if drops[worst] <= QUANTISED_TOLERANCE_POINTS else "drop it"
+        changes = ", ".join(f"{k} {twin.metrics[k]:.2f} -> {row.metrics[k]:.2f}" for k in ADHERENCE)
+        notes.append(f"{row.name} against {twin.name}: {changes}; largest drop {drops[worst]:.1f} points "
+                     f"({worst}), {'within' if verdict == 'keep it' else 'beyond'} {QUANTISED_TOLERANCE_POINTS:g}: "
+                     f"{verdict}; seconds_per_video {twin.metrics['seconds_per_video']:.3g} -> "
+                     f"{row.metrics['seconds_per_video']:.3g}")
+    return notes
 
 
 # ---------------------------------------------------------------------------------------------------------------------
