@@ -5,18 +5,19 @@ onnxruntime on the clip's keyframes.
 - `text_area`: the fraction of a keyframe covered by the detected text boxes, the union of their polygons (boxes
   that overlap count once), the largest over the clip's keyframes: a title card or a subtitle in any of the first,
   middle and last frames counts. The detector's boxes are its text regions grown by its unclip ratio (1.6), so they
-  are a little larger than the ink: a one-line subtitle at the working size covers ~3-6 % of the frame, a title
-  card 5-30 %, a corner watermark ~1 %.
+  are a little larger than the ink (x1.3-1.7 on rendered text): subtitles measure 1.7-12.5 % of the frame, title
+  cards and credits 4-25 %, corner watermarks 1-2.4 % (bench/README.md, "ocr.py").
 - `ocr_text`: what the recogniser reads in that keyframe (the one with the most text), lines top to bottom joined by
   newlines, lines read with less than ocr.text_score confidence left out, cut to ocr.max_text_chars. Empty when
   nothing legible was found; null when the clip was not read (recognition off, no keyframes, skip_dropped).
 
 Keyframes are read at their stored size (the decode's working size, 256 px short side by default): the detector
-needs no upscaling for text of 10 px and more there (tests/test_ocr.py), and upscaling costs its square in time.
+needs no upscaling for text of 11 px and more there (tests/test_ocr.py), and upscaling costs its square in time.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +26,8 @@ import pyarrow as pa
 
 from curation.config import OcrConfig
 from curation.model_stage import per_video
+
+log = logging.getLogger(__name__)
 
 DETECTOR, RECOGNISER = "ch_PP-OCRv4_det_infer.onnx", "ch_PP-OCRv4_rec_infer.onnx"  # in the wheel
 MIN_SIDE = 32  # the detector works on multiples of 32 px: smaller keyframes are upscaled to this short side
@@ -72,6 +75,9 @@ def ort_session(path: str, threads: int, cuda: bool):
     providers = ["CPUExecutionProvider"]
     if cuda and "CUDAExecutionProvider" in ort.get_available_providers():
         providers.insert(0, "CUDAExecutionProvider")
+    elif cuda:
+        log.warning("ocr.device is cuda but this onnxruntime has no CUDA provider (install onnxruntime-gpu in place "
+                    "of onnxruntime): OCR runs on the CPU")
     return ort.InferenceSession(path, sess_options=options, providers=providers)
 
 
