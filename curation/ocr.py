@@ -75,9 +75,6 @@ def ort_session(path: str, threads: int, cuda: bool):
     providers = ["CPUExecutionProvider"]
     if cuda and "CUDAExecutionProvider" in ort.get_available_providers():
         providers.insert(0, "CUDAExecutionProvider")
-    elif cuda:
-        log.warning("ocr.device is cuda but this onnxruntime has no CUDA provider (install onnxruntime-gpu in place "
-                    "of onnxruntime): OCR runs on the CPU")
     return ort.InferenceSession(path, sess_options=options, providers=providers)
 
 
@@ -85,11 +82,15 @@ class TextReader:
     """The bundled PP-OCRv4 detector and recogniser in one onnxruntime session each, `threads` threads per call."""
 
     def __init__(self, config: OcrConfig):
+        import onnxruntime
         import rapidocr_onnxruntime
         from rapidocr_onnxruntime import RapidOCR
 
         self.config = config
         cuda = config.device == "cuda"
+        if cuda and "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+            log.warning("ocr.device is cuda but this onnxruntime has no CUDA provider (install onnxruntime-gpu in "
+                        "place of onnxruntime): OCR runs on the CPU")
         # detect() sizes each frame itself; rapidocr's limit_type "max" then leaves frames of up to 2000 px as
         # they are (its limit_side_len only applies to limit_type "min").
         self.engine = RapidOCR(det_limit_type="max", det_box_thresh=config.box_threshold, use_cls=False,
