@@ -83,8 +83,13 @@ class TextReader:
 
     def __init__(self, config: OcrConfig):
         import onnxruntime
-        import rapidocr_onnxruntime
-        from rapidocr_onnxruntime import RapidOCR
+
+        try:
+            import rapidocr_onnxruntime
+            from rapidocr_onnxruntime import RapidOCR
+        except ImportError as err:  # its wheels stop at Python 3.12: the rest of reelforge installs without it
+            raise RuntimeError(f"the OCR stage needs rapidocr-onnxruntime ({err}); install it (Python 3.12 or older) "
+                               "or set ocr.enabled: false and remove filters.text") from None
 
         self.config = config
         cuda = config.device == "cuda"
