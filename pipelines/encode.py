@@ -38,7 +38,7 @@ log = logging.getLogger("reelforge.encode")
 
 def identity(config: EncodeConfig) -> dict:
     """What a cache holds, and what another run may not change: the codec, the text encoder, the stages' shapes."""
-    codec = build_codec(config.codec)
+    codec = build_codec(dataclasses.replace(config.codec, device="cpu"))  # the driver may have no GPU; ids ignore it
     for stage in config.curriculum:
         if not codec.frame_count_ok(stage.num_frames):
             raise ConfigError(f"curriculum stage {stage.name!r}: codec {codec.id} cannot encode {stage.num_frames} "

@@ -4,6 +4,7 @@ caption encodings. Nothing here opens video bytes or runs a text tower: the step
 
 from __future__ import annotations
 
+import dataclasses
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -215,7 +216,8 @@ def check_cache_matches(table, config) -> None:
     from models.codec import build_codec
     from models.text_encoder import text_encoder_id
 
-    codec, text = build_codec(config.codec).id, text_encoder_id(config.text)
+    codec = build_codec(dataclasses.replace(config.codec, device="cpu")).id  # the driver may have no GPU
+    text = text_encoder_id(config.text)
     if codec != table.codec:
         raise DatasetError(f"{table.shown} holds latents of codec {table.codec!r}, the train config's codec is "
                            f"{codec!r}: give train the encode's codec section")
