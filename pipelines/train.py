@@ -48,7 +48,7 @@ def run_train(config: TrainConfig, distill: DistillRound | None = None, step: st
     from training.latent_dataset import check_cache_matches, open_training_data
 
     table = open_training_data(config.data)  # a curated dataset or a latent cache; fails on a wrong --data now
-    check_cache_matches(table, config)
+    check_cache_matches(table, config, task)
     config.data = table.data_uri  # DIR@vN: every worker reads this version, and the saved config names it
     with OutputLock(config.output):  # one run per output: its checkpoints and its MLflow run are its own
         return _train(config, table, distill, step, register_tags, alias, task)

@@ -192,6 +192,12 @@ def test_training_refuses_a_stage_the_cache_did_not_encode(cache_here):
         LatentLoader(table, CurriculumStage(name="low", num_frames=4, fps=4.0, size=16), 2, 0, 0, 1, 1)
     with pytest.raises(DatasetError, match="holds no encode of curated version 3"):
         LatentTable.open(f"{cache_here[0]}@v3")
+    from training.config import TrainConfig
+    from training.latent_dataset import check_cache_matches
+    from training.vae.task import VAETask
+
+    with pytest.raises(DatasetError, match="is a latent cache; VAETask trains on curated video"):
+        check_cache_matches(table, TrainConfig(), VAETask)
 
 
 def _rows(output: Path, version: int | None = None) -> list[dict]:

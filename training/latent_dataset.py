@@ -208,11 +208,15 @@ def open_training_data(data: str):
     return LatentTable.open(data) if is_latent_cache(data) else ClipTable.open(data)
 
 
-def check_cache_matches(table, config) -> None:
+def check_cache_matches(table, config, task: type | None = None) -> None:
     """Training from a latent cache needs the codec and text encoder that made it: the model denoises that codec's
-    latents and is prompted through that text tower (samples, export). One line naming both when not."""
+    latents and is prompted through that text tower (samples, export). One line naming both when not. Another task
+    than diffusion (`task`, e.g. the video autoencoder) trains on pixels and cannot read a cache."""
     if not isinstance(table, LatentTable):
         return
+    if task is not None:
+        raise DatasetError(f"{table.shown} is a latent cache; {task.__name__} trains on curated video: give --data "
+                           "the curated dataset")
     from models.codec import build_codec
     from models.text_encoder import text_encoder_id
 
