@@ -175,7 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     curate.set_defaults(func=_curate)
 
     train = sub.add_parser("train", help="train a text-to-video diffusion model on curated shards (resumes on rerun)")
-    train.add_argument("--data", help="a curated dataset (the --output of `reelforge curate`); DIR@vN for its "
+    train.add_argument("--data", help="a curated dataset (the --output of `reelforge curate`) or a latent cache (the "
+                       "--output of `reelforge encode`: no decode or text tower in the step); DIR@vN for its "
                        "version N (default: the newest)")
     train.add_argument("--output", help="directory or URI for checkpoints, the exported model and the MLflow store")
     _config_arguments(train, "configs/train/")
