@@ -148,6 +148,7 @@ class LearnedCuts:
         self.context = context
         self.batch_windows = batch_windows
         self._frames: deque[np.ndarray] = deque(maxlen=history)
+        self._small: dict[int, np.ndarray] = {}  # frames scaled to the network's size, by index
         self._first = 0  # index of self._frames[0]
         self._count = 0
         self.probabilities: dict[int, float] = {}
@@ -168,9 +169,12 @@ class LearnedCuts:
         return self._count - 1
 
     def push(self, rgb: np.ndarray) -> None:
+        """Hold the next frame; it is scaled to the network's size only if a window takes it (verify runs the
+        network on a few percent of the frames, and the scaling cost more than all the rest of its bookkeeping)."""
         if len(self._frames) == self._frames.maxlen:
+            self._small.pop(self._first, None)
             self._first += 1
-        self._frames.append(small_frame(rgb))
+        self._frames.append(rgb)
         self._count += 1
 
     def ready(self, last: int, finished: bool) -> bool:
@@ -181,7 +185,10 @@ class LearnedCuts:
         picks = [min(max(i, 0), self.newest) for i in range(first - self.context, last + self.context + 1)]
         if picks[0] < self._first:
             raise RuntimeError(f"frame {picks[0]} is no longer held (history {self._frames.maxlen} frames)")
-        return np.stack([self._frames[i - self._first] for i in picks])
+        for i in picks:
+            if i not in self._small:
+                self._small[i] = small_frame(self._frames[i - self._first])
+        return np.stack([self._small[i] for i in picks])
 
     def _run(self, spans: list[tuple[int, int]]) -> None:
         """One forward pass over windows around equally long spans; stores the spans' probabilities."""
