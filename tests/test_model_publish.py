@@ -136,3 +136,30 @@ def test_a_dangling_run_is_closed_with_a_reason_and_a_live_one_is_not_touched(tm
     assert client.get_run(dangling).data.tags[tracking.CLOSED_TAG] == "its process was killed"
     assert client.get_run(finished).info.status == "FINISHED"
     assert tracking.CLOSED_TAG not in client.get_run(finished).data.tags
+
+
+@pytest.mark.slow
+def test_a_real_export_is_published_registered_from_its_immutable_folder_and_loads(tmp_path):
+    """save_model's real files through publish and _register: the registered version's artifacts are the
+    models/<sha16> bytes, `model` loads, and a newer export leaves the registered bytes alone."""
+    from test_generate import _export as real_export
+
+    from pipelines import tracking
+    from pipelines.train import SHA_TAG, _register
+    from training.config import TrainConfig
+    from training.export import load_model
+
+    out = tmp_path / "train"
+    sha = publish_model(real_export(tmp_path / "e1", 0, {"num_steps": 2, "cfg_scale": 1.0}), str(out))
+    assert load_model(out / "model").config["sampling"]["num_steps"] == 2
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run_id = tracking.open_run(uri, "reelforge-test", run_name="train")
+    client = tracking.client_for(uri)
+    version = _register(client, run_id, TrainConfig(output=str(out)))
+    registered = client.get_model_version(TrainConfig().tracking.registered_model, version)
+    assert registered.tags[SHA_TAG] == sha and registered.run_id == run_id
+    downloaded = Path(client.download_artifacts(run_id, "model", str(tmp_path / "dl")))
+    weights = next(downloaded.rglob("model.safetensors")).parent  # inside the pyfunc model (training/pyfunc.py)
+    assert folder_digest(weights) == sha  # the registered bytes are the published folder's
+    publish_model(real_export(tmp_path / "e2", 1, {"num_steps": 2, "cfg_scale": 1.0}), str(out))
+    assert folder_digest(out / MODELS / sha[:16]) == sha  # a newer export did not touch them
