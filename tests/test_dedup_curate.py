@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import shutil
 from fractions import Fraction
+from pathlib import Path
 
 import av
 import pytest
@@ -107,3 +108,14 @@ def test_planted_copies_are_dropped_within_and_across_versions(sample_dump, ray_
     # The shards hold the kept clips only: no copy reaches training.
     shards = set(dataset.read("shards", 2, columns=["clip_id"])["clip_id"].to_pylist())
     assert shards == {c["clip_id"] for clips in v2.values() for c in clips if c["kept"]}
+
+    # MLflow: the version's run counts the duplicates and its report shows the dedup thresholds, marked not applied
+    # for the semantic step (the default CLIP is untrained), with the warning that says so.
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
+    run_id = second["run"]["mlflow_run_id"]
+    assert client.get_run(run_id).data.metrics["dropped_by.duplicate"] == second["counts"]["drop_reasons"]["duplicate"]
+    table = Path(client.download_artifacts(run_id, "report/drop_reasons.md", str(tmp_path))).read_text()
+    assert "| duplicate | max hamming 10; min cos 0.95 (not applied: untrained) |" in table
+    assert "semantic step (CLIP embeddings) is off" in table
