@@ -196,7 +196,8 @@ def _registered_version(client, name: str, run_id: str, sha256: str) -> str | No
 
 def _create_version(client, run, config: TrainConfig, published: dict, extra_tags: dict[str, str] | None) -> str:
     tags = {"preset": config.model.preset, "steps": str(config.total_steps), SHA_TAG: published["sha256"],
-            "sampling_steps": str(config.sampling.num_steps), **{k: str(v) for k, v in (extra_tags or {}).items()}}
+            "sampling_steps": str(config.sampling.num_steps), "run_id": run.info.run_id,
+            **{k: str(v) for k, v in (extra_tags or {}).items()}}
     _log_pyfunc(client, run.info.run_id, OutputDir(config.output), published["folder"], tags)
     source = f"{run.info.artifact_uri.rstrip('/')}/model"
     name = config.tracking.registered_model

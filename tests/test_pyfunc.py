@@ -84,6 +84,7 @@ def test_registration_logs_a_pyfunc_model_once(registered, monkeypatch):
     version = versions[0]
     assert version.run_id == run_id and version.source.endswith("/model")
     assert version.tags["data_version"] == "v3-lance7-abc" and version.tags["data"] == "/data/curated@v3"
+    assert version.tags["run_id"] == run_id
     assert str(client.get_model_version_by_alias(NAME, "steps-2").version) == "1"
     import mlflow.artifacts
 
