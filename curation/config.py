@@ -113,6 +113,7 @@ class ShotsConfig:
     # dissolve between unlike pictures; in between, the network decides.
     dissolve_same_correlation: float = 0.9
     dissolve_other_correlation: float = 0.3
+    verify_gradual_threshold: float = 6.0  # verify's gradual_threshold: fainter dissolves, each one checked
     # verify also asks the network about frames whose content score is at least propose_min_content and
     # propose_ratio times its neighbours' but that the adaptive detectors passed over (cuts inside fast action).
     propose_min_content: float = 30.0
@@ -359,6 +360,9 @@ class OcrConfig:
 class OutputConfig:
     commit_videos: int = 32  # finished videos per commit: kill -9 loses at most this many videos' work
     lock_timeout_s: float = 600.0  # a run on another host with no heartbeat for this long is taken over
+    # A video whose processing failed this many runs with a run error (no memory, a full disk, ...) is quarantined
+    # (repeated_run_error) instead of failing every rerun; `curate --retry-quarantined` tries it again. 0: never.
+    max_run_errors: int = 3
 
 
 @dataclass

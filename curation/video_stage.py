@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -184,7 +185,7 @@ def set_frame_sizes(info: VideoInfo, config: CurateConfig) -> None:
                                                               config.shots.analysis_width)
 
 
-def _quarantined(video_id: str, uri: str, size: int, error_class: str, message: str) -> dict:
+def quarantined_row(video_id: str, uri: str, size: int, error_class: str, message: str) -> dict:
     """A fresh videos row for a rejected input: nothing a failed decode half-filled survives into it."""
     row = _video_row(video_id, uri, size)
     row.update(status="quarantined", error_class=error_class, error_message=message)
@@ -216,6 +217,33 @@ def _process_in_child(config: CurateConfig, video_id: str, uri: str, size: int) 
     return _child_stage._process_here(video_id, uri, size)
 
 
+REPEATED = "repeated_run_error"  # the quarantine of a video that failed too many runs (pipelines/curate.RunErrors)
+# VideoStage.process adds this note to a run error: it names the video in the error's text, which is what reaches the
+# driver through Ray (Ray Data hands on the worker's traceback as text, not the exception object).
+RUN_ERROR_NOTE = "reelforge: run error on video "
+_NOTE = re.compile(re.escape(RUN_ERROR_NOTE) + r"([A-Za-z0-9_.:-]+)")
+
+
+def run_error_video(err: BaseException) -> tuple[str, str] | None:
+    """(video id, the error's line) of a run error raised for one video, found in the error's notes or in its text
+    (Ray may wrap it more than once), or None when the error names no video."""
+    seen = set()
+    stack = [err]
+    while stack:
+        current = stack.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        text = re.sub(r"\x1b\[[0-9;]*m", "", "\n".join([f"{type(current).__name__}: {current}",
+                                                          *getattr(current, "__notes__", [])]))
+        match = _NOTE.search(text)
+        if match:
+            before = [line.strip() for line in text[:match.start()].splitlines() if line.strip()]
+            return match[1], before[-1][:500]
+        stack += [current.__cause__, current.__context__, getattr(current, "cause", None)]
+    return None
+
+
 class VideoStage:
     """Ray Data stage: one row per discovered video in, its videos row with all its clips out.
 
@@ -245,6 +273,14 @@ class VideoStage:
             self._worker.close()
 
     def process(self, video_id: str, uri: str, size: int) -> dict:
+        try:
+            return self._process(video_id, uri, size)
+        except Exception as err:
+            if is_run_error(err):  # the driver counts these per video: a file that fails every run is quarantined
+                err.add_note(RUN_ERROR_NOTE + video_id)
+            raise
+
+    def _process(self, video_id: str, uri: str, size: int) -> dict:
         if not self.config.decode.isolate:
             return self._process_here(video_id, uri, size)
         if self._worker is None:
@@ -266,7 +302,7 @@ class VideoStage:
                        " x the probed duration); the process was killed and the file is quarantined")
             error_class = "decode_timeout"
         log.warning("%s: %s", redact_uri(uri), message)
-        return _quarantined(video_id, uri, size, error_class, message)
+        return quarantined_row(video_id, uri, size, error_class, message)
 
     def _process_here(self, video_id: str, uri: str, size: int) -> dict:
         """Decode and cut one video in this process. Errors of the file become a quarantined row; errors of the run
@@ -281,14 +317,14 @@ class VideoStage:
                 self._decode(path, info, row)
             row["status"] = "ok"
         except VideoRejected as err:
-            return _quarantined(video_id, uri, size, err.reason, str(err))
+            return quarantined_row(video_id, uri, size, err.reason, str(err))
         except Exception as err:  # noqa: BLE001 - one bad file must not stop the run; the reason is recorded
             if is_run_error(err):
                 log.error("%s: %s: %s; not quarantined, the task fails and a rerun retries the video",
                           redact_uri(uri), type(err).__name__, err)
                 raise
             log.exception("unexpected error on %s", redact_uri(uri))
-            return _quarantined(video_id, uri, size, "internal_error", f"{type(err).__name__}: {err}")
+            return quarantined_row(video_id, uri, size, "internal_error", f"{type(err).__name__}: {err}")
         return row
 
     def _decode(self, path: str, info: VideoInfo, row: dict) -> None:

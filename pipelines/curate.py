@@ -23,6 +23,7 @@ from curation.filters import ClipFilter
 from curation.lock import CurateLock
 from curation.outputs import OutputDir
 from curation.redact import redact_config, redact_uri, redacted_yaml
+from curation.video_stage import REPEATED, quarantined_row, run_error_video
 from curation.writer import (
     BatchCommitter,
     VersionWrite,
@@ -256,20 +257,79 @@ def _process(plan: RunPlan, config: CurateConfig, dataset: CuratedDataset, lock:
 
     committer = BatchCommitter(dataset, plan.version, config.output_files.commit_videos)
     seconds, done, last_log = 0.0, 0, time.monotonic()
-    if plan.pending:
-        for batch in curate_plan(plan.pending, config).iter_batches(batch_size=1, batch_format="pyarrow"):
-            lock.check()
-            for record in batch.to_pylist():
-                committer.add(record)
-                seconds += record.get("duration_s") or 0.0
-                done += 1
-            if time.monotonic() - last_log > 30 or done == len(plan.pending):
-                log.info("processed %d/%d videos (%.0f s of video), %d committed", done, len(plan.pending),
-                         seconds, committer.committed)
-                last_log = time.monotonic()
-        lock.check()
-        committer.flush()
+    errors = RunErrors(dataset, config.output_files.max_run_errors)
+    pending = errors.quarantine_poison(plan.pending, committer)
+    if pending:
+        try:
+            for batch in curate_plan(pending, config).iter_batches(batch_size=1, batch_format="pyarrow"):
+                lock.check()
+                for record in batch.to_pylist():
+                    committer.add(record)
+                    seconds += record.get("duration_s") or 0.0
+                    done += 1
+                if time.monotonic() - last_log > 30 or done == len(pending):
+                    log.info("processed %d/%d videos (%.0f s of video), %d committed", done, len(pending),
+                             seconds, committer.committed)
+                    last_log = time.monotonic()
+        except Exception as err:
+            errors.count(err)
+            raise
+    lock.check()
+    committer.flush()
+    errors.forget(plan.pending)
     return {"videos_processed": done, "video_seconds_processed": seconds}
+
+
+class RunErrors:
+    """How many runs failed on each video with a run error, kept in the videos table's config (which survives the
+    failed run). At `limit` the video is quarantined as `repeated_run_error` before the plan starts: one poison file
+    cannot fail every rerun forever, and a passing problem (a full disk) costs a video nothing below the limit."""
+
+    PREFIX = "reelforge.run_errors."
+
+    def __init__(self, dataset: CuratedDataset, limit: int):
+        self.dataset, self.limit = dataset, limit
+
+    def _recorded(self) -> dict[str, dict]:
+        config = self.dataset.open("videos").config()
+        return {k.removeprefix(self.PREFIX): json.loads(v) for k, v in config.items() if k.startswith(self.PREFIX)}
+
+    def count(self, err: BaseException) -> None:
+        found = run_error_video(err)
+        if not found:
+            return
+        video, line = found
+        try:
+            entry = self._recorded().get(video, {"runs": 0})
+            entry = {"runs": entry["runs"] + 1, "last": redact_uri(line)}
+            self.dataset.open("videos").update_config({self.PREFIX + video: json.dumps(entry)})
+        except Exception:  # noqa: BLE001 - e.g. the disk is full too: the run's own error is the one to raise
+            log.warning("could not count the run error of video %s", video, exc_info=True)
+            return
+        log.error("video %s failed this run with a run error (%d of %d runs before it is quarantined)", video,
+                  entry["runs"], self.limit)
+
+    def quarantine_poison(self, pending: list[dict], committer: BatchCommitter) -> list[dict]:
+        """Commit the videos that reached the limit as quarantined; returns the others."""
+        recorded = self._recorded() if self.limit else {}
+        keep = []
+        for row in pending:
+            entry = recorded.get(row["video_id"])
+            if entry is None or entry["runs"] < self.limit:
+                keep.append(row)
+                continue
+            message = (f"{entry['runs']} runs failed on this video with a run error (last: {entry['last']}); "
+                       "quarantined so that it stops failing every run (curate --retry-quarantined tries it again)")
+            log.warning("%s: %s", redact_uri(row["uri"]), message)
+            committer.add(quarantined_row(row["video_id"], row["uri"], int(row["size_bytes"]), REPEATED, message))
+        return keep
+
+    def forget(self, videos: list[dict]) -> None:
+        """The counts of videos now committed (processed, or quarantined here)."""
+        keys = [self.PREFIX + row["video_id"] for row in videos]
+        present = set(self.dataset.open("videos").config())
+        if any(key in present for key in keys):
+            self.dataset.open("videos").delete_config_keys([k for k in keys if k in present])
 
 
 def _retried(dataset: CuratedDataset, version: int) -> list[str]:

@@ -1,10 +1,12 @@
 """A curate run that kills itself with SIGKILL at a chosen phase, for the kill -9 tests (run as a subprocess):
 
-    python tests/crash_helpers.py PHASE INPUT OUTPUT RAY_ADDRESS
+    python tests/crash_helpers.py PHASE INPUT OUTPUT RAY_ADDRESS [KEY=VALUE ...]   (more config settings)
 
 processing: after the second batch of finished videos is committed (the version's other videos are not);
 verdicts:   after the run-wide filters' verdicts are committed to the clips table, before the shards take them;
 tags:       after the shards and clips tables are tagged, before the videos table (the version does not exist yet).
+report:     in the MLflow report, after params, metrics and tags, before the report's files are uploaded.
+finalize:   after the version is tagged, before its MLflow run is closed (the version exists; the run is RUNNING).
 """
 
 from __future__ import annotations
@@ -61,18 +63,24 @@ def arm(phase: str) -> None:
     elif phase == "tags":
         _ORIGINAL_REPLACE = Tags.replace_metadata
         Tags.replace_metadata = _replace_then_die
+    elif phase == "report":
+        from mlflow.tracking import MlflowClient
+
+        MlflowClient.log_artifacts = _die_on_entry
+    elif phase == "finalize":
+        curate.finish_run = _die_on_entry
     else:
         raise SystemExit(f"unknown phase {phase!r}")
 
 
 def main() -> None:
-    phase, source, output, address = sys.argv[1:5]
+    phase, source, output, address, *sets = sys.argv[1:]
     from curation.config import CurateConfig
     from pipelines.config import load_config
     from pipelines.curate import run_curate
 
     arm(phase)
-    config = load_config(CurateConfig, None, ["output_files.commit_videos=4", f"ray.address={address}"],
+    config = load_config(CurateConfig, None, ["output_files.commit_videos=4", f"ray.address={address}", *sets],
                          base={"input": source, "output": output})
     run_curate(config)
     raise SystemExit(f"phase {phase!r} was never reached")

@@ -75,10 +75,10 @@ def test_curate_sample_dump_writes_tables_and_version_and_reruns_as_noop(sample_
     assert {kind: dataset.open(kind).version for kind in KINDS} == before
 
 
-def _crash(phase: str, root, out, address: str) -> str:
+def _crash(phase: str, root, out, address: str, *sets: str) -> str:
     env = {**os.environ, "RAY_ADDRESS": ""}
     env.pop("MLFLOW_TRACKING_URI", None)  # the MLflow store defaults to OUTPUT/mlflow.db
-    proc = subprocess.run([sys.executable, str(HELPER), phase, str(root), str(out), address], env=env,
+    proc = subprocess.run([sys.executable, str(HELPER), phase, str(root), str(out), address, *sets], env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == -9, proc.stderr[-3000:]  # it died by SIGKILL at the phase, not by an error
     return proc.stderr
