@@ -113,7 +113,6 @@ class ShotsConfig:
     # dissolve between unlike pictures; in between, the network decides.
     dissolve_same_correlation: float = 0.9
     dissolve_other_correlation: float = 0.3
-    verify_gradual_threshold: float = 6.0  # verify's gradual_threshold: fainter dissolves, each one checked
     # verify also asks the network about frames whose content score is at least propose_min_content and
     # propose_ratio times its neighbours' but that the adaptive detectors passed over (cuts inside fast action).
     propose_min_content: float = 30.0
