@@ -16,7 +16,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_curate_ray import _config, _crash, _tables
+from test_curate_ray import _config, _crash
+from test_curate_ray import _tables as _rows
 
 from curation.dataset import CuratedDataset
 from curation.video_stage import REPEATED, VideoStage, run_error_video
@@ -24,6 +25,11 @@ from pipelines import tracking
 from pipelines.curate import RunErrors, run_curate
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
+
+
+def _tables(out: Path, version: int | None = None) -> str:
+    """The tables' rows as text, so that two reads compare equal where a score is NaN (NaN != NaN)."""
+    return json.dumps(_rows(out, version), default=repr, sort_keys=True)
 
 
 def _runs(out: Path) -> list:
