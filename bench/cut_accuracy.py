@@ -190,7 +190,8 @@ def print_table(label: str, result: dict) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="hard-case sets, one per seed")
+    parser.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2],
+                        help="hard-case sets, one per seed (none: only the shared videos)")
     parser.add_argument("--cases-dir", help="keep (and reuse) the generated cases here instead of a temp dir")
     parser.add_argument("--shared", default=str(SHARED), help="the shared videos with GROUND_TRUTH.json")
     parser.add_argument("--detectors", nargs="+", default=list(DETECTORS), choices=DETECTORS)
