@@ -63,8 +63,10 @@ def test_zero2_loss_goes_down_and_model_is_registered(zero2_run, curated_sample)
     client = MlflowClient(tracking_uri=summary["tracking_uri"])
     version = client.get_model_version(summary["registered_model"], summary["model_version"])
     assert version.run_id == summary["run_id"]
-    artifacts = {a.path for a in client.list_artifacts(summary["run_id"], "model")}
-    assert {"model/model.safetensors", "model/config.json"} <= artifacts
+    # The run's model/ is an MLflow pyfunc model (training/pyfunc.py) holding the export under artifacts/model
+    assert "model/MLmodel" in {a.path for a in client.list_artifacts(summary["run_id"], "model")}
+    weights = {a.path for a in client.list_artifacts(summary["run_id"], "model/artifacts/model")}
+    assert {"model/artifacts/model/model.safetensors", "model/artifacts/model/config.json"} <= weights
     samples = {a.path for a in client.list_artifacts(summary["run_id"], "samples")}
     assert {"samples/final.gif", "samples/final.mp4"} <= samples
     run = client.get_run(summary["run_id"]).data
