@@ -7,6 +7,7 @@ verdicts:   after the run-wide filters' verdicts are committed to the clips tabl
 tags:       after the shards and clips tables are tagged, before the videos table (the version does not exist yet).
 report:     in the MLflow report, after params, metrics and tags, before the report's files are uploaded.
 finalize:   after the version is tagged, before its MLflow run is closed (the version exists; the run is RUNNING).
+poison:     not a kill: a file named poison*.mp4 makes the video stage run out of memory (a run error), every time.
 """
 
 from __future__ import annotations
@@ -49,6 +50,21 @@ def _die_on_entry(*_args, **_kwargs) -> None:
     _die()
 
 
+def _poison_stage():
+    """The video stage, except that a file named poison*.mp4 makes the worker run out of memory every time (what a
+    decompression bomb does to a real decoder): a run error, not a bad-file verdict. A class made here is shipped to
+    the Ray workers by value."""
+    from curation.video_stage import VideoStage
+
+    class PoisonStage(VideoStage):
+        def _process_here(self, video_id: str, uri: str, size: int) -> dict:
+            if os.path.basename(uri).startswith("poison"):
+                raise MemoryError("the decoder could not allocate a frame buffer")
+            return super()._process_here(video_id, uri, size)
+
+    return PoisonStage
+
+
 def arm(phase: str) -> None:
     global _ORIGINAL_REPLACE
     from lance.dataset import Tags
@@ -69,6 +85,10 @@ def arm(phase: str) -> None:
         MlflowClient.log_artifacts = _die_on_entry
     elif phase == "finalize":
         curate.finish_run = _die_on_entry
+    elif phase == "poison":
+        from curation import plan
+
+        plan.VideoStage = _poison_stage()
     else:
         raise SystemExit(f"unknown phase {phase!r}")
 

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_curate_ray import _config, _crash
+from test_curate_ray import HELPER, _config, _crash
 from test_curate_ray import _tables as _rows
 
 from curation.dataset import CuratedDataset
-from curation.video_stage import REPEATED, VideoStage, run_error_video
+from curation.video_stage import REPEATED
 from pipelines import tracking
 from pipelines.curate import RunErrors, run_curate
 
@@ -154,46 +154,30 @@ def test_a_full_output_disk_fails_the_run_loses_nothing_and_a_rerun_with_space_f
     assert len(CuratedDataset(str(out)).read("videos").to_pylist()) == 5
 
 
-class PoisonStage(VideoStage):
-    """The video stage, except that a file named poison*.mp4 makes the worker run out of memory every time (what a
-    decompression bomb does to a real decoder): a run error, not a bad-file verdict."""
-
-    def _process_here(self, video_id: str, uri: str, size: int) -> dict:
-        if os.path.basename(uri).startswith("poison"):
-            raise MemoryError("the decoder could not allocate a frame buffer")
-        return super()._process_here(video_id, uri, size)
-
-
-def test_a_video_that_fails_every_run_is_quarantined_after_max_run_errors(videos, ray_cluster, tmp_path,
-                                                                          monkeypatch):
-    import ray.cloudpickle
-
-    from curation import plan
-
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers get PoisonStage by value
-    monkeypatch.setattr(plan, "VideoStage", PoisonStage)
+def test_a_video_that_fails_every_run_is_quarantined_after_max_run_errors(videos, ray_cluster, tmp_path):
     root = tmp_path / "dump"
     root.mkdir()
     (root / "good.mp4").write_bytes(videos[0])
     (root / "poison.mp4").write_bytes(videos[1])
     out = tmp_path / "curated"
-    config = _config(root, out, f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", "output_files.commit_videos=1",
-                     "output_files.max_run_errors=2", "decode.isolate=false", *LIGHT)
-    for attempt in (1, 2):  # a run error fails the run; nothing is recorded for the video but its count
-        with pytest.raises(Exception, match="could not allocate") as raised:
-            run_curate(config)
-        assert run_error_video(raised.value), raised.value
+    sets = (f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", "output_files.commit_videos=1",
+            "output_files.max_run_errors=2", "decode.isolate=false", *LIGHT)
+    address = ray_cluster.get_runtime_context().gcs_address
+    for attempt in (1, 2):  # `reelforge curate` run twice: a run error fails the run; the video's count goes up
+        proc = subprocess.run([sys.executable, str(HELPER), "poison", str(root), str(out), address, *sets],
+                              env={**os.environ, "RAY_ADDRESS": ""}, capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 1 and "could not allocate" in proc.stderr, proc.stderr[-3000:]
         dataset = CuratedDataset(str(out))
         assert dataset.latest() is None
         counts = {k: json.loads(v)["runs"] for k, v in dataset.open("videos").config().items()
                   if k.startswith(RunErrors.PREFIX)}
         assert list(counts.values()) == [attempt]
-        assert "poison" not in {os.path.basename(r["uri"]) for r in dataset.open("videos").to_table().to_pylist()}
-    record = run_curate(config)  # the third run: the poison file is quarantined first, the rest goes on
+        assert "poison.mp4" not in {os.path.basename(r["uri"]) for r in dataset.open("videos").to_table().to_pylist()}
+    record = run_curate(_config(root, out, *sets))  # the third run: the poison file is quarantined first
     assert record["counts"]["quarantined"] == {REPEATED: 1}
     rows = {os.path.basename(r["uri"]): r for r in CuratedDataset(str(out)).read("videos").to_pylist()}
     assert rows["good.mp4"]["status"] == "ok"
     assert rows["poison.mp4"]["status"] == "quarantined" and rows["poison.mp4"]["error_class"] == REPEATED
     assert "2 runs failed" in rows["poison.mp4"]["error_message"]
-    assert "MemoryError" in rows["poison.mp4"]["error_message"]
+    assert "MemoryError: the decoder could not allocate" in rows["poison.mp4"]["error_message"]
     assert not [k for k in CuratedDataset(str(out)).open("videos").config() if k.startswith(RunErrors.PREFIX)]
