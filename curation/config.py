@@ -108,6 +108,10 @@ class ShotsConfig:
     # for 3 frames either side and changes across the cut (correlation at most step_max_correlation): a slide change.
     step_still_max_diff: float = 1.0
     step_max_correlation: float = 0.98
+    # A smaller step (one line of a slide) counts too if the mean grey level moves at most step_small_max_brightness
+    # across it: a light switched on or off in a still shot changes it as a whole, a line of text hardly at all.
+    step_small_max_correlation: float = 0.998
+    step_small_max_brightness: float = 5.0
     # verify: a dissolve of the gradual test whose two ends (the frames before and after it) correlate at least
     # dissolve_same_correlation is the same picture relit, not a dissolve; at most dissolve_other_correlation, a
     # dissolve between unlike pictures; in between, the network decides.

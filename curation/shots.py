@@ -234,6 +234,12 @@ class ShotDetector:
         return min((cv2.compareHist(histograms[a], histograms[b], cv2.HISTCMP_BHATTACHARYYA) for a, b in pairs),
                    default=1.0)
 
+    def _brightness_change(self, cut: int) -> float:
+        """Mean grey level after the cut minus before it, in absolute value (a light switched on or off moves it)."""
+        brightness = dict(self._brightness)
+        before, after = brightness.get(cut - 1), brightness.get(cut)
+        return abs(after - before) if before is not None and after is not None else float("inf")
+
     def _decide(self, finished: bool) -> None:
         """Settle the candidates whose context the network has (all of them at the end of the video)."""
         learned, config = self._learned, self.config
@@ -251,7 +257,9 @@ class ShotDetector:
                                        "histogram": distance, "comeback": comeback, "kept": False})
                 continue
             unlike = correlation <= config.confident_max_correlation
-            step = correlation <= config.step_max_correlation and self._still_around(cut)
+            step = self._still_around(cut) and (correlation <= config.step_max_correlation or (
+                correlation <= config.step_small_max_correlation
+                and self._brightness_change(cut) <= config.step_small_max_brightness))
             if unlike or step:
                 self._verified_cuts.append(cut)
                 self.decisions.append({"frame": cut, "kind": "cut", "by": "cheap", "correlation": correlation,
