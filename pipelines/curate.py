@@ -260,8 +260,11 @@ def _process(plan: RunPlan, config: CurateConfig, dataset: CuratedDataset, lock:
     errors = RunErrors(dataset, config.output_files.max_run_errors)
     pending = errors.quarantine_poison(plan.pending, committer)
     if pending:
+        # An iterator of our own, closed on the way out: a failed run's traceback holds the loop's frame, and with it
+        # a suspended iterator whose Ray Data executor (its actors, its share of the cluster) would outlive the run
+        batches = iter(curate_plan(pending, config).iter_batches(batch_size=1, batch_format="pyarrow"))
         try:
-            for batch in curate_plan(pending, config).iter_batches(batch_size=1, batch_format="pyarrow"):
+            for batch in batches:
                 lock.check()
                 for record in batch.to_pylist():
                     committer.add(record)
@@ -274,10 +277,19 @@ def _process(plan: RunPlan, config: CurateConfig, dataset: CuratedDataset, lock:
         except Exception as err:
             errors.count(err)
             raise
+        finally:
+            _close(batches)
     lock.check()
     committer.flush()
     errors.forget(plan.pending)
     return {"videos_processed": done, "video_seconds_processed": seconds}
+
+
+def _close(iterator) -> None:
+    """Stop a Ray Data batch iterator now (its generator's cleanup shuts the executor down)."""
+    close = getattr(iterator, "close", None)
+    if close is not None:
+        close()
 
 
 class RunErrors:
