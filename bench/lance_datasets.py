@@ -86,6 +86,8 @@ def clip_rows(version: int, rows: int, rng: np.random.Generator) -> pa.Table:
         "score_model": ["open_clip:ViT-L-14; aesthetic:laion-v2"] * rows,
         "dataset_version": np.full(rows, version, np.int64),
     }
+    for field in schema.CLIPS:  # columns later schemas added (dedup signatures, OCR) stay null, as on old tables
+        columns.setdefault(field.name, [None] * rows)
     return pa.table(columns, schema=schema.CLIPS)
 
 
