@@ -53,3 +53,15 @@ def _quarantine(video: dict, error_class: str, err: Exception) -> dict:
     log.warning("%s: %s: %s: %s; the video is quarantined", redact_uri(video.get("uri") or ""), error_class,
                 type(err).__name__, err, exc_info=err)
     return quarantined(video, error_class, f"{type(err).__name__}: {err}")
+
+
+class StageActor:
+    """A stage (settings in __init__, heavy state in setup()) as a Ray Data actor: setup once per worker. Curation's
+    and the latent encode's actor pools both run their stages through it."""
+
+    def __init__(self, stage_cls, *args):
+        self.stage = stage_cls(*args)
+        self.stage.setup()
+
+    def __call__(self, batch):
+        return self.stage(batch)

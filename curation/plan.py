@@ -10,19 +10,9 @@ from curation.captions import CaptionStage
 from curation.clip_scores import ClipScoreStage
 from curation.config import CurateConfig
 from curation.discover import DiscoverStage
+from curation.model_stage import StageActor
 from curation.ocr import OcrStage
 from curation.video_stage import VideoStage
-
-
-class _Actor:
-    """Adapts a stage (settings in __init__, heavy state in setup()) to a Ray Data actor: setup once per worker."""
-
-    def __init__(self, stage_cls, *args):
-        self.stage = stage_cls(*args)
-        self.stage.setup()
-
-    def __call__(self, batch):
-        return self.stage(batch)
 
 
 def discover_ids(files: list[dict], config: CurateConfig) -> list[dict]:
@@ -30,7 +20,7 @@ def discover_ids(files: list[dict], config: CurateConfig) -> list[dict]:
     if not files:
         return []
     ds = ray.data.from_items(files).map_batches(
-        _Actor, fn_constructor_args=(DiscoverStage, config.discover), batch_size=8, batch_format="pyarrow",
+        StageActor, fn_constructor_args=(DiscoverStage, config.discover), batch_size=8, batch_format="pyarrow",
         concurrency=_workers(config), num_cpus=0.5)
     return ds.take_all()
 
@@ -76,10 +66,10 @@ def curate_plan(pending: list[dict], config: CurateConfig) -> ray.data.Dataset:
     share = _model_share(config, reserved)
     workers = min(_workers(config, reserved * share), max(1, len(pending)))
     ds = ray.data.from_items(pending, override_num_blocks=max(1, len(pending)))
-    ds = ds.map_batches(_Actor, fn_constructor_args=(VideoStage, config), batch_size=1, batch_format="pyarrow",
+    ds = ds.map_batches(StageActor, fn_constructor_args=(VideoStage, config), batch_size=1, batch_format="pyarrow",
                         concurrency=workers, num_cpus=config.ray.cpus_per_video)
     for stage_cls, settings, actors in stages:
-        ds = ds.map_batches(_Actor, fn_constructor_args=(stage_cls, settings), batch_size=settings.videos_per_batch,
-                            batch_format="pyarrow", concurrency=actors, num_cpus=settings.num_cpus * share,
-                            num_gpus=settings.num_gpus)
+        ds = ds.map_batches(StageActor, fn_constructor_args=(stage_cls, settings),
+                            batch_size=settings.videos_per_batch, batch_format="pyarrow", concurrency=actors,
+                            num_cpus=settings.num_cpus * share, num_gpus=settings.num_gpus)
     return ds

@@ -15,6 +15,7 @@ import time
 import ray
 
 from curation.dataset import open_data
+from curation.model_stage import StageActor
 from curation.redact import redact_uri
 from models.codec import build_codec
 from models.text_encoder import FrozenTextEncoder, text_encoder_id
@@ -96,15 +97,6 @@ def plan_encode(config: EncodeConfig, shards, cache: LatentCache) -> EncodePlan:
     return EncodePlan(pending, rows, len(table), cached, too_short)
 
 
-class _Actor:
-    """A stage (settings in __init__, heavy state in setup()) as a Ray Data actor: setup once per worker."""
-
-    def __init__(self, stage_cls, *args):
-        self.stage = stage_cls(*args)
-        self.stage.setup()
-
-    def __call__(self, batch):
-        return self.stage(batch)
 
 
 def encode_plan(pending: list[dict], data_uri: str, config: EncodeConfig) -> ray.data.Dataset:
@@ -115,7 +107,7 @@ def encode_plan(pending: list[dict], data_uri: str, config: EncodeConfig) -> ray
              (config.encoder, CodecStage, (config.codec, config.dtype)),
              (config.text_encoder, TextStage, (config.text, config.dtype, config.text_encoder.num_gpus > 0))]
     for pool, stage_cls, args in steps:
-        ds = ds.map_batches(_Actor, fn_constructor_args=(stage_cls, *args), batch_size=pool.batch_size,
+        ds = ds.map_batches(StageActor, fn_constructor_args=(stage_cls, *args), batch_size=pool.batch_size,
                             batch_format="pyarrow", concurrency=pool.concurrency, num_cpus=pool.num_cpus,
                             num_gpus=pool.num_gpus or None)
     return ds
