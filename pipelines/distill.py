@@ -3,7 +3,12 @@
 
 MLflow: one `distill` run (nested under `tracking.parent_run_id` when a workflow runs it) with a nested run per
 round. A rerun skips finished rounds (their `round.json` exists) and resumes the first unfinished one from its last
-checkpoint."""
+checkpoint.
+
+Data: `--data` is a curated dataset (each step decodes clips and encodes them through the teacher's codec) or, for a
+latent teacher, the latent cache it was trained from (`reelforge encode` with its codec, text encoder and last
+curriculum stage: no decode, no VAE and no text tower in the step; `reelforge run` passes the cache). A cache made
+with another codec or text encoder is refused, as `reelforge train` refuses it."""
 
 from __future__ import annotations
 
@@ -20,6 +25,7 @@ from pipelines import tracking
 from pipelines.config import ConfigError, flatten
 from pipelines.train import _absolute, run_train
 from training.distill import DistillConfig, round_train_config
+from training.latent_dataset import LatentTable
 from training.objective import DistillRound
 from training.publish import sweep_temporary
 
@@ -43,15 +49,16 @@ def round_dir_name(index: int, steps: int) -> str:
 def run_distill(config: DistillConfig) -> dict:
     """Distil `config.teacher` into students of halving step counts under `config.output`."""
     if not config.teacher or not config.data or not config.output:
-        raise ValueError("distill needs --teacher (an exported model), --data (a curated dataset) and --output")
+        raise ValueError("distill needs --teacher (an exported model), --data (a curated dataset, or the teacher's "
+                         "latent cache) and --output")
     if "://" in config.teacher and not config.teacher.startswith("file://"):
         raise ConfigError("teacher: a local model folder is expected (every worker loads it); copy the model "
                           "locally or to a shared file system first")
     config.teacher = str(Path(config.teacher.removeprefix("file://")).resolve())
     config.data, config.output = _absolute(config.data), _absolute(config.output)
-    from training.dataset import ClipTable
+    from training.latent_dataset import open_training_data
 
-    table = ClipTable.open(config.data)  # fail on a wrong --data before starting anything
+    table = open_training_data(config.data)  # a curated dataset or a latent cache; a wrong --data fails now
     config.data = table.data_uri  # DIR@vN: every round reads this version, and the saved config names it
     rounds = config.round_steps()
     teacher = _teacher_config(config.teacher)
@@ -79,6 +86,7 @@ def _distill(config: DistillConfig, table, rounds: list[int], cfg_scale: float, 
              " -> ".join(map(str, rounds)), run_id, redact_uri(uri))
 
     started = time.perf_counter()
+    is_cache = isinstance(table, LatentTable)
     summaries: list[dict] = []
     teacher_dir, teacher_steps = config.teacher, config.teacher_steps
     for index, steps in enumerate(rounds, start=1):
@@ -88,7 +96,7 @@ def _distill(config: DistillConfig, table, rounds: list[int], cfg_scale: float, 
             summary = json.loads(round_out.read_text(ROUND_FILE))
             log.info("round %d (%d -> %d steps) finished earlier: %s", index, teacher_steps, steps, summary["model"])
         else:
-            round_config = round_train_config(config, teacher, steps, round_out.uri)
+            round_config = round_train_config(config, teacher, steps, round_out.uri, cached=is_cache)
             round_config.tracking = replace(config.tracking, parent_run_id=run_id, uri=uri)
             round_cfg_scale = cfg_scale if index == 1 else 1.0  # later teachers have guidance distilled in
             log.info("round %d: %d-step student from the %d-step teacher %s (guidance %g)", index, steps,

@@ -20,8 +20,8 @@ from training.evaluate import (
     EvaluateConfig,
     EvaluationResult,
     evaluate,
+    evaluation_models,
     file_name,
-    resolve_models,
     video_format,
     write_outputs,
 )
@@ -157,8 +157,8 @@ def run_evaluate(config: EvaluateConfig) -> dict:
     if not config.output:
         raise ValueError("evaluate needs --output")
     config.validate()
-    # a wrong model path or format fails before any run opens
-    video_format(config, resolve_models(config.model_specs())[0])
+    # a wrong model path or format, or models of different codecs, fail before any run opens
+    video_format(config, evaluation_models(config)[0])
     data_version = _pin_data(config)
     started = time.perf_counter()
     out = OutputDir(config.output)

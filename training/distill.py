@@ -37,7 +37,10 @@ from training.config import (
 @dataclass
 class DistillConfig:
     teacher: str = ""  # an exported model (the `model/` folder of a training run)
-    data: str = ""  # a curated dataset: its clips give the x0 the rounds noise (Salimans & Ho use training data)
+    # The x0 the rounds noise (Salimans & Ho use training data): a curated dataset, whose frames go through the
+    # teacher's codec in every step, or the teacher's latent cache (`reelforge encode` with its codec, text encoder
+    # and last curriculum stage), read with no decode, no codec and no text tower in the step.
+    data: str = ""
     output: str = ""  # one folder per round: round-1-16steps/ ... each with checkpoints and model/
     seed: int = 0
     teacher_steps: int = 32  # DDIM steps of the teacher that the first round halves
@@ -76,11 +79,13 @@ class DistillConfig:
         return out
 
 
-def round_train_config(config: DistillConfig, teacher: dict, student_steps: int, output: str) -> TrainConfig:
-    """The TrainConfig of one round: the teacher's architecture, text tower, schedule and native clip size; this
-    config's optimisation, scaling and tracking. `teacher` is the teacher's config.json."""
+def round_train_config(config: DistillConfig, teacher: dict, student_steps: int, output: str,
+                       cached: bool = False) -> TrainConfig:
+    """The TrainConfig of one round: the teacher's architecture, text tower, codec, schedule and native clip size;
+    this config's optimisation, scaling and tracking. `teacher` is the teacher's config.json. `cached`: the data is a
+    latent cache, which holds the stage's windows under the teacher's stage name (so the round's stage keeps it)."""
     stage = config.stage or CurriculumStage(**teacher["curriculum"][-1])
-    stage = CurriculumStage(name=f"distill-{student_steps}", steps=config.steps_per_round,
+    stage = CurriculumStage(name=stage.name if cached else f"distill-{student_steps}", steps=config.steps_per_round,
                             num_frames=stage.num_frames, fps=stage.fps, size=stage.size)
     from models.schedules import ScheduleConfig
     from models.text_encoder import TextEncoderConfig
@@ -90,11 +95,21 @@ def round_train_config(config: DistillConfig, teacher: dict, student_steps: int,
         data=config.data, output=output, seed=config.seed,
         model=ModelConfig(preset=teacher.get("preset", "VDiT-T/2"), overrides=dict(teacher["model"])),
         text=TextEncoderConfig(**teacher["text"]), schedule=ScheduleConfig(**teacher["schedule"]),
+        codec=round_codec(teacher, config.scaling.use_gpu),
         cfg_dropout=0.0,  # the student is only ever called with the prompt (guidance is distilled into it)
         ema_decay=config.ema_decay, curriculum=[stage], data_loading=config.data_loading, optim=config.optim,
         deepspeed=config.deepspeed, scaling=config.scaling, checkpoint=config.checkpoint, sampling=sampling,
         tracking=config.tracking, ray=config.ray,
     )
+
+
+def round_codec(teacher: dict, use_gpu: bool):
+    """The teacher's codec (its config.json's codec_config): the student denoises the same space, and curated frames
+    are encoded through it in the step; on the round's GPU when it has one."""
+    from models.codec import CodecConfig
+
+    section = dict(teacher.get("codec_config") or {"kind": "pixels"})
+    return CodecConfig(**{**section, "device": "auto" if use_gpu else "cpu"})
 
 
 def step_grids(schedule: NoiseSchedule, student_steps: int) -> tuple[torch.Tensor, torch.Tensor]:

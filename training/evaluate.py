@@ -102,6 +102,9 @@ class EvaluateConfig:
     grid_prompts: int = 8  # columns of grid.gif: the first N prompts
     gif_cell_px: int = 64  # videos are enlarged (nearest) to at least this side in the GIFs
     device: str = "auto"  # "auto": cuda when available, else cpu
+    # Models made with different codecs (their config.json's `codec` id) are refused: their metrics then measure
+    # the codecs as much as the models. true: compare them anyway (e.g. a latent model against a pixel one).
+    allow_mixed_codecs: bool = False
     output: str = ""  # comparison table, GIFs, results.json, and the MLflow store when none is configured
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
@@ -244,6 +247,31 @@ def _onnx_weights(folder: Path, backend: str) -> str:
     return weights
 
 
+def model_codec(model: ResolvedModel) -> str:
+    """The id of the codec a model was made with (exports from before codecs were recorded are pixel models)."""
+    return str(model.config.get("codec", "pixels"))
+
+
+def check_codecs(models: list[ResolvedModel], allow_mixed: bool) -> None:
+    """One codec for every model, unless `allow_mixed`: else one line naming the first two that differ."""
+    from training.config import ConfigError
+
+    first = models[0]
+    for model in models[1:]:
+        if model_codec(model) != model_codec(first) and not allow_mixed:
+            raise ConfigError(f"models: {model.name} was made with codec {model_codec(model)!r}, {first.name} with "
+                              f"{model_codec(first)!r}; set allow_mixed_codecs: true to compare them anyway")
+
+
+def evaluation_models(config: EvaluateConfig) -> list[ResolvedModel]:
+    """Every row of the evaluation: `models`, `teacher_samplings` and the ONNX rows, resolved from config.json and
+    checked to share one codec (unless config.allow_mixed_codecs)."""
+    models = resolve_models(config.model_specs())
+    models += onnx_rows(models, config.onnx_models)
+    check_codecs(models, config.allow_mixed_codecs)
+    return models
+
+
 def onnx_rows(models: list[ResolvedModel], names: list[str]) -> list[ResolvedModel]:
     """Each named model again under ONNX Runtime, fp32 then int8 (EvaluateConfig.onnx_models)."""
     from dataclasses import replace
@@ -270,11 +298,9 @@ def load_for_evaluation(spec: ResolvedModel, device: torch.device, workdir: Path
 
     if (Path(spec.path) / "onnx.json").is_file():
         return load_onnx_model(spec.path, device)
-    from models.codec import CodecConfig, build_codec
-
     loaded = load_model(spec.path, "cpu")
     graph = workdir / f"{file_name(spec.name)}.onnx"
-    export_denoiser(loaded.model, graph, trained_shapes(loaded, build_codec(CodecConfig())))
+    export_denoiser(loaded.model, graph, trained_shapes(loaded, loaded.codec))
     if spec.backend == "onnxruntime-int8":
         quantize_denoiser(graph, graph.with_suffix(".int8.onnx"))
         graph = graph.with_suffix(".int8.onnx")
@@ -358,21 +384,44 @@ def generate_videos(loaded, prompts: list[str], fmt: VideoFormat, num_steps: int
     """(N, T, H, W, 3) uint8 videos, prompt i from noise seed + i, and the mean wall seconds per video.
 
     One prompt per call, so a video depends only on its prompt and seed, never on what else is in the batch, and
-    the time is a per-video latency. A one-step warm-up call first keeps one-off setup out of the timing."""
-    from training.data import to_uint8
+    the time is a per-video latency (a latent model's includes decoding through its codec). A one-step warm-up call
+    first keeps one-off setup out of the timing. A latent model denoises at its codec's latent shape of `fmt`."""
     from training.metrics import timed_generation
-    from training.sample import generate
 
-    kwargs = {"num_frames": fmt.num_frames, "size": fmt.size, "cfg_scale": cfg_scale,
-              "in_channels": loaded.model.config.in_channels, "device": device, "sampler": sampler}
-    generate(loaded.model, loaded.text_encoder, loaded.schedule, prompts[:1], num_steps=1, seed=seed, **kwargs)
+    codec = loaded.codec
+    channels, frames, size, _ = latent_format(loaded, fmt)
+    kwargs = {"num_frames": frames, "size": size, "cfg_scale": cfg_scale, "in_channels": channels, "device": device,
+              "sampler": sampler, "clip_x0": codec.clip_range}
+    sample_decoded(loaded, prompts[:1], num_steps=1, seed=seed, **kwargs)
     videos, seconds = [], 0.0
     for i, prompt in enumerate(prompts):
-        video, elapsed = timed_generation(generate, loaded.model, loaded.text_encoder, loaded.schedule, [prompt],
-                                          num_steps=num_steps, seed=seed + i, **kwargs)
-        videos.append(to_uint8(video)[0])
+        video, elapsed = timed_generation(sample_decoded, loaded, [prompt], num_steps=num_steps, seed=seed + i,
+                                          **kwargs)
+        videos.append(video[0])
         seconds += elapsed
     return np.stack(videos), seconds / len(prompts)
+
+
+def latent_format(loaded, fmt: VideoFormat) -> tuple[int, int, int, int]:
+    """(channels, frames, height, width) the model denoises for videos of `fmt`: its codec's latent shape, e.g. 5
+    frames of 32 px -> 2 latent frames of 8 px through a 4x4x4 causal VAE. One line when the codec cannot take it."""
+    codec = loaded.codec
+    if not codec.frame_count_ok(fmt.num_frames) or fmt.size % codec.space_compression:
+        raise ValueError(f"codec {codec.id!r} cannot take {fmt.num_frames} frames of {fmt.size} px (a causal VAE "
+                         f"takes 1 + {codec.time_compression}k frames; sizes divisible by {codec.space_compression}): "
+                         "set num_frames and size accordingly")
+    shape = codec.latent_shape(fmt.num_frames, fmt.size, fmt.size)
+    if shape[0] != loaded.model.config.in_channels:
+        raise ValueError(f"the model denoises {loaded.model.config.in_channels} channels but its codec {codec.id!r} "
+                         f"has {shape[0]}")
+    return shape
+
+
+def sample_decoded(loaded, prompts: list[str], **kwargs) -> np.ndarray:
+    """training.sample.generate in the model's space, decoded through its codec: (B, T, H, W, 3) uint8."""
+    from training.sample import generate
+
+    return loaded.codec.decode(generate(loaded.model, loaded.text_encoder, loaded.schedule, prompts, **kwargs))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -513,8 +562,7 @@ def evaluate(config: EvaluateConfig, real: RealClips | None = None) -> Evaluatio
     from models.clip_scorer import resolve_device
 
     config.validate()
-    models = resolve_models(config.model_specs())
-    models += onnx_rows(models, config.onnx_models)
+    models = evaluation_models(config)
     fmt = video_format(config, models[0])
     if real is None and config.data:
         real = load_real_clips(config.data, fmt, config.max_videos)
@@ -542,9 +590,6 @@ def evaluate(config: EvaluateConfig, real: RealClips | None = None) -> Evaluatio
         log.info("evaluating %s (%s): %d %s steps, cfg %g, %d videos of %d frames at %d px", spec.name, spec.path,
                  spec.num_steps, spec.sampler, spec.cfg_scale, len(prompts), fmt.num_frames, fmt.size)
         loaded = load_for_evaluation(spec, device, Path(workdir.name))
-        if loaded.model.config.in_channels != 3:
-            raise ValueError(f"{spec.path}: the model denoises {loaded.model.config.in_channels} channels; evaluate "
-                             "scores pixel-space models (3 channels) only")
         videos, seconds = generate_videos(loaded, prompts, fmt, spec.num_steps, spec.cfg_scale, config.seed, device,
                                           spec.sampler)
         del loaded  # one model on the device at a time

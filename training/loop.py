@@ -74,7 +74,7 @@ def build(job: TrainJob, codec: PixelCodec, device: torch.device) -> Built:
     if job.distill.cfg_scale != 1.0:  # the empty prompt's encoding, for the teacher's guidance: once per run
         null_context, null_mask = loaded.text_encoder([""] * config.deepspeed.micro_batch_size)
         null_text = (null_context.to(device).float(), null_mask.to(device))
-    objective = DistillationObjective(job.distill, teacher, loaded.schedule, null_text)
+    objective = DistillationObjective(job.distill, teacher, loaded.schedule, null_text, loaded.codec.clip_range)
     return Built(model, teacher.config, loaded.text_encoder, loaded.schedule, objective)
 
 

@@ -68,4 +68,5 @@ class DistillationObjective:
         if null_context is not None:
             null_context, null_mask = null_context[:x0.shape[0]], null_mask[:x0.shape[0]]
         fn = guided(self.teacher, context.float(), mask, null_context, null_mask, self.round.cfg_scale)
-        return NoisedBatch(x_t, t, two_step_target(fn, self.schedule, x_t, t, t_mid, t_prev))
+        return NoisedBatch(x_t, t, two_step_target(fn, self.schedule, x_t, t, t_mid, t_prev,
+                                                          clip_x0=self.clip_x0))

@@ -64,9 +64,9 @@ def trained_shapes(loaded, codec) -> DenoiserShapes:
         raise ValueError("config.json has no curriculum stage with num_frames and size: the exported graph needs the "
                          "shapes the model was trained at")
     config: VDiTConfig = loaded.model.config
-    return DenoiserShapes(channels=config.in_channels, frames=int(stage["num_frames"]) // codec.time_compression,
-                          height=int(stage["size"]) // codec.space_compression,
-                          width=int(stage["size"]) // codec.space_compression,
+    # the codec's latent shape: a causal VAE at 4x in time takes 5 frames to 2
+    _, frames, height, width = codec.latent_shape(int(stage["num_frames"]), int(stage["size"]), int(stage["size"]))
+    return DenoiserShapes(channels=config.in_channels, frames=frames, height=height, width=width,
                           context_length=int(loaded.text_encoder.config.context_length),
                           context_dim=config.context_dim)
 
@@ -203,5 +203,8 @@ def load_onnx_model(directory: str | Path, device: torch.device | str = "cpu"):
     if (directory / TEXT_WEIGHTS).is_file():
         text_encoder.load_state_dict(load_file(directory / TEXT_WEIGHTS))
     schedule = NoiseSchedule(ScheduleConfig(**config["schedule"]))
-    return LoadedModel(OnnxDenoiser(directory / DENOISER, device), text_encoder.to(device), schedule, config)
+    from training.export import export_codec
+
+    return LoadedModel(OnnxDenoiser(directory / DENOISER, device), text_encoder.to(device), schedule, config,
+                       export_codec(config, str(device)))  # a latent model's samples decode through its codec
 
