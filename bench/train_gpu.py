@@ -3,6 +3,11 @@ and peak memory of a plain PyTorch step and of the project's engine (training.en
 
     python bench/train_gpu.py [--device cpu|cuda] [--presets VDiT-S/2,VDiT-B/2] [--shapes latent|shipped|all]
         [--steps 10] [--warmup 3] [--compile] [--peak-tflops 989] [--threads N] [--json OUT]
+        [--zero-stage 2] [--zero-options JSON] [--variant LABEL] [--profile DIR]
+
+The engine path runs ZeRO stage --zero-stage with --zero-options added to DeepSpeed's zero_optimization section (the
+train config's deepspeed.zero_options); --variant labels such rows. --profile DIR writes torch.profiler's table of one
+more step per row (the ops by self device time, or CPU time on the CPU) to DIR: where an engine's step goes.
 
 Shapes: `latent` is 4 x 16 x 32 x 32 (a VAE latent of 16 frames at 256 px: 4,096 tokens a sample at patch 2; on the
 CPU a tiny 4 x 4 x 16 x 16); `shipped` are the two curriculum stages of configs/train/vdit-s.yaml for its preset
@@ -81,6 +86,7 @@ class Row:
     peak_mem_bytes: int | None = None
     real_over_plain: float | None = None
     note: str = ""
+    variant: str = ""  # what the engine row ran beyond the defaults, e.g. "z0" or "z2+overlap"
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -155,7 +161,7 @@ def sync(device: torch.device) -> None:
 # The two paths: each returns a step function with no host sync inside
 
 
-def plain_step(model: VDiT, batch: tuple[torch.Tensor, ...], device: torch.device, grad_clip: float):
+def plain_step(model: VDiT, batch: tuple[torch.Tensor, ...], device: torch.device, grad_clip: float, spec: dict):
     """Plain PyTorch: bf16 autocast and fused AdamW on a GPU, fp32 on the CPU; the engine's gradient clipping."""
     x_t, t, context, mask, target = batch
     cuda = device.type == "cuda"
@@ -172,7 +178,7 @@ def plain_step(model: VDiT, batch: tuple[torch.Tensor, ...], device: torch.devic
     return step
 
 
-def engine_step(model: VDiT, batch: tuple[torch.Tensor, ...], device: torch.device, grad_clip: float):
+def engine_step(model: VDiT, batch: tuple[torch.Tensor, ...], device: torch.device, grad_clip: float, spec: dict):
     """The project's path: training.engine.Engine (DeepSpeed ZeRO-2, bf16 on a GPU, fp32 on the CPU)."""
     from training.config import TrainConfig
     from training.engine import Engine
@@ -180,7 +186,8 @@ def engine_step(model: VDiT, batch: tuple[torch.Tensor, ...], device: torch.devi
     init_single_process_group(device)
     cuda = device.type == "cuda"
     config = TrainConfig()
-    config.deepspeed.zero_stage = 2
+    config.deepspeed.zero_stage = spec["zero_stage"]
+    config.deepspeed.zero_options = dict(spec["zero_options"])
     config.deepspeed.precision = "bf16" if cuda else "fp32"
     config.deepspeed.micro_batch_size = batch[0].shape[0]
     config.deepspeed.grad_accum = 1
@@ -225,7 +232,7 @@ def measure(row: Row, shape: Shape, device: torch.device, spec: dict) -> None:
     if spec["compile"]:
         model.compile_blocks()
     build = plain_step if row.path == "plain" else engine_step
-    step = build(model, batch, device, grad_clip=1.0)
+    step = build(model, batch, device, grad_clip=1.0, spec=spec)
     for _ in range(spec["warmup"]):
         step()
     sync(device)
@@ -241,6 +248,25 @@ def measure(row: Row, shape: Shape, device: torch.device, spec: dict) -> None:
     row.tflops = row.flops_per_step / seconds / 1e12
     if spec["peak_tflops"]:
         row.mfu = row.tflops / spec["peak_tflops"]
+    if spec.get("profile"):
+        profile_step(step, row, device, Path(spec["profile"]))
+
+
+def profile_step(step, row: Row, device: torch.device, directory: Path) -> None:
+    """torch.profiler over one more step, its ops by self time on the device (CPU time on the CPU), into a file."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        step()
+        sync(device)
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    directory.mkdir(parents=True, exist_ok=True)
+    name = "_".join(filter(None, [row.preset, row.shape, row.path, row.variant]))
+    path = directory / f"profile_{''.join(c if c.isalnum() else '-' for c in name)}.txt"
+    averages = prof.key_averages()
+    path.write_text(averages.table(sort_by=key, row_limit=30) + "\n\nby CPU time:\n"
+                    + averages.table(sort_by="cpu_time_total", row_limit=30))
 
 
 def child(spec: dict) -> int:
@@ -290,21 +316,32 @@ def table(rows: list[Row]) -> str:
     ]
     for r in rows:
         if r.samples_per_s is None:
-            lines.append(f"| {r.preset} | {r.shape} | {r.path} | {r.batch} | {r.note} | | | | | |")
+            lines.append(f"| {r.preset} | {r.shape} | {path_label(r)} | {r.batch} | {r.note} | | | | | |")
             continue
         mfu = f"{100 * r.mfu:.1f} %" if r.mfu is not None else "n/a"
         ratio = f"{r.real_over_plain:.3f}" if r.real_over_plain is not None else ""
         lines.append(
-            f"| {r.preset} | {r.shape} | {r.path} | {r.batch} | {r.samples_per_s:.2f} | "
+            f"| {r.preset} | {r.shape} | {path_label(r)} | {r.batch} | {r.samples_per_s:.2f} | "
             f"{r.tokens_per_s:,.0f} | {r.tflops:.3g} | {mfu} | {gib(r.peak_mem_bytes)} | {ratio} |"
         )
     return "\n".join(lines)
+
+
+def path_label(row: Row) -> str:
+    return f"{row.path} [{row.variant}]" if row.variant else row.path
 
 
 def gib(size: int | None) -> str:
     if size is None:
         return ""
     return f"{size / 2**30:.2f} GiB" if size >= 2**30 else f"{size / 2**20:.0f} MiB"
+
+
+def engine_variant(zero_stage: int, zero_options: dict) -> str:
+    """The engine rows' label: empty for the defaults (ZeRO-2, nothing added), else the stage and the added keys."""
+    if zero_stage == 2 and not zero_options:
+        return ""
+    return "+".join([f"z{zero_stage}", *(f"{k}={v}" for k, v in sorted(zero_options.items()))])
 
 
 def device_peak_tflops(device: torch.device) -> float | None:
@@ -329,6 +366,10 @@ def main() -> int:
     parser.add_argument("--paths", default="plain,real", help="plain, real (the engine), or both")
     parser.add_argument("--row-timeout", type=float, default=600.0, help="seconds one measurement may take")
     parser.add_argument("--json", help="write the rows here too (rewritten after each row)")
+    parser.add_argument("--zero-stage", type=int, default=2, choices=[0, 1, 2, 3], help="the engine path's ZeRO stage")
+    parser.add_argument("--zero-options", default="{}", help="JSON: more zero_optimization keys for the engine path")
+    parser.add_argument("--variant", default="", help="a label for the engine rows (default: from the ZeRO settings)")
+    parser.add_argument("--profile", metavar="DIR", help="write a torch.profiler table of one step per row here")
     parser.add_argument("--child", help=argparse.SUPPRESS)  # one measurement, run by run_row
     args = parser.parse_args()
     if args.child:
@@ -359,7 +400,11 @@ def main() -> int:
         "peak_tflops": args.peak_tflops or device_peak_tflops(device),
         "text_tokens": args.text_tokens or (77 if cuda else 16),
         "threads": args.threads or (None if cuda else torch.get_num_threads()),
+        "zero_stage": args.zero_stage,
+        "zero_options": json.loads(args.zero_options),
+        "profile": str(Path(args.profile).resolve()) if args.profile else None,
     }
+    variant = args.variant or engine_variant(args.zero_stage, spec["zero_options"])
     report = {"device": name, "torch": torch.__version__, **spec, "rows": []}
     print(f"{name}, torch {torch.__version__}, peak {spec['peak_tflops'] or 'n/a'} TFLOP/s, {args.steps} timed steps")
 
@@ -373,7 +418,8 @@ def main() -> int:
             flops = count_flops(preset, shape, spec["text_tokens"])
             plain = None
             for path in args.paths.split(","):
-                row = Row(preset, shape.name, path, shape.batch, tokens, flops)
+                row = Row(preset, shape.name, path, shape.batch, tokens, flops,
+                          variant=variant if path == "real" else "")
                 if path == "real" and importlib.util.find_spec("deepspeed") is None:
                     row.note = "skipped: No module named 'deepspeed'"  # without starting a process to learn it
                 else:

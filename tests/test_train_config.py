@@ -27,6 +27,7 @@ CASES = {
     "optimizer offload without ZeRO": (["deepspeed.zero_stage=0", "deepspeed.offload_optimizer=true"],
                                        "deepspeed.offload_optimizer"),
     "unknown ZeRO stage": (["deepspeed.zero_stage=4"], "deepspeed.zero_stage"),
+    "ZeRO stage in zero_options": (["deepspeed.zero_options={stage: 3}"], "deepspeed.zero_options: stage"),
     "unknown key": (["deepspeed.zero=2"], "deepspeed.zero"),
     "unknown codec": (["codec.kind=vae"], "codec.kind"),
     "text tower hub id without a commit": (["text.pretrained=hf-hub:org/some-clip"], "text.pretrained"),
@@ -65,3 +66,13 @@ print(json.dumps({{"results": results, "ray": "ray" in sys.modules, "mlflow": "m
             (name, err)
     assert not report["ray"] and not report["mlflow"]
     assert not (tmp_path / "out").exists()
+
+
+def test_zero_options_reach_deepspeeds_zero_section_beside_the_stage():
+    from training.engine import deepspeed_config
+
+    config = load_config(TrainConfig, None, ["deepspeed.zero_options={overlap_comm: true, reduce_bucket_size: 1000}"],
+                         base={"data": "d", "output": "o"})
+    config.validate()
+    zero = deepspeed_config(config, world_size=2)["zero_optimization"]
+    assert zero == {"overlap_comm": True, "reduce_bucket_size": 1000, "stage": config.deepspeed.zero_stage}

@@ -35,6 +35,28 @@ class CurriculumStage:
     num_frames: int = 8
     fps: float = 8.0
     size: int = 32
+    # What the stage reads (training/stage_data.py): "video" windows of the curated clips; "keyframes", one frame
+    # per sample from the curated clips' stored keyframes; "images", one frame per image of the folder `images`
+    # (captions from its captions.jsonl or a .txt beside each image). Image sources need num_frames 1.
+    source: str = "video"
+    images: str = ""
+    # Only the curated clips this filter over the clips table selects (Lance SQL; pNN(column) is the column's NN-th
+    # percentile over the version's kept clips), e.g. "aesthetic >= p90(aesthetic)"; empty: every kept clip
+    where: str = ""
+    # with buckets.aspect_ratios: the frame counts of this stage's buckets (training/buckets.py); empty: num_frames
+    bucket_frames: list[int] = field(default_factory=list)
+
+
+@dataclass
+class BucketConfig:
+    """Aspect-ratio buckets (training/buckets.py): each clip is resized, keeping its aspect ratio, to the nearest
+    bucket's shape at each stage (about size x size pixels, sides multiples of patch x codec compression), and each
+    micro-batch comes from one bucket. Empty `aspect_ratios` (the default): square centre crops of each stage."""
+
+    aspect_ratios: list[str] = field(default_factory=list)  # width:height, e.g. ["16:9", "9:16", "4:3", "1:1"]
+    # a clip whose |ln(its aspect / bucket's)| is above this for every bucket fits none (counted and reported);
+    # it bounds the crop: at most 1 - exp(-0.2) = 18 % of one side
+    max_aspect_error: float = 0.2
 
 
 @dataclass
@@ -67,6 +89,9 @@ class DeepSpeedConfig:
     precision: str = "fp32"  # "fp32" | "bf16"
     offload_optimizer: bool = False  # ZeRO >= 1: optimizer state on the CPU
     offload_params: bool = False  # ZeRO-3 only: parameters on the CPU
+    # more `zero_optimization` keys, passed to DeepSpeed as written (e.g. overlap_comm, contiguous_gradients,
+    # reduce_bucket_size); stage and offload come from the fields above
+    zero_options: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -126,6 +151,7 @@ class TrainConfig:
     # from the resume on is the new dataset's. Off: resuming against other data stops with what differs.
     accept_data_change: bool = False
     curriculum: list[CurriculumStage] = field(default_factory=lambda: [CurriculumStage()])
+    buckets: BucketConfig = field(default_factory=BucketConfig)  # none: square centre crops
     data_loading: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
@@ -171,6 +197,9 @@ class TrainConfig:
         patch = self.model_config()
         for index, stage in enumerate(self.curriculum):
             _validate_stage(f"curriculum[{index}] ({stage.name})", stage, patch.patch_size, patch.patch_frames)
+        from training.buckets import validate_buckets
+
+        validate_buckets(self.buckets, self.curriculum, patch.patch_frames)
 
     def _validate_text_weights(self) -> None:
         from models.clip_scorer import weights_problem
@@ -189,6 +218,10 @@ class TrainConfig:
             raise ConfigError("deepspeed.offload_params needs deepspeed.zero_stage=3")
         if ds.offload_optimizer and ds.zero_stage == 0:
             raise ConfigError("deepspeed.offload_optimizer needs deepspeed.zero_stage 1, 2 or 3")
+        owned = sorted({"stage", "offload_optimizer", "offload_param"} & set(ds.zero_options))
+        if owned:
+            raise ConfigError(f"deepspeed.zero_options: {', '.join(owned)} come from deepspeed.zero_stage and "
+                              "deepspeed.offload_*; set those instead")
         if self.optim.decay not in ("cosine", "linear", "constant"):
             raise ConfigError(f"optim.decay: expected cosine, linear or constant, got {self.optim.decay!r}")
 
@@ -237,10 +270,29 @@ def _validate_stage(name: str, stage: CurriculumStage, patch_size: int, patch_fr
         fix = stage.size - stage.size % patch_size
         raise ConfigError(f"{name}: size {stage.size} is not divisible by the model's patch_size {patch_size}; "
                           f"use size {fix} or {fix + patch_size}")
+    _validate_stage_source(name, stage)
     if stage.num_frames % patch_frames:
         fix = stage.num_frames - stage.num_frames % patch_frames
         raise ConfigError(f"{name}: num_frames {stage.num_frames} is not divisible by the model's patch_frames "
                           f"{patch_frames}; use num_frames {fix or patch_frames} or {fix + patch_frames}")
+
+
+STAGE_SOURCES = ("video", "keyframes", "images")  # CurriculumStage.source
+
+
+def _validate_stage_source(name: str, stage: CurriculumStage) -> None:
+    """What a stage reads must be one it can read; the expression and the folder are checked against the data on the
+    driver (training/stage_data.py), before any worker starts."""
+    if stage.source not in STAGE_SOURCES:
+        raise ConfigError(f"{name}: source {stage.source!r} is not one of {', '.join(STAGE_SOURCES)}")
+    if stage.source == "images" and not stage.images:
+        raise ConfigError(f"{name}: source images needs images: FOLDER (jpg/png/webp with captions)")
+    if stage.images and stage.source != "images":
+        raise ConfigError(f"{name}: images is read by source images only; set source: images or drop images")
+    if stage.source == "images" and stage.where:
+        raise ConfigError(f"{name}: where selects curated clips; an image folder has no clips table")
+    if stage.source != "video" and stage.num_frames != 1:
+        raise ConfigError(f"{name}: source {stage.source} gives one frame per sample; set num_frames: 1")
 
 
 # What a resumed run may change without changing what it computes: where it logs, how often it saves or samples,
@@ -260,4 +312,12 @@ def resume_hash(config: TrainConfig) -> str:
         for part in parents:
             section = section[part]
         section.pop(last, None)
+    if data["buckets"] == dataclasses.asdict(BucketConfig()):  # a run without buckets hashes as before they existed
+        del data["buckets"]
+        for stage in data["curriculum"]:
+            stage.pop("bucket_frames", None)
+    for stage in data["curriculum"]:  # a stage reading every curated clip as video hashes as before stages chose
+        if (stage.get("source"), stage.get("images"), stage.get("where")) == ("video", "", ""):
+            for key in ("source", "images", "where"):
+                stage.pop(key)
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()

@@ -18,7 +18,7 @@ def deepspeed_config(config: TrainConfig, world_size: int) -> dict:
     """The DeepSpeed config of a run. The optimizer is passed in by `Engine` (torch's AdamW, fused on a GPU);
     DeepSpeed's own schedulers give the LR warm-up and decay."""
     ds, optim = config.deepspeed, config.optim
-    zero: dict = {"stage": ds.zero_stage}
+    zero: dict = {**ds.zero_options, "stage": ds.zero_stage}
     if ds.offload_optimizer and ds.zero_stage > 0:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": config.scaling.use_gpu}
     if ds.offload_params:
