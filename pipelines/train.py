@@ -50,12 +50,16 @@ def run_train(config: TrainConfig, distill: DistillRound | None = None, step: st
     table = open_training_data(config.data)  # a curated dataset or a latent cache; fails on a wrong --data now
     check_cache_matches(table, config, task)
     config.data = table.data_uri  # DIR@vN: every worker reads this version, and the saved config names it
+    from training.stage_data import plan_stages
+
+    stages = plan_stages(config, table)  # each stage's data (subset, image folder): a bad one fails here
     with OutputLock(config.output):  # one run per output: its checkpoints and its MLflow run are its own
-        return _train(config, table, distill, step, register_tags, alias, task)
+        return _train(config, table, distill, step, register_tags, alias, task, stages)
 
 
 def _train(config: TrainConfig, table, distill: DistillRound | None, step: str,
-           register_tags: dict[str, str] | None, alias: str | None, task: type | None = None) -> dict:
+           register_tags: dict[str, str] | None, alias: str | None, task: type | None = None,
+           stages: list | None = None) -> dict:
     out = OutputDir(config.output)
     _check_resume(out, config, table.version)
     out.makedirs()
@@ -68,7 +72,8 @@ def _train(config: TrainConfig, table, distill: DistillRound | None, step: str,
                                        "reelforge.data_version": table.version,
                                        "reelforge.output": config.output}, config.tracking.parent_run_id)
     client = tracking.client_for(uri)
-    tracking.log_params(client, run_id, {**flatten(config), **tracking.data_params(table)})
+    tracking.log_params(client, run_id, {**flatten(config), **tracking.data_params(table),
+                                         **_stage_params(config, stages or [])})
     log.info("MLflow run %s in %s; data %s (%s, %d clips)", run_id, redact_uri(uri), redact_uri(config.data),
              table.version, len(table))
 
@@ -78,7 +83,7 @@ def _train(config: TrainConfig, table, distill: DistillRound | None, step: str,
     started = time.perf_counter()
     with StopOnSigterm(config.output):
         try:
-            result = _trainer(config, TrainJob(config, uri, run_id, distill, task)).fit()
+            result = _trainer(config, TrainJob(config, uri, run_id, distill, task, stages)).fit()
         except Exception:
             tracking.finish_run(uri, run_id, status="FAILED")
             raise
@@ -94,6 +99,13 @@ def _train(config: TrainConfig, table, distill: DistillRound | None, step: str,
                "registered_model": config.tracking.registered_model, "model_version": version,
                "wall_seconds": wall, "checkpoint": result.checkpoint.path if result.checkpoint else None}
     return summary
+
+
+def _stage_params(config: TrainConfig, stages: list) -> dict:
+    """What each stage that chose its data reads, as MLflow params: curriculum.<i>.<key>, e.g. curriculum.2.clips
+    (the subset's size) and curriculum.2.where_resolved (the expression with its percentiles' values)."""
+    return {f"curriculum.{index}.{key}": value for index, data in enumerate(stages)
+            for key, value in data.summary.items()}
 
 
 def _check_resume(out: OutputDir, config: TrainConfig, data_version: str) -> None:

@@ -26,6 +26,7 @@ from training.latent_dataset import CachedInputs, LatentLoader, LatentTable, ope
 from training.objective import DiffusionObjective, DistillationObjective, DistillRound
 from training.preemption import StopWatcher
 from training.sample import SampleLogger
+from training.stage_data import StageData, open_frame_loader, plan_stages, subset_view
 from training.tracker import WorkerTracker
 
 log = logging.getLogger("reelforge.train")
@@ -42,6 +43,8 @@ class TrainJob:
     # What the run trains: None is DiffusionTask (diffusion, or a distillation round with `distill`); another task
     # class with the same methods (training/vae/task.py: the video autoencoder) reuses this loop and its engine.
     task: type | None = None
+    # What each curriculum stage reads, resolved by the driver (training/stage_data.plan_stages); None: resolved here
+    stages: list[StageData] | None = None
 
 
 @dataclass
@@ -85,13 +88,17 @@ def step_generator(seed: int, step: int, rank: int, micro: int) -> torch.Generat
 
 
 class CurriculumBatches:
-    """Micro-batch m of optimizer step `step` for this rank: the stage's loader at a position that depends only on
-    (step, m), so a resumed run reads exactly the batches an uninterrupted one would."""
+    """Micro-batch m of optimizer step `step` for this rank: the stage's loader, over the stage's data (`stages`),
+    at a position that depends only on (step, m), so a resumed run reads exactly the batches an uninterrupted one
+    would, in whichever stage it resumes."""
 
-    def __init__(self, table: ClipTable, config: TrainConfig, rank: int, world_size: int):
+    def __init__(self, table: ClipTable, config: TrainConfig, rank: int, world_size: int,
+                 stages: list[StageData] | None = None):
         self.table, self.config, self.rank, self.world_size = table, config, rank, world_size
+        self.stages = stages or [StageData() for _ in config.curriculum]
         self.stage_index: int | None = None
         self.loader: StageLoader | None = None
+        self.opened_at: int | None = None  # the step at which the current stage's loader was opened
 
     def batch(self, step: int, micro: int):
         """(video uint8, captions) from curated data; (LatentBatch, None) from a latent cache."""
@@ -99,18 +106,30 @@ class CurriculumBatches:
         if index != self.stage_index:
             self.close()
             self.stage_index = index
-            self.loader = self._loader(stage, self.config.seed + index)
+            self.loader = self._loader(stage, self.stages[index], self.config.seed + index)
+            self.opened_at = step
         start = sum(s.steps for s in self.config.curriculum[:index])
         k = (step - start) * self.config.deepspeed.grad_accum + micro
         return (self.loader.batch(k), None) if isinstance(self.table, LatentTable) else self.loader.batch(k)
 
-    def _loader(self, stage, seed: int) -> StageLoader | LatentLoader:
+    def _loader(self, stage, selection: StageData, seed: int):
         data, batch_size = self.config.data_loading, self.config.deepspeed.micro_batch_size
         if isinstance(self.table, LatentTable):
             return LatentLoader(self.table, stage, data.windows_per_clip, seed, self.rank, self.world_size,
                                 batch_size, data.prefetch_batches)
-        return StageLoader(self.table, stage, data, seed, self.rank, self.world_size, batch_size,
-                           cache_bytes=data.cache_mib * 2**20)
+        if selection.source != "video":  # one frame per sample: curated keyframes or an image folder
+            return open_frame_loader(self.table, stage, selection, self.config, seed, self.rank, self.world_size)
+        return StageLoader(subset_view(self.table, selection), stage, data, seed, self.rank, self.world_size,
+                           batch_size, cache_bytes=data.cache_mib * 2**20)
+
+    def opened_stage(self, step: int) -> dict[str, float] | None:
+        """After optimizer step `step` (1-based): the metrics of the stage whose loader that step opened (its index,
+        the items it samples from, its frames per sample), else None."""
+        if self.opened_at != step - 1:
+            return None
+        index = self.stage_index
+        return {"stage_index": index, "stage_items": len(self.loader.sampler.items),
+                "stage_frames": self.config.curriculum[index].num_frames}
 
     def close(self) -> None:
         if self.loader is not None:
@@ -226,7 +245,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if restored is not None:
         tracker.metrics({"resumed_weights_fingerprint": restored}, step)
     task.attach(engine, tracker, step)
-    batches = CurriculumBatches(table, config, rank, world)
+    batches = CurriculumBatches(table, config, rank, world, job.stages or plan_stages(config, table))
     stop = StopWatcher(config.output, world)
 
     resumed_at, stopped = step, False
@@ -248,6 +267,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
         step += 1
         window.steps += 1
         window.step_time += time.perf_counter() - started
+        opened = batches.opened_stage(step)
+        if opened is not None:  # what the stage reads, where it starts (again, on a resume within it)
+            tracker.metrics(opened, step)
         if step == resumed_at + 1:  # optimizer state exists after the first step
             _log_state_sizes(engine, tracker, world, step)
         if step % config.tracking.log_every_steps == 0 or step == final_step:
