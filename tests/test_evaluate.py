@@ -195,7 +195,7 @@ def test_comparison_files_and_grid(evaluated):
     out, result = evaluated
     written = write_outputs(result, out, grid_prompts=4, cell_px=64)
     assert {"comparison.csv", "comparison.md", "grid.gif", "samples/teacher-32.gif", "samples/student-4.gif",
-            "samples/real.gif", "prompts.txt", "results.json"} == set(written)
+            "samples/real.gif", "prompts.txt", "results.json", "speed_vs_quality.png"} == set(written)
     with open(out / "comparison.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert [r["model"] for r in rows] == ["teacher-32", "student-4"]
@@ -206,11 +206,13 @@ def test_comparison_files_and_grid(evaluated):
     assert "| frechet_clip_frame † |" in markdown and "| clipsim_mean † |" in markdown
     assert "| flicker_mean |" in markdown and UNTRAINED_NOTE in markdown
     assert markdown.count("| teacher-32 |") == markdown.count("| student-4 |") == 1
-    # 16 px videos enlarged 4x to 64 px cells with 2 px gaps: 2 model rows x 4 prompt columns, every frame.
+    # 16 px videos enlarged 4x to 64 px cells with 2 px gaps: 2 model rows x 4 prompt columns, every frame, with
+    # a band of model labels on the left and of prompts on top (labels: tests/test_mlflow_compare.py).
     with Image.open(out / "grid.gif") as gif:
-        assert gif.size == (4 * 66 - 2, 2 * 66 - 2) and gif.n_frames == FRAMES
+        assert gif.size[0] > 4 * 66 - 2 and gif.size[1] > 2 * 66 - 2 and gif.n_frames == FRAMES
+    # Every prompt of one model in rows of 8 (6 prompts: one row), each clip 64 px with its prompt under it.
     with Image.open(out / "samples" / "student-4.gif") as gif:
-        assert gif.size == (6 * 66 - 2, 64)
+        assert gif.size[0] == 6 * 66 - 2 and gif.size[1] > 64
     results = json.loads((out / "results.json").read_text())
     assert results["clip_ids"] == [f"clip-{i}" for i in range(6)]
     assert len(results["models"][1]["per_video"]["flicker"]) == 6
@@ -286,7 +288,8 @@ def test_run_evaluate_logs_child_runs_under_the_parent_and_reruns_in_place(expor
     # The same config again: the same runs, the same table (timings aside).
     def table():
         with open(output / "comparison.csv", newline="") as f:
-            return [{k: v for k, v in r.items() if k != "seconds_per_video"} for r in csv.DictReader(f)]
+            return [{k: v for k, v in r.items() if k not in ("seconds_per_video", "speedup_vs_teacher")}
+                    for r in csv.DictReader(f)]
 
     first = table()
     again = run_evaluate(load_config(EvaluateConfig, None, overrides, base={"output": str(output)}))

@@ -14,6 +14,7 @@ import logging
 import math
 import re
 import tempfile
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -529,6 +530,8 @@ class ModelResult:
     videos: np.ndarray  # (N, T, H, W, 3) uint8
     sampler: str = "ddim"
     backend: str = "torch"
+    started_at: float = 0.0  # epoch seconds: loading, generating and scoring this model (its run's duration)
+    finished_at: float = 0.0
 
 
 @dataclass
@@ -551,7 +554,8 @@ class EvaluationResult:
 
 
 def metric_columns(frechet_names: list[str]) -> list[str]:
-    return ["num_steps", "cfg_scale", "model_evaluations_per_video", "seconds_per_video", *frechet_names,
+    return ["num_steps", "cfg_scale", "model_evaluations_per_video", "seconds_per_video", "speedup_vs_teacher",
+            *frechet_names,
             "clipsim_mean", "flicker_mean", "motion_median", "motion_wasserstein", "motion_median_difference",
             *ADHERENCE, "prompts_scored", "num_videos"]
 
@@ -587,6 +591,7 @@ def evaluate(config: EvaluateConfig, real: RealClips | None = None) -> Evaluatio
     results = []
     workdir = tempfile.TemporaryDirectory(prefix="reelforge-evaluate-onnx-")  # graphs exported for this evaluation
     for spec in models:
+        started_at = time.time()
         log.info("evaluating %s (%s): %d %s steps, cfg %g, %d videos of %d frames at %d px", spec.name, spec.path,
                  spec.num_steps, spec.sampler, spec.cfg_scale, len(prompts), fmt.num_frames, fmt.size)
         loaded = load_for_evaluation(spec, device, Path(workdir.name))
@@ -603,14 +608,24 @@ def evaluate(config: EvaluateConfig, real: RealClips | None = None) -> Evaluatio
                    **summary_metrics(scores, videos, prompts, config.metrics.min_confidence)}
         results.append(ModelResult(spec.name, spec.path, spec.role, spec.num_steps, spec.cfg_scale, spec.config,
                                    metrics, {k: v.tolist() for k, v in scores.items()}, videos, spec.sampler,
-                                   spec.backend))
+                                   spec.backend, started_at, time.time()))
     workdir.cleanup()
+    add_speedups(results)
     notes += quantisation_notes(results)
     columns = metric_columns(scorers.frechet_names)
     return EvaluationResult(results, prompts, seeds, list(real.clip_ids) if real is not None else [], fmt,
                             reference.metrics if reference is not None else None,
                             real.videos if real is not None else None, columns, scorers.untrained_metrics,
                             scorers.labels, notes)
+
+
+def add_speedups(results: list[ModelResult]) -> None:
+    """speedup_vs_teacher: the first model's (the reference's) seconds per video over each model's, measured on the
+    same prompts, device and machine (NaN when a time is not positive)."""
+    reference = results[0].metrics["seconds_per_video"] if results else 0.0
+    for row in results:
+        seconds = row.metrics["seconds_per_video"]
+        row.metrics["speedup_vs_teacher"] = reference / seconds if reference > 0 and seconds > 0 else float("nan")
 
 
 QUANTISED_TOLERANCE_POINTS = 5.0  # an int8 model is worth keeping if no adherence accuracy drops by more
@@ -709,11 +724,25 @@ def _json_safe(value):
     return value
 
 
+SHEET_COLUMNS = 8  # samples/<model>.gif: prompts per row
+CHART_FILE = "speed_vs_quality.png"
+
+
+def model_label(model: ModelResult) -> str:
+    """What a grid row says of its model: name, sampling, measured speed."""
+    backend = "" if model.backend == "torch" else f", {model.backend}"
+    return (f"{model.name}\n{model.num_steps} {model.sampler} steps, cfg {model.cfg_scale:g}{backend}\n"
+            f"{model.metrics['seconds_per_video']:.3g} s/video")
+
+
 def write_outputs(result: EvaluationResult, directory: str | Path, grid_prompts: int = 8,
                   cell_px: int = 64) -> dict[str, Path]:
-    """comparison.csv/.md, grid.gif (rows: models, columns: the first `grid_prompts` prompts), samples/<model>.gif
-    (every prompt of one model; samples/real.gif for the held-out clips), prompts.txt and results.json."""
-    from training.sample import tile, write_gif
+    """comparison.csv/.md, grid.gif (rows: models, columns: the first `grid_prompts` prompts, labelled),
+    samples/<model>.gif (every prompt of one model, labelled, in rows of SHEET_COLUMNS; samples/real.gif for the
+    held-out clips), speed_vs_quality.png, prompts.txt and results.json."""
+    from training.labelled_grid import labelled_grid, labelled_sheet
+    from training.sample import write_gif
+    from training.speed_quality_chart import write_speed_quality_chart
 
     directory = Path(directory)
     samples = directory / "samples"
@@ -738,16 +767,21 @@ def write_outputs(result: EvaluationResult, directory: str | Path, grid_prompts:
     path.write_text(comparison_markdown(result, count))
     written["comparison.md"] = path
 
-    grid = video_grid([enlarge(m.videos[:count], cell_px) for m in result.models])
+    labels = [f"{i}: {prompt}" for i, prompt in enumerate(result.prompts)]
+    grid = labelled_grid([m.videos[:count] for m in result.models], cell_px, [model_label(m) for m in result.models],
+                         labels[:count])
     write_gif(grid, directory / "grid.gif", fps, min_side=0)
     written["grid.gif"] = directory / "grid.gif"
     for model in result.models:
         path = samples / f"{file_name(model.name)}.gif"
-        write_gif(tile(enlarge(model.videos, cell_px)), path, fps, min_side=0)
+        sheet = labelled_sheet(model.videos, labels, cell_px, SHEET_COLUMNS, model_label(model).replace("\n", ", "))
+        write_gif(sheet, path, fps, min_side=0)
         written[f"samples/{path.name}"] = path
     if result.real_videos is not None:
-        write_gif(tile(enlarge(result.real_videos, cell_px)), samples / "real.gif", fps, min_side=0)
+        sheet = labelled_sheet(result.real_videos, labels, cell_px, SHEET_COLUMNS, "real held-out clips")
+        write_gif(sheet, samples / "real.gif", fps, min_side=0)
         written["samples/real.gif"] = samples / "real.gif"
+    written[CHART_FILE] = write_speed_quality_chart(result, directory / CHART_FILE)
 
     lines = [f"{i}\t{seed}\t{clip}\t{prompt}" for i, (seed, clip, prompt) in
              enumerate(zip(result.seeds, result.clip_ids or [""] * len(result.prompts), result.prompts, strict=True))]
