@@ -108,7 +108,7 @@ def test_take_returns_rows_in_the_requested_order(table):
     assert len(table) == 26 and table.number == 2
     assert table.version.startswith(f"v2-lance{table.lance_version}-") and len(table.version.split("-")[2]) == 12
     meta = table.metadata()
-    assert set(meta) == {"clip_id", "num_frames", "fps", "caption"}
+    assert set(meta) == {"clip_id", "num_frames", "fps", "caption", "width", "height"}
     assert sorted(map(_number, meta["clip_id"])) == list(range(26))  # every kept clip once, the dropped one not
     wanted = [25, 0, 13, 5, 13, 19]  # one asked twice
     rows = table.take(wanted)

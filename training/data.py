@@ -1,10 +1,12 @@
 """Training clips from curated shard rows: decode each clip's bytes to a fixed number of frames at a target fps,
-resize and centre-crop. training/dataset.py reads the rows, replayably, from a dataset version's shards table."""
+resize keeping the aspect ratio and centre-crop: to the stage's square, or to the clip's bucket (training/buckets.py).
+training/dataset.py reads the rows, replayably, from a dataset version's shards table."""
 
 from __future__ import annotations
 
 import io
 import logging
+from typing import TYPE_CHECKING
 
 import av
 import numpy as np
@@ -13,6 +15,9 @@ import torch
 
 from models.codec import PixelCodec
 from training.config import CurriculumStage
+
+if TYPE_CHECKING:  # training/buckets.py reads window_indices from here: data flows buckets <- data
+    from training.buckets import Bucket
 
 log = logging.getLogger("reelforge.train.data")
 
@@ -50,8 +55,11 @@ def window_indices(num_frames_in_clip: int, src_fps: float, num_frames: int, fps
     return [[start + i * stride for i in range(num_frames)] for start in starts]
 
 
-def decode_clip(data: bytes, indices: list[int], size: int) -> np.ndarray:
-    """Decode `indices` (sorted) of an encoded clip: (T, size, size, 3) uint8, short side resized, centre-cropped."""
+def decode_clip(data: bytes, indices: list[int], size: int | tuple[int, int]) -> np.ndarray:
+    """Decode `indices` (sorted) of an encoded clip: (T, H, W, 3) uint8 for `size` (H, W), or (T, size, size, 3)
+    for an int. Each frame is resized, keeping its aspect ratio, to the smallest size that covers H x W, then
+    centre-cropped: never stretched (for a square that is the short side resized to `size`)."""
+    height, width = (size, size) if isinstance(size, int) else size
     wanted = set(indices)
     frames: dict[int, np.ndarray] = {}
     with av.open(io.BytesIO(data)) as container:
@@ -60,11 +68,11 @@ def decode_clip(data: bytes, indices: list[int], size: int) -> np.ndarray:
         for index, frame in enumerate(container.decode(stream)):
             if index in wanted:
                 w, h = frame.width, frame.height
-                scale = size / min(w, h)
-                rw, rh = max(size, round(w * scale)), max(size, round(h * scale))
+                scale = max(width / w, height / h)
+                rw, rh = max(width, round(w * scale)), max(height, round(h * scale))
                 rgb = frame.reformat(width=rw, height=rh, format="rgb24", interpolation="AREA").to_ndarray()
-                top, left = (rh - size) // 2, (rw - size) // 2
-                frames[index] = rgb[top:top + size, left:left + size]
+                top, left = (rh - height) // 2, (rw - width) // 2
+                frames[index] = rgb[top:top + height, left:left + width]
                 if len(frames) == len(wanted):
                     break
     if len(frames) != len(wanted):
@@ -72,14 +80,17 @@ def decode_clip(data: bytes, indices: list[int], size: int) -> np.ndarray:
     return np.stack([frames[i] for i in indices])
 
 
-def decode_row(row: dict, stage: CurriculumStage, windows: int = 1) -> list[np.ndarray]:
-    """The training clips of one shard row at the stage's frames, fps and size: `windows` windows (see
-    window_indices) from a single decode, or none for a clip too short for the stage."""
-    spans = window_indices(row["num_frames"], row["fps"], stage.num_frames, stage.fps, windows)
+def decode_row(row: dict, stage: CurriculumStage, windows: int = 1, bucket: Bucket | None = None) -> list[np.ndarray]:
+    """The training clips of one shard row at the stage's fps: `windows` windows (see window_indices) from a single
+    decode, or none for a clip too short. Without `bucket` they have the stage's frames and square size; with one,
+    the bucket's frames, height and width (training/buckets.py)."""
+    num_frames, size = (stage.num_frames, stage.size) if bucket is None else (
+        bucket.num_frames, (bucket.height, bucket.width))
+    spans = window_indices(row["num_frames"], row["fps"], num_frames, stage.fps, windows)
     if not spans:
         return []
     union = sorted({i for span in spans for i in span})
-    frames = decode_clip(row["video_bytes"], union, stage.size)
+    frames = decode_clip(row["video_bytes"], union, size)
     position = {index: k for k, index in enumerate(union)}
     return [frames[[position[i] for i in span]] for span in spans]
 

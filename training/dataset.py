@@ -20,12 +20,13 @@ import numpy as np
 
 from curation.dataset import DatasetError, open_data, split_version
 from curation.redact import redact_uri
+from training.buckets import BucketSampler, StageBuckets
 from training.config import CurriculumStage, DataConfig
 from training.data import SHARD_COLUMNS, decode_row, window_indices
 
 log = logging.getLogger("reelforge.train.dataset")
 
-METADATA_COLUMNS = ["clip_id", "num_frames", "fps", "caption"]
+METADATA_COLUMNS = ["clip_id", "num_frames", "fps", "caption", "width", "height"]  # width, height: for buckets
 
 
 def pin_version(data: str, number: int) -> str:
@@ -88,7 +89,8 @@ class ClipTable:
         return self.shards.version
 
     def metadata(self) -> dict[str, list]:
-        """clip_id, num_frames, fps and caption of every row, in row order (no video bytes are read)."""
+        """clip_id, num_frames, fps, caption, width and height of every row, in row order (no video bytes are
+        read)."""
         if self._metadata is None:
             table = self.shards.to_table(columns=METADATA_COLUMNS, scan_in_order=True)
             self._metadata = {c: table[c].to_pylist() for c in METADATA_COLUMNS}
@@ -198,13 +200,16 @@ class StageLoader:
     `batch(k)` starts decoding micro-batches k+1 .. k+prefetch_batches in a thread pool (PyAV releases the GIL);
     one decode of a row gives all of its windows. With `config.cache` decoded rows are kept (up to `cache_bytes`,
     least recently used out first) so later epochs do not decode again. The result of batch(k) depends on neither
-    thread timing nor the cache, only on the sampler's items and the bytes of the rows."""
+    thread timing nor the cache, only on the sampler's items and the bytes of the rows. With `buckets`
+    (training/buckets.py) each micro-batch comes from one bucket and each row is decoded at its bucket's shape."""
 
     def __init__(self, table: ClipTable, stage: CurriculumStage, config: DataConfig, seed: int, rank: int,
-                 world_size: int, batch_size: int, cache_bytes: int = 2**30):
-        self.table, self.stage, self.config = table, stage, config
-        self.sampler = StageSampler(table.metadata(), stage, config.windows_per_clip, seed, rank, world_size,
-                                    batch_size)
+                 world_size: int, batch_size: int, cache_bytes: int = 2**30, buckets: StageBuckets | None = None):
+        self.table, self.stage, self.config, self.buckets = table, stage, config, buckets
+        self.sampler = (StageSampler(table.metadata(), stage, config.windows_per_clip, seed, rank, world_size,
+                                     batch_size) if buckets is None else
+                        BucketSampler(table.metadata(), buckets, config.windows_per_clip, seed, rank, world_size,
+                                      batch_size))
         self.batches_per_epoch = self.sampler.batches_per_epoch
         self.cache_bytes = cache_bytes if config.cache else 0
         threads = config.decode_concurrency or min(4, os.cpu_count() or 1)
@@ -267,7 +272,8 @@ class StageLoader:
             return None
         (data,) = self.table.take([row])
         try:
-            return decode_row(data, self.stage, self.config.windows_per_clip)
+            bucket = None if self.buckets is None else self.sampler.bucket_of(row)
+            return decode_row(data, self.stage, self.config.windows_per_clip, bucket)
         except (av.error.FFmpegError, ValueError, IndexError) as err:
             log.warning("clip %s (row %d) cannot be decoded, a later clip of the epoch stands in: %s",
                         data["clip_id"], row, err)

@@ -17,12 +17,12 @@ from models.schedules import NoiseSchedule
 def generate(model, text_encoder, schedule: NoiseSchedule, prompts: list[str], num_frames: int, size: int,
              num_steps: int, cfg_scale: float, seed: int, in_channels: int = 3, dtype=torch.float32,
              device="cpu", clip_x0: float | None = 1.0, negative_prompts: list[str] | None = None,
-             noise: torch.Tensor | None = None, sampler: str = "ddim") -> torch.Tensor:
+             noise: torch.Tensor | None = None, sampler: str = "ddim", width: int | None = None) -> torch.Tensor:
     """Videos for `prompts`, (B, C, T, H, W) in the model's data range. Same seed, same prompts: same videos.
     `clip_x0` (default 1: pixels in [-1, 1]) clamps each step's x0 prediction; None for latents of unknown range.
     `negative_prompts` take the empty prompt's place in guidance; `noise` (B, C, T, H, W), when given, is the start
     instead of noise drawn from `seed` (per-video seeds, any H and W). `sampler`: "ddim" or "dpmpp-2m"
-    (DPM-Solver++ 2M, models/dpm_solver.py)."""
+    (DPM-Solver++ 2M, models/dpm_solver.py). `width`: the frames' width when it is not `size` (a bucket's shape)."""
     check_sampler(sampler)
     batch = len(prompts)
     context, mask = text_encoder(prompts)
@@ -31,7 +31,7 @@ def generate(model, text_encoder, schedule: NoiseSchedule, prompts: list[str], n
     mask, null_mask = mask.to(device), null_mask.to(device)
     generator = torch.Generator().manual_seed(seed)
     x = (noise if noise is not None else
-         torch.randn((batch, in_channels, num_frames, size, size), generator=generator)).to(device)
+         torch.randn((batch, in_channels, num_frames, size, width or size), generator=generator)).to(device)
     return sample_guided(model, schedule, x, context, mask, null_context, null_mask, num_steps, cfg_scale, sampler,
                          clip_x0, dtype)
 
@@ -87,17 +87,20 @@ class SampleLogger:
         every = self.config.every_steps
         return bool(self.config.prompts) and bool(every) and step % every == 0 and step < total_steps
 
-    def log(self, model, ema, stage, tag: str, step: int) -> None:
+    def log(self, model, ema, stage, tag: str, step: int, shape: tuple[int, int, int] | None = None) -> None:
+        """`shape`: the (frames, height, width) pixels to sample (a bucket's: training.buckets.sample_shape); None:
+        the stage's square."""
         if not self.config.prompts:
             return
         s = self.config
+        frames, height, width = shape or (stage.num_frames, stage.size, stage.size)
         model.eval()
         with ema.swapped_in():
-            # the stage's clip in the codec's space: a latent codec's frames and size, decoded below
-            channels, frames, size, _ = self.codec.latent_shape(stage.num_frames, stage.size, stage.size)
-            latents = generate(model, self.text_encoder, self.schedule, s.prompts, frames, size, s.num_steps,
+            # the clip in the codec's space: a latent codec's frames and sides, decoded below
+            channels, frames, height, width = self.codec.latent_shape(frames, height, width)
+            latents = generate(model, self.text_encoder, self.schedule, s.prompts, frames, height, s.num_steps,
                                s.cfg_scale, s.seed, channels, self.dtype, self.device,
-                               clip_x0=self.codec.clip_range)
+                               clip_x0=self.codec.clip_range, width=width)
         model.train()
         if self.tracker.client is not None:
             self._write(self.codec.decode(latents), stage.fps, tag, step)

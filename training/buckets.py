@@ -1,0 +1,245 @@
+"""Aspect-ratio and frame-count buckets: the (frames, height, width) of each bucket at a curriculum stage, which
+bucket each clip trains in, and a replayable batch sampler whose every micro-batch comes from one bucket. With no
+buckets configured (`buckets.aspect_ratios` empty, the default) training keeps square centre crops
+(training/dataset.py's StageSampler) and none of this runs.
+
+The size rule: at a stage of `size`, a bucket of aspect ratio r = width / height holds about size x size pixels,
+    height = m * round(size / sqrt(r) / m),  width = m * round(size * sqrt(r) / m)  (each at least m),
+where m = the model's patch_size x the codec's space compression, so the latent splits into whole patches and every
+bucket of a stage costs about the same tokens per frame (1:1 is exactly the stage's square). Ratios that round to
+the same shape at a stage are one bucket. Frame counts come from the stage's `bucket_frames` (none: `num_frames`).
+
+A clip goes to the bucket whose shape's aspect ratio is nearest its own in log ratio, and to the largest frame count
+it fills at the stage's fps. It is resized to cover the bucket keeping its aspect ratio and centre-cropped, so the crop
+removes at most 1 - exp(-max_aspect_error) of one side and nothing is stretched. A clip further than max_aspect_error
+from every bucket, or shorter than the smallest frame count, fits none: it is counted by reason and reported, not
+trained on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+from collections import Counter, OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from training.config import BucketConfig, ConfigError, CurriculumStage
+from training.data import window_indices
+
+log = logging.getLogger("reelforge.train.buckets")
+
+UNFIT_REASONS = ("aspect", "frames", "unknown")  # unknown: the row has no size, frame count or fps
+
+
+@dataclass(frozen=True)
+class Bucket:
+    """One shape clips are decoded to: `num_frames` x `height` x `width` pixels; `ratio` names it (e.g. "16:9")."""
+
+    ratio: str
+    num_frames: int
+    height: int
+    width: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.ratio.replace(':', 'x')}_{self.num_frames}f_{self.height}x{self.width}"
+
+    @property
+    def log_aspect(self) -> float:
+        return math.log(self.width / self.height)
+
+
+@dataclass(frozen=True)
+class StageBuckets:
+    """The buckets of one curriculum stage and how far a clip's aspect ratio may be from its bucket's."""
+
+    stage: CurriculumStage
+    buckets: tuple[Bucket, ...]
+    max_aspect_error: float
+
+    def fit(self, width: int | None, height: int | None, num_frames: int | None,
+            fps: float | None) -> tuple[int | None, str | None]:
+        """(index of the clip's bucket, None), or (None, the reason it fits none: one of UNFIT_REASONS)."""
+        if not width or not height or not num_frames or not fps:
+            return None, "unknown"
+        aspect = math.log(width / height)
+        error, ratio = min((abs(aspect - b.log_aspect), b.ratio) for b in self.buckets)  # ties: the first listed
+        if error > self.max_aspect_error + 1e-9:
+            return None, "aspect"
+        fitting = [i for i, b in enumerate(self.buckets) if b.ratio == ratio and b.num_frames <= num_frames]
+        if not fitting:
+            return None, "frames"
+        return max(fitting, key=lambda i: self.buckets[i].num_frames), None
+
+
+def parse_ratio(text: str) -> float:
+    """"16:9" -> 16/9; one line naming the key for anything else."""
+    parts = str(text).split(":")
+    try:
+        w, h = (float(p) for p in parts)
+    except ValueError:
+        w = h = 0.0
+    if len(parts) != 2 or not (w > 0 and h > 0 and math.isfinite(w / h)):
+        raise ConfigError(f"buckets.aspect_ratios: expected width:height such as 16:9, got {text!r}")
+    return w / h
+
+
+def bucket_shape(ratio: float, size: int, multiple: int) -> tuple[int, int]:
+    """(height, width) of aspect `ratio` at a stage of `size`: about size^2 pixels, both multiples of `multiple`."""
+    height = multiple * max(1, math.floor(size / math.sqrt(ratio) / multiple + 0.5))
+    width = multiple * max(1, math.floor(size * math.sqrt(ratio) / multiple + 0.5))
+    return height, width
+
+
+def validate_buckets(config: BucketConfig, curriculum: list[CurriculumStage], patch_frames: int) -> None:
+    """Every bucket mistake a config can hold, as one line naming its key (TrainConfig.validate calls this)."""
+    for text in config.aspect_ratios:
+        parse_ratio(text)
+    if not math.isfinite(config.max_aspect_error) or config.max_aspect_error <= 0:
+        raise ConfigError(f"buckets.max_aspect_error: expected a number above 0, got {config.max_aspect_error}")
+    for index, stage in enumerate(curriculum):
+        key = f"curriculum[{index}] ({stage.name}).bucket_frames"
+        if stage.bucket_frames and not config.aspect_ratios:
+            raise ConfigError(f"{key}: frame counts of buckets need buckets.aspect_ratios (e.g. [\"16:9\", \"1:1\"])")
+        for frames in stage.bucket_frames:
+            if frames <= 0 or frames % patch_frames:
+                raise ConfigError(f"{key}: {frames} frames; expected counts above 0 divisible by the model's "
+                                  f"patch_frames {patch_frames}")
+
+
+def stage_buckets(config: BucketConfig, stage: CurriculumStage, multiple: int) -> StageBuckets | None:
+    """The stage's buckets (see the module's size rule), or None when no buckets are configured."""
+    if not config.aspect_ratios:
+        return None
+    shapes: dict[tuple[int, int], str] = {}
+    for text in config.aspect_ratios:
+        shapes.setdefault(bucket_shape(parse_ratio(text), stage.size, multiple), text)  # first name kept
+    frames = sorted(set(stage.bucket_frames or [stage.num_frames]))
+    buckets = tuple(Bucket(ratio, f, h, w) for (h, w), ratio in shapes.items() for f in frames)
+    return StageBuckets(stage, buckets, config.max_aspect_error)
+
+
+def sample_shape(config: BucketConfig, stage: CurriculumStage, multiple: int) -> tuple[int, int, int]:
+    """(frames, height, width) that samples of a stage are drawn at: its first bucket (the first listed ratio, the
+    largest frame count), or its square without buckets."""
+    buckets = stage_buckets(config, stage, multiple)
+    if buckets is None:
+        return stage.num_frames, stage.size, stage.size
+    first = [b for b in buckets.buckets if b.ratio == buckets.buckets[0].ratio]
+    return first[-1].num_frames, first[-1].height, first[-1].width
+
+
+def _permutation(key: tuple, n: int) -> np.ndarray:
+    """A permutation of range(n) from `key`, stable across NumPy releases (as training.dataset._permutation)."""
+    digest = hashlib.sha256(repr(key).encode()).digest()
+    return np.argsort(np.random.PCG64(int.from_bytes(digest[:16], "little")).random_raw(n), kind="stable")
+
+
+class BucketSampler:
+    """Which (row, window) items rank `rank` sees at micro-batch k of a bucketed stage: a pure function of (seed,
+    stage, epoch, rank, k) and the table's metadata, like StageSampler, with every micro-batch from one bucket.
+
+    Each epoch: the items in a seeded permutation, grouped by bucket in that order, each group cut into micro-batches
+    of `batch_size` (a group's remainder is dropped); the micro-batches in a second seeded permutation; rank r takes
+    the r-th of `world_size` equal slices. The number of micro-batches per epoch is the same every epoch."""
+
+    def __init__(self, metadata: dict, buckets: StageBuckets, windows_per_clip: int, seed: int, rank: int,
+                 world_size: int, batch_size: int):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, {world_size})")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.buckets, self.stage = buckets, buckets.stage
+        self.seed, self.rank, self.world_size, self.batch_size = seed, rank, world_size, batch_size
+        self.row_bucket: dict[int, int] = {}
+        self.unfit: Counter = Counter({reason: 0 for reason in UNFIT_REASONS})
+        self.items: list[tuple[int, int]] = []
+        self.item_bucket: list[int] = []
+        columns = [metadata[c] for c in ("width", "height", "num_frames", "fps")]
+        for row, (width, height, n, fps) in enumerate(zip(*columns, strict=True)):
+            index, reason = buckets.fit(width, height, n, fps)
+            if index is None:
+                self.unfit[reason] += 1
+                continue
+            spans = window_indices(n, fps, buckets.buckets[index].num_frames, self.stage.fps, windows_per_clip)
+            self.row_bucket[row] = index
+            self.items.extend((row, w) for w in range(len(spans)))
+            self.item_bucket.extend([index] * len(spans))
+        sizes = Counter(self.item_bucket)
+        self.batches_total = sum(count // batch_size for count in sizes.values())
+        self.batches_per_epoch = self.batches_total // world_size
+        if self.batches_per_epoch == 0:
+            raise ValueError(
+                f"curriculum stage {self.stage.name!r}: its buckets fill {self.batches_total} micro-batches of "
+                f"{batch_size} from {len(self.items)} training clips ({len(columns[0])} curated clips, "
+                f"{sum(self.unfit.values())} fit no bucket), fewer than {world_size} workers: lower "
+                "deepspeed.micro_batch_size or scaling.num_workers, add buckets, or curate more videos")
+        self._epochs: OrderedDict[int, tuple[np.ndarray, list[np.ndarray]]] = OrderedDict()
+
+    def bucket_of(self, row: int) -> Bucket:
+        return self.buckets.buckets[self.row_bucket[row]]
+
+    def clips_per_bucket(self) -> dict[str, int]:
+        """Training clips (items) per bucket name."""
+        counts = Counter(self.item_bucket)
+        return {self.buckets.buckets[i].name: counts[i] for i in sorted(counts)}
+
+    def _epoch(self, epoch: int) -> tuple[np.ndarray, list[np.ndarray]]:
+        """(the epoch's item order, its micro-batches in order: arrays of positions into `items`)."""
+        cached = self._epochs.get(epoch)
+        if cached is not None:
+            return cached
+        order = _permutation((int(self.seed), self.stage.name, int(epoch)), len(self.items))
+        by_bucket: dict[int, list[int]] = {}
+        for position in order:
+            by_bucket.setdefault(self.item_bucket[position], []).append(int(position))
+        batches = [np.array(group[i:i + self.batch_size])
+                   for _, group in sorted(by_bucket.items())
+                   for i in range(0, len(group) - self.batch_size + 1, self.batch_size)]
+        shuffle = _permutation((int(self.seed), self.stage.name, int(epoch), "batches"), len(batches))
+        self._epochs[epoch] = cached = (order, [batches[i] for i in shuffle])
+        if len(self._epochs) > 2:  # the current epoch and the next, which prefetching reaches first
+            self._epochs.popitem(last=False)
+        return cached
+
+    def _batch(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        if k < 0:
+            raise ValueError(f"micro-batch index must be >= 0, got {k}")
+        epoch, b = divmod(k, self.batches_per_epoch)
+        order, batches = self._epoch(epoch)
+        return order, batches[self.rank * self.batches_per_epoch + b]
+
+    def batch_items(self, k: int) -> list[tuple[int, int]]:
+        """Micro-batch k (0-based from the stage's start, across epochs): all from one bucket."""
+        return [self.items[i] for i in self._batch(k)[1]]
+
+    def substitutes(self, k: int, j: int) -> Iterator[tuple[int, int]]:
+        """Stand-ins for item j of micro-batch k when its clip cannot be decoded: the items of the same bucket after
+        it in the epoch's order, wrapping around; the same on every run."""
+        order, positions = self._batch(k)
+        bucket = self.item_bucket[positions[j]]
+        same = [int(p) for p in order if self.item_bucket[p] == bucket]
+        at = same.index(int(positions[j]))
+        for i in range(1, len(same)):
+            yield self.items[same[(at + i) % len(same)]]
+
+    def report(self) -> dict[str, float]:
+        """What the stage's bucketing did, as MLflow metrics: clips per reason they fit no bucket, and per bucket."""
+        name = self.stage.name
+        metrics = {f"buckets.{name}.unfit_{reason}": float(self.unfit[reason]) for reason in UNFIT_REASONS}
+        metrics[f"buckets.{name}.fit_clips"] = float(len(self.row_bucket))
+        metrics |= {f"buckets.{name}.{bucket}": float(n) for bucket, n in self.clips_per_bucket().items()}
+        return metrics
+
+    def summary(self) -> str:
+        """One log line: where the stage's clips went and how many fit no bucket (and why)."""
+        unfit = sum(self.unfit.values())
+        reasons = ", ".join(f"{n} {reason}" for reason, n in self.unfit.items() if n) or "none"
+        buckets = ", ".join(f"{b} {n}" for b, n in self.clips_per_bucket().items())
+        return (f"stage {self.stage.name!r}: {len(self.row_bucket)} clips in buckets ({buckets} training clips); "
+                f"{unfit} fit no bucket ({reasons}; aspect: further than buckets.max_aspect_error="
+                f"{self.buckets.max_aspect_error:g} from every bucket, frames: shorter than the smallest frame count)")
