@@ -356,6 +356,7 @@ def main() -> int:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--presets", help="comma-separated; default: VDiT-T/2 on the CPU, S/2 to XL/2 on CUDA")
     parser.add_argument("--shapes", choices=["latent", "shipped", "all"], default="latent")
+    parser.add_argument("--shape-names", help="comma-separated: only these shapes (e.g. 'vdit-s full')")
     parser.add_argument("--latent-batch", type=int, help="clips a step at the latent shape (default 4; CPU 2)")
     parser.add_argument("--steps", type=int, default=10, help="timed steps")
     parser.add_argument("--warmup", type=int, default=3, help="steps before the timed window")
@@ -391,6 +392,8 @@ def main() -> int:
             shapes += SHIPPED
         else:
             print("shipped shapes: CUDA only (16 clips of 16 x 128 x 128 pixels a step), left out on the CPU")
+    if args.shape_names:
+        shapes = [s for s in shapes if s.name in args.shape_names.split(",")]
     name = torch.cuda.get_device_name(device) if cuda else f"CPU ({torch.get_num_threads()} threads)"
     spec = {
         "device": args.device,
