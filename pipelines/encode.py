@@ -59,6 +59,10 @@ def validate(config: EncodeConfig) -> None:
     names = [s.name for s in config.curriculum]
     if not names or len(set(names)) != len(names) or NULL_CLIP in names:
         raise ConfigError(f"curriculum: expected stages with distinct, non-empty names, got {names}")
+    framed = [s.name for s in config.curriculum if s.bucket_frames]
+    if framed:
+        raise ConfigError(f"curriculum stage {framed[0]!r}: bucket_frames is for training from curated data; the "
+                          "latent cache encodes each stage's square crops (leave bucket_frames out here)")
     for key in ("commit_clips", "windows_per_clip"):
         if getattr(config, key) < 1:
             raise ConfigError(f"{key}: expected a value above 0, got {getattr(config, key)}")

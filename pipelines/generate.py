@@ -51,6 +51,10 @@ class GenerateConfig:
     cache_dir: str | None = None  # where downloaded models are kept; None: $REELFORGE_CACHE or ~/.cache/reelforge
     backend: str = "torch"  # "onnxruntime": the denoiser.onnx in a folder written by `reelforge export-onnx`
     sampler: str = "ddim"  # "dpmpp-2m": DPM-Solver++ (2M), e.g. a teacher in 16 steps instead of DDIM's 32
+    ray: bool = False  # a Ray Data job: `ray_workers` actors, each loading the model once (--out on a shared disk)
+    ray_address: str | None = None  # None: RAY_ADDRESS, a cluster started here, or a new local one
+    ray_workers: int = 1
+    gpus_per_worker: float = 0.0  # > 0: each worker runs on the GPU Ray gives it
 
 
 @dataclass
@@ -219,25 +223,57 @@ def _write(job: Job, frames, record: dict, min_side: int) -> None:
 # The workflow
 
 
-def run_generate(config: GenerateConfig) -> dict:
-    """Generate every prompt not already done; returns the summary (files written and skipped, settings, timing)."""
+@dataclass
+class Settings:
+    """What every video of one `generate` call is made with, resolved once from the flags and the model's config.json
+    (picklable: Ray workers receive it)."""
+
+    folder: str  # the local model folder
+    model_id: str  # the model as given (a URI) or its absolute path: in each file's metadata
+    sha256: str  # of the weights that run
+    device: str
+    backend: str
+    sampler: str
+    steps: int
+    cfg: float
+    num_frames: int
+    width: int
+    height: int
+    fps: float
+    negative_prompt: str
+    min_side: int
+
+    def record(self, job: Job) -> dict:
+        """The request a sidecar records for `job` (REQUEST_KEYS and the settings beside them)."""
+        return {"negative_prompt": self.negative_prompt, "sampler": self.sampler, "steps": self.steps,
+                "cfg_scale": self.cfg, "model": self.model_id, "model_sha256": self.sha256,
+                "num_frames": self.num_frames, "width": self.width, "height": self.height, "fps": self.fps,
+                "seconds": self.num_frames / self.fps, "min_side": self.min_side, "backend": self.backend,
+                "prompt": job.prompt, "seed": job.seed, "files": [f.name for f in job.files]}
+
+
+def _check_flags(config: GenerateConfig) -> None:
+    from models.guided_sampling import SAMPLERS
+
+    if config.batch < 1:
+        raise ValueError(f"--batch must be at least 1, got {config.batch}")
+    if config.backend not in ("torch", "onnxruntime"):
+        raise ValueError(f"--backend {config.backend!r}: expected torch or onnxruntime")
+    if config.sampler not in SAMPLERS:
+        raise ValueError(f"--sampler {config.sampler!r}: expected one of {', '.join(SAMPLERS)}")
+    if config.ray and (config.ray_workers < 1 or config.gpus_per_worker < 0):
+        raise ValueError(f"--workers {config.ray_workers}, --gpus-per-worker {config.gpus_per_worker}: expected at "
+                         "least 1 worker and a GPU share of 0 or more")
+
+
+def resolve_settings(config: GenerateConfig) -> Settings:
+    """The flags over the model's own sampling and format, checked against its codec and patch."""
     import torch
 
     from models.clip_scorer import resolve_device
     from training.export import export_codec
 
-    started = time.perf_counter()
-    if config.batch < 1:
-        raise ValueError(f"--batch must be at least 1, got {config.batch}")
-    if config.backend not in ("torch", "onnxruntime"):
-        raise ValueError(f"--backend {config.backend!r}: expected torch or onnxruntime")
-    from models.guided_sampling import SAMPLERS
-
-    if config.sampler not in SAMPLERS:
-        raise ValueError(f"--sampler {config.sampler!r}: expected one of {', '.join(SAMPLERS)}")
     size = parse_size(config.size) if config.size is not None else None
-    prompts = read_prompts(config)
-    jobs = plan_outputs(config, prompts)
     folder, model_id = resolve_model(config)
     model_config = json.loads((folder / "config.json").read_text())
     sampling = model_config.get("sampling") or {}
@@ -253,10 +289,13 @@ def run_generate(config: GenerateConfig) -> dict:
         raise ValueError(f"{folder}/config.json does not say how to sample this model: give {' '.join(missing)}")
     steps, cfg, num_frames, width, height, fps = int(steps), float(cfg), int(num_frames), int(width), int(height), \
         float(fps)
-    device = resolve_device(config.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA GPU is visible here; use --device cpu or auto")
-    codec = export_codec(model_config, str(device))  # the model's own codec, from its config.json
+    if config.ray:
+        device = "cuda" if config.gpus_per_worker > 0 else "cpu"  # what each worker was given
+    else:
+        device = str(resolve_device(config.device))
+        if device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("--device cuda: no CUDA GPU is visible here; use --device cpu or auto")
+    codec = export_codec(model_config, "cpu")  # the model's own codec, from its config.json
     model_params = model_config.get("model") or {}
     patch, patch_frames = model_params.get("patch_size", 1), model_params.get("patch_frames", 1)
     side = patch * codec.space_compression
@@ -268,7 +307,7 @@ def run_generate(config: GenerateConfig) -> dict:
         raise ValueError(f"--steps {steps}, --num-frames {num_frames}, fps {fps}: expected steps >= 1, fps > 0 and a "
                          f"frame count codec {codec.id} takes whose {latent_frames} latent frames are a positive "
                          f"multiple of the model's patch_frames {patch_frames}")
-    if width != height:
+    if width != height and not (model_config.get("buckets") or {}).get("aspect_ratios"):
         log.warning("the model was trained on squares (%s px); %dx%d is outside what it saw", stage.get("size"),
                     width, height)
     if config.negative_prompt and cfg == 1.0:
@@ -279,51 +318,80 @@ def run_generate(config: GenerateConfig) -> dict:
         raise FileNotFoundError(f"{folder} has no denoiser.onnx: run `reelforge export-onnx --model {config.model} "
                                 "--out DIR` and pass --model DIR with --backend onnxruntime")
     sha256 = sha256_of(folder / ("denoiser.onnx" if onnx else "model.safetensors"))  # the weights that run
+    return Settings(str(folder), model_id, sha256, device, config.backend, config.sampler, steps, cfg, num_frames,
+                    width, height, fps, config.negative_prompt, config.min_side)
 
-    base = {"negative_prompt": config.negative_prompt, "sampler": config.sampler, "steps": steps, "cfg_scale": cfg,
-            "model": model_id,
-            "model_sha256": sha256, "num_frames": num_frames, "width": width, "height": height, "fps": fps,
-            "seconds": num_frames / fps, "min_side": config.min_side, "backend": config.backend}
 
-    def request(job: Job) -> dict:
-        return {**base, "prompt": job.prompt, "seed": job.seed, "files": [f.name for f in job.files]}
+def load_generator(settings: Settings):
+    """The exported model (or its ONNX denoiser) with its codec on the settings' device."""
+    from training.export import export_codec, load_model
+    from training.onnx_export import load_onnx_model
 
-    pending = [job for job in jobs if not _is_done(job, request(job), config.overwrite)]
+    folder = Path(settings.folder)
+    onnx = settings.backend == "onnxruntime"
+    loaded = load_onnx_model(folder, settings.device) if onnx else load_model(folder, settings.device)
+    codec = loaded.codec or export_codec(loaded.config, settings.device)
+    if loaded.model.config.in_channels != codec.channels:
+        raise ValueError(f"{folder}: the model denoises {loaded.model.config.in_channels} channels but its codec "
+                         f"{codec.id!r} has {codec.channels}")
+    return loaded, codec
+
+
+def generate_batch(loaded, codec, settings: Settings, batch: list[Job]) -> float:
+    """Generate and write one batch of jobs; returns the generation's seconds (writing not counted)."""
+    from training.generate import generate_videos
+
+    tick = time.perf_counter()
+    videos = generate_videos(loaded, codec, [j.prompt for j in batch], [j.seed for j in batch], settings.num_frames,
+                             settings.height, settings.width, settings.steps, settings.cfg, settings.device,
+                             settings.negative_prompt, settings.sampler)
+    elapsed = time.perf_counter() - tick
+    for job, frames in zip(batch, videos, strict=True):
+        _write(job, frames, {**settings.record(job), "generation_seconds": elapsed / len(batch),
+                             "device": settings.device, "batch_size": len(batch)}, settings.min_side)
+    return elapsed
+
+
+def generate_here(config: GenerateConfig, settings: Settings, pending: list[Job], total: int) -> float:
+    """Every pending job in this process, in batches, with progress; returns the generation seconds."""
+    loaded, codec = load_generator(settings)
+    batches = [pending[i:i + config.batch] for i in range(0, len(pending), config.batch)]
+    seconds, done = 0.0, total - len(pending)
+    for number, batch in enumerate(batches, 1):
+        elapsed = generate_batch(loaded, codec, settings, batch)
+        seconds += elapsed
+        done += len(batch)
+        eta = seconds / (done - (total - len(pending))) * (total - done)
+        log.info("batch %d/%d: %d/%d videos done (%.2f s/video, about %.0f s left)", number, len(batches), done,
+                 total, elapsed / len(batch), eta)
+    return seconds
+
+
+def run_generate(config: GenerateConfig) -> dict:
+    """Generate every prompt not already done; returns the summary (files written and skipped, settings, timing)."""
+    started = time.perf_counter()
+    _check_flags(config)
+    jobs = plan_outputs(config, read_prompts(config))
+    settings = resolve_settings(config)
+    pending = [job for job in jobs if not _is_done(job, settings.record(job), config.overwrite)]
     skipped = len(jobs) - len(pending)
+    where = f"Ray ({config.ray_workers} workers)" if config.ray else settings.device
     log.info("%d prompts: %d already done, %d to generate with %s (%d %s steps, cfg %g, %d frames of %dx%d px) on %s",
-             len(jobs), skipped, len(pending), model_id, steps, config.sampler, cfg, num_frames, width, height, device)
-    written: list[str] = []
+             len(jobs), skipped, len(pending), settings.model_id, settings.steps, settings.sampler, settings.cfg,
+             settings.num_frames, settings.width, settings.height, where)
     generation_seconds = 0.0
-    if pending:
-        from training.export import load_model
-        from training.generate import generate_videos
-        from training.onnx_export import load_onnx_model
+    if pending and config.ray:
+        from pipelines.generate_ray import generate_on_ray
 
-        loaded = load_onnx_model(folder, device) if onnx else load_model(folder, str(device))
-        if loaded.model.config.in_channels != codec.channels:
-            raise ValueError(f"{folder}: the model denoises {loaded.model.config.in_channels} channels but its codec "
-                             f"{codec.id!r} has {codec.channels}")
-        batches = [pending[i:i + config.batch] for i in range(0, len(pending), config.batch)]
-        for number, batch in enumerate(batches, 1):
-            tick = time.perf_counter()
-            videos = generate_videos(loaded, codec, [j.prompt for j in batch], [j.seed for j in batch], num_frames,
-                                     height, width, steps, cfg, device, config.negative_prompt, config.sampler)
-            elapsed = time.perf_counter() - tick
-            generation_seconds += elapsed
-            for job, frames in zip(batch, videos, strict=True):
-                _write(job, frames, {**request(job), "generation_seconds": elapsed / len(batch),
-                                     "device": str(device), "batch_size": len(batch)}, config.min_side)
-                written.extend(str(f) for f in job.files)
-            done = skipped + sum(len(b) for b in batches[:number])
-            eta = generation_seconds / sum(len(b) for b in batches[:number]) * (len(jobs) - done)
-            log.info("batch %d/%d: %d/%d videos done (%.2f s/video, about %.0f s left)", number, len(batches), done,
-                     len(jobs), elapsed / len(batch), eta)
-            del videos
+        generation_seconds = generate_on_ray(config, settings, pending, len(jobs))
+    elif pending:
+        generation_seconds = generate_here(config, settings, pending, len(jobs))
+    written = [str(f) for job in pending for f in job.files]
     generated = len(pending)
-    return {"model": model_id, "model_sha256": sha256, "out": config.out, "prompts": len(jobs),
-            "generated": generated, "skipped": skipped, "files": written, "sampler": config.sampler, "steps": steps,
-            "cfg_scale": cfg,
-            "num_frames": num_frames, "width": width, "height": height, "fps": fps, "device": str(device),
+    return {"model": settings.model_id, "model_sha256": settings.sha256, "out": config.out, "prompts": len(jobs),
+            "generated": generated, "skipped": skipped, "files": written, "sampler": settings.sampler,
+            "steps": settings.steps, "cfg_scale": settings.cfg, "num_frames": settings.num_frames,
+            "width": settings.width, "height": settings.height, "fps": settings.fps, "device": where,
             "backend": config.backend,
             "seconds_per_video": generation_seconds / generated if generated else 0.0,
             "wall_seconds": time.perf_counter() - started}

@@ -6,6 +6,7 @@ replayable and resumes like the square one."""
 from __future__ import annotations
 
 import io
+import json
 import logging
 import math
 from pathlib import Path
@@ -257,3 +258,79 @@ def test_the_model_trains_and_samples_on_a_non_square_grid():
     square = generate(model, text, NoiseSchedule(ScheduleConfig()), ["a", "b"], 2, 12, 3, 2.0, seed=0)
     assert square.shape == (2, 3, 2, 12, 12)
     assert sample_shape(BUCKETS, STAGE, MULTIPLE) == (8, 24, 44)  # samples: the first ratio, most frames
+
+
+def _bucketed_config(data: str, output: str, *sets: str) -> TrainConfig:
+    curriculum = "curriculum=[{name: video, steps: 3, num_frames: 4, fps: 8.0, size: 32, bucket_frames: [4, 8]}]"
+    sets = [curriculum, "buckets.aspect_ratios=['16:9', '9:16', '4:3', '1:1']", "deepspeed.micro_batch_size=2", *sets]
+    return load_config(TrainConfig, None, sets, base={"data": data, "output": output})
+
+
+def test_the_training_loop_reads_one_bucket_per_micro_batch_and_reports_the_unfit(table, caplog):
+    from training.loop import CurriculumBatches
+
+    config = _bucketed_config(table.data_uri, "o", "data_loading.prefetch_batches=0")
+    config.validate()
+    batches = CurriculumBatches(table, config, 0, 1, spatial_multiple=MULTIPLE)
+    try:
+        with caplog.at_level(logging.INFO, logger="reelforge.train"):
+            shapes = {batches.batch(step, 0)[0].shape[1:4] for step in range(3)}
+        buckets = {(b.num_frames, b.height, b.width) for b in _buckets().buckets}
+        assert shapes <= buckets
+        assert "4 fit no bucket (2 aspect, 2 frames" in caplog.text
+        metrics = batches.opened_stage(1)
+        assert metrics["buckets.video.unfit_aspect"] == 2 and metrics["buckets.video.unfit_frames"] == 2
+        assert batches.opened_stage(2) is None
+    finally:
+        batches.close()
+
+
+def test_buckets_are_refused_where_they_do_not_apply(table):
+    """A latent cache holds square crops and the video autoencoder trains on squares: one line each, before Ray."""
+    from pipelines.encode import validate as validate_encode
+    from training.buckets import check_buckets_supported
+    from training.latent_dataset import LatentTable
+    from training.latent_encode import EncodeConfig
+    from training.vae.task import VAETask
+
+    config = _bucketed_config(table.data_uri, "o")
+    check_buckets_supported(table, config)  # curated data, the diffusion model: fine
+    check_buckets_supported(table, TrainConfig())  # no buckets: nothing to check
+    cache = LatentTable.__new__(LatentTable)  # the check looks at the kind of table only
+    cache.shown = "runs/latents"
+    with pytest.raises(ConfigError, match="runs/latents is a latent cache of square crops"):
+        check_buckets_supported(cache, config)
+    with pytest.raises(ConfigError, match="VAETask trains on square crops"):
+        check_buckets_supported(table, config, VAETask)
+    encode = EncodeConfig(data="d", output="o", curriculum=[CurriculumStage(name="s", bucket_frames=[8])])
+    with pytest.raises(ConfigError, match="curriculum stage 's': bucket_frames is for training"):
+        validate_encode(encode)
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_a_bucketed_run_on_two_ray_workers(table, ray_cluster, tmp_path):
+    """`reelforge train`'s workflow with buckets, 2 CPU workers under DeepSpeed ZeRO-2: it trains to the end, the
+    run's MLflow metrics count the clips that fit no bucket, and the samples and the export are non-square."""
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.train import run_train
+
+    config = _bucketed_config(table.data_uri, str(tmp_path / "run"), "scaling.num_workers=2",
+                              "model.overrides={depth: 1}", "checkpoint.every_steps=100", "tracking.log_every_steps=1",
+                              "sampling.every_steps=0", "sampling.num_steps=2", "sampling.prompts=['a disk']",
+                              "data_loading.prefetch_batches=1")
+    summary = run_train(config)
+    assert summary["step"] == 3 and summary["model_version"]
+    client = MlflowClient(tracking_uri=summary["tracking_uri"])
+    metrics = client.get_run(summary["run_id"]).data.metrics
+    assert metrics["buckets.video.unfit_aspect"] == 2 and metrics["buckets.video.unfit_frames"] == 2
+    params = client.get_run(summary["run_id"]).data.params
+    assert "16:9" in params["buckets.aspect_ratios"]
+    from PIL import Image
+
+    path = client.download_artifacts(summary["run_id"], "samples/final.gif", str(tmp_path))
+    with Image.open(path) as gif:
+        assert gif.size[0] > gif.size[1]  # the first ratio, 16:9 (24 x 44, upscaled for the UI)
+    exported = json.loads((tmp_path / "run" / "model" / "config.json").read_text())
+    assert exported["buckets"]["aspect_ratios"][0] == "16:9"

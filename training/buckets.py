@@ -243,3 +243,17 @@ class BucketSampler:
         return (f"stage {self.stage.name!r}: {len(self.row_bucket)} clips in buckets ({buckets} training clips); "
                 f"{unfit} fit no bucket ({reasons}; aspect: further than buckets.max_aspect_error="
                 f"{self.buckets.max_aspect_error:g} from every bucket, frames: shorter than the smallest frame count)")
+
+
+def check_buckets_supported(table, config, task: type | None = None) -> None:
+    """Buckets need the diffusion model trained from a curated dataset: a latent cache holds each stage's windows at
+    its square size, and another task (the video autoencoder) trains on squares. One line when not."""
+    if not config.buckets.aspect_ratios:
+        return
+    from training.latent_dataset import LatentTable
+
+    if task is not None:
+        raise ConfigError(f"buckets.aspect_ratios: {task.__name__} trains on square crops; remove the buckets section")
+    if isinstance(table, LatentTable):
+        raise ConfigError(f"buckets.aspect_ratios: {table.shown} is a latent cache of square crops (it is not "
+                          "bucket-aware yet); give --data the curated dataset, or remove the buckets section")

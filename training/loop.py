@@ -17,6 +17,7 @@ from models.codec import PixelCodec, build_codec
 from models.schedules import NoiseSchedule
 from models.text_encoder import FrozenTextEncoder
 from models.vdit import VDiT, VDiTConfig
+from training.buckets import BucketSampler, sample_shape, stage_buckets
 from training.checkpoint import Checkpointer, sweep_stale_staging
 from training.config import TrainConfig
 from training.dataset import ClipTable, StageLoader
@@ -93,8 +94,9 @@ class CurriculumBatches:
     would, in whichever stage it resumes."""
 
     def __init__(self, table: ClipTable, config: TrainConfig, rank: int, world_size: int,
-                 stages: list[StageData] | None = None):
+                 stages: list[StageData] | None = None, spatial_multiple: int = 1):
         self.table, self.config, self.rank, self.world_size = table, config, rank, world_size
+        self.spatial_multiple = spatial_multiple  # buckets' sides are multiples of it (training/buckets.py)
         self.stages = stages or [StageData() for _ in config.curriculum]
         self.stage_index: int | None = None
         self.loader: StageLoader | None = None
@@ -108,6 +110,8 @@ class CurriculumBatches:
             self.stage_index = index
             self.loader = self._loader(stage, self.stages[index], self.config.seed + index)
             self.opened_at = step
+            if self.rank == 0 and isinstance(self.loader.sampler, BucketSampler):
+                log.info("buckets: %s", self.loader.sampler.summary())
         start = sum(s.steps for s in self.config.curriculum[:index])
         k = (step - start) * self.config.deepspeed.grad_accum + micro
         return (self.loader.batch(k), None) if isinstance(self.table, LatentTable) else self.loader.batch(k)
@@ -120,7 +124,8 @@ class CurriculumBatches:
         if selection.source != "video":  # one frame per sample: curated keyframes or an image folder
             return open_frame_loader(self.table, stage, selection, self.config, seed, self.rank, self.world_size)
         return StageLoader(subset_view(self.table, selection), stage, data, seed, self.rank, self.world_size,
-                           batch_size, cache_bytes=data.cache_mib * 2**20)
+                           batch_size, cache_bytes=data.cache_mib * 2**20,
+                           buckets=stage_buckets(self.config.buckets, stage, self.spatial_multiple))
 
     def opened_stage(self, step: int) -> dict[str, float] | None:
         """After optimizer step `step` (1-based): the metrics of the stage whose loader that step opened (its index,
@@ -128,8 +133,11 @@ class CurriculumBatches:
         if self.opened_at != step - 1:
             return None
         index = self.stage_index
-        return {"stage_index": index, "stage_items": len(self.loader.sampler.items),
-                "stage_frames": self.config.curriculum[index].num_frames}
+        metrics = {"stage_index": index, "stage_items": len(self.loader.sampler.items),
+                   "stage_frames": self.config.curriculum[index].num_frames}
+        if isinstance(self.loader.sampler, BucketSampler):  # clips per bucket, and those that fit none, by reason
+            metrics |= self.loader.sampler.report()
+        return metrics
 
     def close(self) -> None:
         if self.loader is not None:
@@ -182,8 +190,15 @@ class DiffusionTask:
     def due(self, step: int) -> bool:
         return self.samples.due(step, self.config.total_steps)
 
+    @property
+    def spatial_multiple(self) -> int:
+        """Pixels per token side: a bucket's height and width are multiples of it."""
+        return self.built.model_config.patch_size * self.codec.space_compression
+
     def log_samples(self, engine: Engine, ema: EMA, step: int, tag: str) -> None:
-        self.samples.log(engine.module, ema, self.config.stage_at(step - 1)[1], tag, step)
+        stage = self.config.stage_at(step - 1)[1]
+        shape = sample_shape(self.config.buckets, stage, self.spatial_multiple)  # the stage's square without buckets
+        self.samples.log(engine.module, ema, stage, tag, step, shape)
 
     def export(self, engine: Engine, ema: EMA, rank: int) -> None:
         _export(engine, ema, self.built, self.codec, self.config, rank, self.job.distill)
@@ -245,7 +260,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if restored is not None:
         tracker.metrics({"resumed_weights_fingerprint": restored}, step)
     task.attach(engine, tracker, step)
-    batches = CurriculumBatches(table, config, rank, world, job.stages or plan_stages(config, table))
+    # buckets are the diffusion model's (pipelines/train.py refuses them for other tasks)
+    batches = CurriculumBatches(table, config, rank, world, job.stages or plan_stages(config, table),
+                                getattr(task, "spatial_multiple", 1))
     stop = StopWatcher(config.output, world)
 
     resumed_at, stopped = step, False
@@ -340,6 +357,7 @@ def _export(engine: Engine, ema: EMA, built: Built, codec: PixelCodec, config: T
     extra = {"preset": config.model.preset, "steps": config.total_steps, "codec": codec.id,
              "codec_config": codec.describe()["config"],  # training.export.load_model rebuilds the codec from it
              "curriculum": [vars(s) for s in config.curriculum], "ema_decay": config.ema_decay, "weights": "ema",
+             "buckets": vars(config.buckets),  # the aspect ratios it trained on (none: squares)
              # how this model is meant to be sampled (evaluation reads it; a distilled student says 1.0)
              "sampling": {"num_steps": config.sampling.num_steps, "cfg_scale": config.sampling.cfg_scale},
              **(distill.export_info() if distill else {})}
