@@ -16,9 +16,13 @@ from curation.redact import redact_config, redact_uri, redacted_yaml
 from pipelines import tracking
 from pipelines.config import flatten
 from training.evaluate import (
+    CHART_FILE,
     UNTRAINED_NOTE,
     EvaluateConfig,
     EvaluationResult,
+    ModelResult,
+    ResolvedModel,
+    VideoFormat,
     evaluate,
     evaluation_models,
     file_name,
@@ -32,39 +36,51 @@ log = logging.getLogger("reelforge.evaluate")
 RUN_ID_FILE = "mlflow_run_id"
 CHILD_RUNS_FILE = "mlflow_child_runs.json"
 CONFIG_FILE = "evaluate-config.yaml"
-PARENT_ARTIFACTS = ("comparison.csv", "comparison.md", "grid.gif", "prompts.txt", "results.json", "samples/real.gif")
+PARENT_ARTIFACTS = ("comparison.csv", "comparison.md", "grid.gif", CHART_FILE, "prompts.txt", "results.json",
+                    "samples/real.gif")
+SAMPLES_ARTIFACT = "samples.gif"  # each model's labelled samples, under one name in every model's run
+# On a registered model version, what its evaluation found: eval.<metric> (the run's metric names), eval.run_id, ...
+EVAL_TAGS = ("both_accuracy", "color_accuracy", "direction_accuracy", "background_accuracy", "seconds_per_video",
+             "speedup_vs_teacher", "model_evaluations_per_video")
 
 
-def _config_params(config: EvaluateConfig) -> dict:
-    """The resolved config as MLflow params, one key per model field (models.0.path ...) rather than one long list."""
+def _config_params(config: EvaluateConfig, models: list[ResolvedModel], fmt: VideoFormat) -> dict:
+    """The config as it runs, as MLflow params: one key per field of every evaluated model (models.0.name ...),
+    resolved (names, steps and guidance from config.json; teacher_samplings and ONNX rows included), the format
+    the videos have, and the prompts only when they are the configured list (held-out captions: after the run)."""
     data = redact_config(config)
-    data["models"] = {str(i): spec for i, spec in enumerate(data["models"])}
+    data["models"] = {str(i): {"name": m.name, "path": m.path, "num_steps": m.num_steps, "cfg_scale": m.cfg_scale,
+                               "sampler": m.sampler, "backend": m.backend, "role": m.role}
+                      for i, m in enumerate(models)}
+    data.pop("teacher_samplings", None)  # evaluated as models.N (with the first model's path)
+    data.update(num_frames=fmt.num_frames, size=fmt.size, fps=fmt.fps)
+    if config.data:
+        data.pop("prompts", None)
+    else:
+        data["prompts"] = config.prompts[:config.max_videos]
     return flatten(data)
 
 
-def _registered_version(client, model_path: str) -> tuple[str, str] | None:
-    """(registered model, version) of the train or distill run that exported `model_path`, when that run's id sits
-    beside the model (OUTPUT/mlflow_run_id) and its store is this one or the run output's own mlflow.db."""
-    from mlflow.tracking import MlflowClient
+# Settings of each model are its run's params; metrics of the same names put them twice in the UI's plots.
+SETTINGS = ("num_steps", "cfg_scale")
+SAME_FOR_EVERY_MODEL = ("num_videos", "prompts_scored")  # left out of the parent's per-model metrics
 
-    folder = Path(model_path)
-    for candidate in (folder / RUN_ID_FILE, folder.parent / RUN_ID_FILE):
-        if not candidate.is_file():
-            continue
-        run_id = candidate.read_text().strip()
-        clients = [client]
-        if (candidate.parent / "mlflow.db").is_file():
-            clients.append(MlflowClient(tracking_uri=f"sqlite:///{(candidate.parent / 'mlflow.db').resolve()}"))
-        for store in clients:
-            try:
-                versions = store.search_model_versions(f"run_id = '{run_id}'")
-            except Exception as err:  # noqa: BLE001 - a lookup for a param, never a reason to fail the evaluation
-                log.debug("no model version lookup for run %s: %s", run_id, err)
-                continue
-            if versions:
-                newest = max(versions, key=lambda v: int(v.version))
-                return newest.name, str(newest.version)
-    return None
+
+def mlflow_metric_name(name: str, untrained: list[str]) -> str:
+    """A metric computed with untrained weights says so in its name (untrained_clipsim_mean), in every run."""
+    return f"untrained_{name}" if name in untrained else name
+
+
+def model_metrics(model: ModelResult, result: EvaluationResult) -> dict[str, float]:
+    """A model's measurements under their MLflow names: the same names in every model's run."""
+    return {mlflow_metric_name(k, result.untrained_metrics): v for k, v in model.metrics.items() if k not in SETTINGS}
+
+
+def parent_metrics(result: EvaluationResult) -> dict[str, float]:
+    """Every model's measurements on one run, as <metric>/<model> (both_accuracy/student-4, speedup_vs_teacher/
+    student-4): the UI lists the models side by side under each metric."""
+    return _finite({f"{name}/{model.name}": value for model in result.models
+                    for name, value in model_metrics(model, result).items() if name not in SAME_FOR_EVERY_MODEL})
 
 
 def _finite(metrics: dict[str, float]) -> dict[str, float]:
@@ -87,47 +103,93 @@ def _untrained_tags(result: EvaluationResult) -> dict[str, str]:
     return tags
 
 
+def _lineage(client, model: ModelResult) -> tuple[dict | None, dict[str, str]]:
+    """The registered version a model is (tracking.registered_version) and its lineage as run tags: its
+    models:/ URI, the run that trained it, the data version it was trained on, the model it was distilled from."""
+    registered = tracking.registered_version(client, model.path)
+    tags = {"reelforge.model_path": model.path}
+    if registered:
+        version_tags = registered["tags"]
+        tags.update({"reelforge.model_uri": registered["uri"], "reelforge.source_run_id": registered["run_id"]})
+        for key in ("data", "data_version"):
+            if version_tags.get(key):
+                tags[f"reelforge.trained_on_{key}"] = version_tags[key]
+    if "distilled_from" in model.config:
+        teacher = str(model.config["distilled_from"])
+        found = tracking.registered_version(client, teacher)
+        tags.update({"reelforge.distilled_from_path": teacher,
+                     "reelforge.distilled_from": found["uri"] if found else teacher})
+    return registered, tags
+
+
+def _tag_version(registered: dict, model: ModelResult, result: EvaluationResult, run_id: str,
+                 data_version: str | None) -> None:
+    """The evaluation's results on the model version itself (eval.<metric> tags), so the registry answers how good
+    and how fast a version is; a later evaluation overwrites them and names its run."""
+    metrics = model_metrics(model, result)
+    tags = {f"eval.{mlflow_metric_name(k, result.untrained_metrics)}": f"{model.metrics[k]:.4g}" for k in EVAL_TAGS
+            if k in model.metrics and math.isfinite(model.metrics[k])}
+    tags.update({"eval.run_id": run_id, "eval.model_name": model.name, "eval.num_videos": str(len(result.prompts)),
+                 "eval.data_version": data_version or "none (prompts)",
+                 "eval.untrained_metrics": ",".join(m for m in metrics if m.startswith("untrained_")) or "none"})
+    store = registered["client"]
+    for key, value in tags.items():
+        store.set_model_version_tag(registered["name"], registered["version"], key, value)
+
+
 def _log_models(client, uri: str, config: EvaluateConfig, parent_id: str, result: EvaluationResult,
-                directory: Path, recorded: dict[str, str], opened: list[str]) -> tuple[dict[str, str], dict]:
-    """One child run per model under the evaluate run: the same metric names for every model, its params, its GIF.
-    Returns {model name: run id} and {model name: registered version or None}."""
+                directory: Path, recorded: dict[str, str], opened: list[str],
+                data_version: str | None) -> tuple[dict[str, str], dict]:
+    """One child run per model under the evaluate run, lasting as long as that model's generation and scoring: the
+    same metric names for every model, its params, its lineage as tags, its labelled samples as samples.gif.
+    Returns {model name: run id} and {model name: its registered version (tracking.registered_version) or None}."""
+    import shutil
+
     from mlflow.entities import RunTag
 
     children, versions = {}, {}
     for model in result.models:
         run_id = tracking.open_run(uri, config.tracking.experiment, recorded.get(model.name), run_name=model.name,
                                    tags={"reelforge.step": "evaluate", "reelforge.model": model.name,
-                                         "reelforge.role": model.role}, parent_run_id=parent_id)
+                                         "reelforge.role": model.role}, parent_run_id=parent_id,
+                                   start_time=int(model.started_at * 1000) or None)
         opened.append(run_id)
         children[model.name] = run_id
-        registered = _registered_version(client, model.path)
-        versions[model.name] = registered[1] if registered else None
+        registered, lineage = _lineage(client, model)
+        versions[model.name] = registered
         params = {"path": model.path, "role": model.role, "sampler": model.sampler, "backend": model.backend,
                   "num_steps": model.num_steps,
                   "cfg_scale": model.cfg_scale, "preset": model.config.get("preset", ""),
                   "train_steps": model.config.get("steps", ""),
-                  "registered_model": registered[0] if registered else "",
-                  "registered_version": registered[1] if registered else "unknown"}
-        for key in ("distilled_from", "round"):
-            if key in model.config:
-                params[key] = model.config[key]
+                  "registered_model": registered["name"] if registered else "",
+                  "registered_version": registered["version"] if registered else "unknown"}
+        if "round" in model.config:
+            params["round"] = model.config["round"]
         tracking.log_params(client, run_id, params)
-        _log_metrics(client, run_id, model.metrics)
-        client.log_batch(run_id, tags=[RunTag(k, v) for k, v in _untrained_tags(result).items()])
-        client.log_artifact(run_id, str(directory / "samples" / f"{file_name(model.name)}.gif"), "samples")
-        tracking.finish_run(uri, run_id)
+        _log_metrics(client, run_id, model_metrics(model, result))
+        tags = {**_untrained_tags(result), **lineage}
+        client.log_batch(run_id, tags=[RunTag(k, redact_uri(str(v))[:5000]) for k, v in tags.items()])
+        with tempfile.TemporaryDirectory() as tmp:  # one artifact name in every model's run
+            sheet = Path(tmp) / SAMPLES_ARTIFACT
+            shutil.copyfile(directory / "samples" / f"{file_name(model.name)}.gif", sheet)
+            client.log_artifact(run_id, str(sheet))
+        if registered:
+            _tag_version(registered, model, result, run_id, data_version)
+        tracking.finish_run(uri, run_id, end_time=int(model.finished_at * 1000) or None)
     return children, versions
 
 
 def _log_parent(client, run_id: str, config: EvaluateConfig, result: EvaluationResult, directory: Path) -> None:
     from mlflow.entities import RunTag
 
-    fmt = result.format
-    tracking.log_params(client, run_id, {"resolved.num_frames": fmt.num_frames, "resolved.size": fmt.size,
-                                         "resolved.fps": fmt.fps, "resolved.num_videos": len(result.prompts),
-                                         **{f"scorer.{k}": v for k, v in result.scorers.items()}})
+    params = {"num_videos": len(result.prompts), **{f"scorer.{k}": v for k, v in result.scorers.items()}}
+    if config.data:
+        params["prompts"] = f"the captions of {len(result.prompts)} held-out clips of {config.data} (prompts.txt)"
+    tracking.log_params(client, run_id, params)
+    metrics = parent_metrics(result)
     if result.real is not None:
-        _log_metrics(client, run_id, {f"real_{k}": v for k, v in result.real.items()})
+        metrics.update({f"real_{mlflow_metric_name(k, result.untrained_metrics)}": v for k, v in result.real.items()})
+    _log_metrics(client, run_id, metrics)
     tags = {"reelforge.models": ",".join(m.name for m in result.models), **_untrained_tags(result)}
     if result.notes:
         tags["notes"] = redact_uri(" | ".join(result.notes))[:5000]
@@ -138,16 +200,16 @@ def _log_parent(client, run_id: str, config: EvaluateConfig, result: EvaluationR
             client.log_artifact(run_id, str(directory / name), os.path.dirname(name) or None)
 
 
-def _pin_data(config: EvaluateConfig) -> str | None:
+def _pin_data(config: EvaluateConfig):
     """Open the held-out data (a wrong --data fails before any run opens) and name its version in `config.data`
-    (DIR@vN), so the config saved beside the outputs says which clips were the real side; its data_version."""
+    (DIR@vN), so the config saved beside the outputs says which clips were the real side; its ClipTable."""
     if not config.data:
         return None
     from training.dataset import ClipTable
 
     table = ClipTable.open(config.data)
     config.data = table.data_uri
-    return table.version
+    return table
 
 
 def run_evaluate(config: EvaluateConfig) -> dict:
@@ -158,8 +220,10 @@ def run_evaluate(config: EvaluateConfig) -> dict:
         raise ValueError("evaluate needs --output")
     config.validate()
     # a wrong model path or format, or models of different codecs, fail before any run opens
-    video_format(config, evaluation_models(config)[0])
-    data_version = _pin_data(config)
+    models = evaluation_models(config)
+    fmt = video_format(config, models[0])
+    table = _pin_data(config)
+    data_version = table.version if table is not None else None
     started = time.perf_counter()
     out = OutputDir(config.output)
     out.makedirs()
@@ -180,7 +244,9 @@ def run_evaluate(config: EvaluateConfig) -> dict:
     out.write_bytes_atomic(CONFIG_FILE, config_yaml.encode())
     out.write_bytes_atomic(RUN_ID_FILE, run_id.encode())
     client = tracking.client_for(uri)
-    tracking.log_params(client, run_id, _config_params(config))
+    tracking.log_params(client, run_id, _config_params(config, models, fmt))
+    if table is not None:
+        tracking.log_dataset_input(client, run_id, table, "evaluation")
     log.info("MLflow run %s in %s", run_id, redact_uri(uri))
 
     opened: list[str] = []
@@ -194,7 +260,7 @@ def run_evaluate(config: EvaluateConfig) -> dict:
                 for rel, path in written.items():
                     out.write_bytes_atomic(rel, path.read_bytes())
             children, versions = _log_models(client, uri, config, run_id, result, directory, recorded_children,
-                                             opened)
+                                             opened, data_version)
             out.write_bytes_atomic(CHILD_RUNS_FILE, json.dumps(children, indent=2).encode())
             _log_parent(client, run_id, config, result, directory)
     except BaseException as err:
@@ -208,7 +274,9 @@ def run_evaluate(config: EvaluateConfig) -> dict:
     tracking.finish_run(uri, run_id)
     rows = result.rows()
     for row in rows:
-        row["registered_version"] = versions[row["model"]]
+        registered = versions[row["model"]]
+        row["registered_version"] = registered["version"] if registered else None
+        row["model_uri"] = registered["uri"] if registered else None
         row["mlflow_run_id"] = children[row["model"]]
     return {"run_id": run_id, "tracking_uri": uri, "experiment": config.tracking.experiment,
             "output": config.output, "child_runs": children, "columns": result.columns, "models": rows,
@@ -216,6 +284,7 @@ def run_evaluate(config: EvaluateConfig) -> dict:
                                             "fps": result.format.fps},
             "num_videos": len(result.prompts), "untrained_metrics": result.untrained_metrics,
             "scorers": result.scorers, "notes": result.notes, "artifacts": sorted(written),
+            "mlflow_metrics": parent_metrics(result), "data_version": data_version,
             "wall_seconds": time.perf_counter() - started}
 
 

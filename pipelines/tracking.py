@@ -45,8 +45,11 @@ def client_for(uri: str):
 
 
 def open_run(uri: str, experiment: str, run_id: str | None = None, run_name: str | None = None,
-             tags: dict[str, str] | None = None, parent_run_id: str | None = None) -> str:
+             tags: dict[str, str] | None = None, parent_run_id: str | None = None,
+             start_time: int | None = None) -> str:
     """`run_id` if it is an active run of this store (marked RUNNING again), else a new run; returns its id.
+    `start_time` (ms since the epoch) for a run opened after the work it records (evaluate's per-model runs), so
+    the UI's duration is the work's, not the logging's.
 
     Callers keep the id beside their outputs, which is what makes a restarted job log into the same run."""
     client = client_for(uri)
@@ -68,7 +71,8 @@ def open_run(uri: str, experiment: str, run_id: str | None = None, run_name: str
         all_tags["mlflow.parentRunId"] = parent_run_id
     if run_name:
         all_tags["mlflow.runName"] = run_name
-    run = client.create_run(experiment_id(client, experiment, uri), tags=all_tags, run_name=run_name)
+    run = client.create_run(experiment_id(client, experiment, uri), tags=all_tags, run_name=run_name,
+                            start_time=start_time)
     return run.info.run_id
 
 
@@ -99,8 +103,80 @@ def data_params(table) -> dict:
             "data_lance_version": table.lance_version}
 
 
-def finish_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
-    client_for(uri).set_terminated(run_id, status=status)
+def finish_run(uri: str, run_id: str, status: str = "FINISHED", end_time: int | None = None) -> None:
+    client_for(uri).set_terminated(run_id, status=status, end_time=end_time)
+
+
+DIGEST_LIMIT = 36  # MLflow's longest dataset digest
+
+
+def dataset_input(table, context: str):
+    """The curated (or latent) dataset version `table` (training.dataset.ClipTable, LatentTable) as an MLflow
+    dataset input: named DIR@vN, its digest the version's fingerprint (`table.version`, which changes with any row),
+    its source the data URI without credentials; a ClipTable's clip metadata (no video bytes) gives the schema and
+    row count the UI shows."""
+    import mlflow.data
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    source = redact_uri(table.data_uri)
+    name = source.rstrip("/").rsplit("/", 1)[-1]
+    digest = table.version
+    if len(digest) > DIGEST_LIMIT:  # a fingerprint MLflow cannot hold whole: its hash, and the whole as a tag
+        import hashlib
+
+        digest = hashlib.sha256(digest.encode()).hexdigest()[:DIGEST_LIMIT]
+    if hasattr(table, "metadata"):
+        import pandas as pd
+
+        data = mlflow.data.from_pandas(pd.DataFrame(table.metadata()), source=source, name=name, digest=digest)
+    else:
+        from mlflow.data.dataset_source_registry import resolve_dataset_source
+
+        data = MetaDataset(resolve_dataset_source(source), name=name, digest=digest)
+    entity = Dataset(**data.to_dict())
+    tags = [InputTag(MLFLOW_DATASET_CONTEXT, context), InputTag("reelforge.data_version", table.version)]
+    return DatasetInput(entity, tags=tags)
+
+
+def log_dataset_input(client, run_id: str, table, context: str) -> None:
+    """Record `table`'s version as a dataset input of the run (logging it again is a no-op)."""
+    client.log_inputs(run_id, datasets=[dataset_input(table, context)])
+
+
+def model_uri(name: str, version: str | int) -> str:
+    return f"models:/{name}/{version}"
+
+
+def registered_version(client, model_path: str) -> dict | None:
+    """The model version registered from `model_path` (an exported model folder: OUTPUT/model, OUTPUT/models/<sha16>,
+    or OUTPUT itself), found through the run id its train or distill output keeps (OUTPUT/mlflow_run_id), in this
+    store or in the output's own mlflow.db: {"client", "name", "version", "run_id", "uri", "tags"}; None if none."""
+    from mlflow.tracking import MlflowClient
+
+    folder = Path(model_path.removeprefix("file://"))
+    candidates = [folder / RUN_ID_FILE, folder.parent / RUN_ID_FILE]
+    if folder.parent.name == "models":  # a published export: the output is two levels up
+        candidates.append(folder.parent.parent / RUN_ID_FILE)
+    for candidate in candidates:
+        if not candidate.is_file():
+            continue
+        run_id = candidate.read_text().strip()
+        clients = [client]
+        if (candidate.parent / "mlflow.db").is_file():
+            clients.append(MlflowClient(tracking_uri=f"sqlite:///{(candidate.parent / 'mlflow.db').resolve()}"))
+        for store in clients:
+            try:
+                versions = store.search_model_versions(f"run_id = '{run_id}'")
+            except Exception as err:  # noqa: BLE001 - lineage is looked up, never a reason to fail a step
+                log.debug("no model version lookup for run %s: %s", run_id, err)
+                continue
+            if versions:
+                newest = max(versions, key=lambda v: int(v.version))
+                return {"client": store, "name": newest.name, "version": str(newest.version), "run_id": run_id,
+                        "uri": model_uri(newest.name, newest.version), "tags": dict(newest.tags)}
+    return None
 
 
 CLOSED_TAG = "reelforge.closed_reason"

@@ -273,15 +273,14 @@ def test_run_evaluate_logs_child_runs_under_the_parent_and_reruns_in_place(expor
     assert (teacher.params["num_steps"], teacher.params["cfg_scale"]) == ("32", "3.0")
     assert (student.params["num_steps"], student.params["cfg_scale"], student.params["registered_version"]) == (
         "4", "1.0", "unknown")
-    assert student.params["distilled_from"] == exported["teacher"] and student.params["round"] == "1"
+    assert student.tags["reelforge.distilled_from"] == exported["teacher"] and student.params["round"] == "1"
     # Identical metric names, so the MLflow UI lines the models up; no real clips, so no Fréchet distance.
     assert set(teacher.metrics) == set(student.metrics)
-    assert {"clipsim_mean", "flicker_mean", "seconds_per_video", "both_accuracy"} <= set(teacher.metrics)
+    assert {"untrained_clipsim_mean", "flicker_mean", "seconds_per_video", "both_accuracy"} <= set(teacher.metrics)
     assert not any(k.startswith("frechet") for k in teacher.metrics)
     assert (teacher.metrics["model_evaluations_per_video"], student.metrics["model_evaluations_per_video"]) == (64, 4)
     assert teacher.metrics["prompts_scored"] == 4
-    assert {a.path for a in client.list_artifacts(by_name["student-4"].info.run_id, "samples")} == {
-        "samples/student-4.gif"}
+    assert "samples.gif" in {a.path for a in client.list_artifacts(by_name["student-4"].info.run_id)}
     text = summary_text(summary)
     assert "teacher-32" in text and "clipsim*" in text and summary["run_id"] in text
 
@@ -317,7 +316,7 @@ def test_held_out_clips_from_a_curated_dataset(exported, curated_sample, tmp_pat
 
     client = MlflowClient(tracking_uri=summary["tracking_uri"])
     for run_id in summary["child_runs"].values():
-        assert math.isfinite(client.get_run(run_id).data.metrics["frechet_clip_frame"])
+        assert math.isfinite(client.get_run(run_id).data.metrics["untrained_frechet_clip_frame"])
     assert "real_flicker_mean" in client.get_run(summary["run_id"]).data.metrics
     # The held-out data is named by its version, in the config beside the outputs and in the run.
     parent = client.get_run(summary["run_id"]).data
