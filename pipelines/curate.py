@@ -36,7 +36,15 @@ from curation.writer import (
 )
 from pipelines.cluster import init_ray
 from pipelines.config import flatten
-from pipelines.tracking import client_for, close_dangling, finish_run, log_params, open_run, tracking_uri
+from pipelines.tracking import (
+    client_for,
+    close_dangling,
+    finish_run,
+    log_dataset_input,
+    log_params,
+    open_run,
+    tracking_uri,
+)
 
 log = logging.getLogger("reelforge.curate")
 
@@ -101,12 +109,18 @@ def curate_tracking_uri(config: CurateConfig, out: OutputDir) -> str | None:
     return tracking_uri(None, default)
 
 
+def curate_run_name(output: str, version: int) -> str:
+    """curate-<output folder>-v0001: the training data's and the held-out data's runs of one workflow differ."""
+    name = redact_uri(output).rstrip("/").rsplit("/", 1)[-1] or "output"
+    return f"curate-{name}-v{version:04d}"
+
+
 def _start_run(uri: str, config: CurateConfig, dataset: CuratedDataset, version: int) -> str:
     """Reopen the MLflow run of an interrupted invocation of this version (kept in the videos table's config, which
     may be remote), else open a new one."""
     key = RUN_KEY.format(tag=version_tag(version))
     previous = dataset.open("videos").config().get(key)
-    run_id = open_run(uri, config.tracking.experiment, previous, run_name=f"curate-v{version:04d}",
+    run_id = open_run(uri, config.tracking.experiment, previous, run_name=curate_run_name(config.output, version),
                       tags={"reelforge.step": "curate", "reelforge.output": redact_uri(config.output)},
                       parent_run_id=config.tracking.parent_run_id)
     if run_id == previous:
@@ -114,6 +128,20 @@ def _start_run(uri: str, config: CurateConfig, dataset: CuratedDataset, version:
     else:
         dataset.open("videos").update_config({key: run_id})
     return run_id
+
+
+def _log_curated_input(uri: str, run_id: str, output: str, version: int) -> None:
+    """The version this run made, as the run's MLflow dataset (context "curated") with the fingerprint that the
+    train, distill and evaluate runs reading it record as their input's digest, and as a reelforge.data_version tag."""
+    from training.dataset import ClipTable, pin_version
+
+    try:
+        table = ClipTable.open(pin_version(output, version))
+    except DatasetError:  # no kept clips: nothing a later run can read
+        return
+    client = client_for(uri)
+    log_dataset_input(client, run_id, table, "curated")
+    client.set_tag(run_id, "reelforge.data_version", table.version)
 
 
 def _public_uri(uri: str) -> str:
@@ -465,6 +493,7 @@ def _make_version(config: CurateConfig, dataset: CuratedDataset, lock: CurateLoc
             run.update(mlflow_run_id=run_id, tracking_uri=_public_uri(uri), experiment=config.tracking.experiment)
         record = _finish(config, dataset, plan, run, run_id, uri, retry_quarantined)
         if run_id:
+            _log_curated_input(uri, run_id, config.output, plan.version)
             finish_run(uri, run_id)
     except BaseException as err:
         if run_id:

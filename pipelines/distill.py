@@ -42,6 +42,13 @@ def _teacher_config(model_dir: str) -> dict:
     return json.loads(path.read_text())
 
 
+def _lineage(registered: dict | None) -> dict[str, str]:
+    """The tags a student's model version gets naming its teacher's registered version and run (when known)."""
+    if not registered:
+        return {}
+    return {"distilled_from_uri": registered["uri"], "distilled_from_run_id": registered["run_id"]}
+
+
 def round_dir_name(index: int, steps: int) -> str:
     return f"round-{index}-{steps}steps"
 
@@ -82,6 +89,11 @@ def _distill(config: DistillConfig, table, rounds: list[int], cfg_scale: float, 
     client = tracking.client_for(uri)
     tracking.log_params(client, run_id, {**flatten(config), **tracking.data_params(table), "rounds": rounds,
                                          "teacher_cfg_scale_used": cfg_scale})
+    tracking.log_dataset_input(client, run_id, table, "training")
+    teacher_lineage = _lineage(tracking.registered_version(client, config.teacher))
+    if teacher_lineage:
+        client.set_tag(run_id, "reelforge.teacher_uri", teacher_lineage["distilled_from_uri"])
+        client.set_tag(run_id, "reelforge.teacher_run_id", teacher_lineage["distilled_from_run_id"])
     log.info("distilling %s: %d -> %s steps; MLflow run %s in %s", config.teacher, config.teacher_steps,
              " -> ".join(map(str, rounds)), run_id, redact_uri(uri))
 
@@ -107,7 +119,7 @@ def _distill(config: DistillConfig, table, rounds: list[int], cfg_scale: float, 
                                      round=index, base_model=config.teacher),
                 step="distill-round",
                 register_tags={"sampling_steps": steps, "round": index, "distilled_from": teacher_dir,
-                               "base_model": config.teacher},
+                               "base_model": config.teacher, **teacher_lineage},
                 alias=f"steps-{steps}")
             if result["model_version"] is None and result["step"] < result["total_steps"]:
                 log.warning("round %d stopped at step %d of %d; rerun to continue", index, result["step"],
@@ -120,10 +132,15 @@ def _distill(config: DistillConfig, table, rounds: list[int], cfg_scale: float, 
                        "wall_seconds": result["wall_seconds"]}
             round_out.write_bytes_atomic(ROUND_FILE, json.dumps(summary, indent=2).encode())
         summaries.append(summary)
-        client.log_metric(run_id, "round_wall_seconds", float(summary["wall_seconds"]), step=steps)
+        # step = the round, so the value the UI shows as latest is the last round's (steps would run 16, 8, 4)
+        client.log_metric(run_id, "round_wall_seconds", float(summary["wall_seconds"]), step=index)
+        client.log_metric(run_id, "round_student_steps", float(steps), step=index)
+        teacher_lineage = _lineage({"uri": tracking.model_uri(summary["registered_model"], summary["model_version"]),
+                                    "run_id": summary["run_id"]} if summary.get("model_version") else None)
         teacher_dir, teacher_steps = summary["model"], steps
         teacher = _teacher_config(teacher_dir)
     finished = len(summaries) == len(rounds) and all(s["finished"] for s in summaries)
+    client.log_metric(run_id, "wall_seconds", sum(float(s["wall_seconds"]) for s in summaries if s["finished"]))
     tracking.finish_run(uri, run_id, status="FINISHED" if finished else "KILLED")
     return {"run_id": run_id, "tracking_uri": uri, "teacher": config.teacher, "rounds": summaries,
             "finished": finished, "wall_seconds": time.perf_counter() - started,

@@ -141,8 +141,13 @@ def dataset_input(table, context: str):
 
 
 def log_dataset_input(client, run_id: str, table, context: str) -> None:
-    """Record `table`'s version as a dataset input of the run (logging it again is a no-op)."""
-    client.log_inputs(run_id, datasets=[dataset_input(table, context)])
+    """Record `table`'s version as a dataset input of the run (logging it again is a no-op). Lineage is
+    bookkeeping: a store that refuses it gets a warning, the step goes on."""
+    try:
+        client.log_inputs(run_id, datasets=[dataset_input(table, context)])
+    except Exception as err:  # noqa: BLE001 - e.g. a server of an older MLflow without dataset inputs
+        log.warning("the dataset input %s was not logged to run %s: %s", redact_uri(table.data_uri), run_id,
+                    redact_uri(str(err)))
 
 
 def model_uri(name: str, version: str | int) -> str:

@@ -77,6 +77,7 @@ def _train(config: TrainConfig, table, distill: DistillRound | None, step: str,
     client = tracking.client_for(uri)
     tracking.log_params(client, run_id, {**flatten(config), **tracking.data_params(table),
                                          **_stage_params(config, stages or [])})
+    tracking.log_dataset_input(client, run_id, table, "training")
     log.info("MLflow run %s in %s; data %s (%s, %d clips)", run_id, redact_uri(uri), redact_uri(config.data),
              table.version, len(table))
 

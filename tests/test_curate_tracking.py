@@ -69,5 +69,5 @@ def test_one_run_per_version_resumed_after_an_interruption(tmp_path, no_env_stor
     log_version_to_mlflow(uri, first, config, _written(untrained=True), run, None, retry_quarantined=False)
     # The next version opens a new run, even if version 2's run id was left behind in the table's config.
     second = _start_run(uri, config, dataset, 3)
-    assert second != first and client.get_run(second).info.run_name == "curate-v0003"
+    assert second != first and client.get_run(second).info.run_name == f"curate-{tmp_path.name}-v0003"
     assert dataset.open("videos").config()[RUN_KEY.format(tag="v0003")] == second

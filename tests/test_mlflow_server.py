@@ -145,7 +145,7 @@ def test_curate_run_reads_back_over_the_rest_api(mlflow_server, curated_on_serve
 
     run = mlflow_server.get("/api/2.0/mlflow/runs/get", run_id=run_id)["run"]
     info, data = run["info"], run["data"]
-    assert info["status"] == "FINISHED" and info["run_name"] == "curate-v0001"
+    assert info["status"] == "FINISHED" and info["run_name"] == f"curate-{out.name}-v0001"
     assert info["experiment_id"] == experiment["experiment_id"]
     # Params: the resolved config, flattened, every key with its value as MLflow stores it.
     params = {p["key"]: p["value"] for p in data["params"]}
