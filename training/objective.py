@@ -49,11 +49,13 @@ class DiffusionObjective:
 class DistillationObjective:
     """x0 noised at a student timestep; the target makes the student's one DDIM step land where the teacher's two
     land. The teacher runs in fp32 whatever the student's precision; `null_text` is the empty prompt's (context,
-    mask) for the teacher's guidance, encoded once per run."""
+    mask) for the teacher's guidance, encoded once per run. `clip_x0`: the codec's clip_range (1 for pixels, None
+    for latents), as sampling clamps the teacher's x0 predictions."""
 
     def __init__(self, round_: DistillRound, teacher: torch.nn.Module, schedule: NoiseSchedule,
-                 null_text: tuple[torch.Tensor, torch.Tensor] | None):
+                 null_text: tuple[torch.Tensor, torch.Tensor] | None, clip_x0: float | None = 1.0):
         self.round = round_
+        self.clip_x0 = clip_x0
         self.teacher = teacher
         self.schedule = schedule
         self.null_text = null_text
@@ -68,5 +70,4 @@ class DistillationObjective:
         if null_context is not None:
             null_context, null_mask = null_context[:x0.shape[0]], null_mask[:x0.shape[0]]
         fn = guided(self.teacher, context.float(), mask, null_context, null_mask, self.round.cfg_scale)
-        return NoisedBatch(x_t, t, two_step_target(fn, self.schedule, x_t, t, t_mid, t_prev,
-                                                          clip_x0=self.clip_x0))
+        return NoisedBatch(x_t, t, two_step_target(fn, self.schedule, x_t, t, t_mid, t_prev, clip_x0=self.clip_x0))
