@@ -166,11 +166,23 @@ class KeyframesConfig:
 
 @dataclass
 class EncodeConfig:
+    """How kept clips are stored in the shards (curation/encode.py); the dataset version's record keeps it."""
+
+    # Clips are encoded at about this frame rate: every round(source fps / fps)-th frame, the stride training takes
+    # at this rate (training/data.py), so training at `fps` reads the same frames as from every frame, and the
+    # encoder, the working-size scaling and the stored bytes shrink by that factor. 8.0 is the training default
+    # (training/config.py CurriculumStage.fps); set it to the highest fps a training stage uses (training at a higher
+    # rate than a clip holds gets the clip's own), or 0 to keep every frame.
+    fps: float = 8.0
     short_side: int = 256
     codec: str = "libx264"
     crf: int = 23
     preset: str = "veryfast"
     container: str = "mp4"
+
+    def __post_init__(self) -> None:
+        if self.fps < 0:
+            raise ValueError(f"encode.fps must be 0 (every frame) or more, got {self.fps!r}")
 
 
 @dataclass

@@ -98,8 +98,19 @@ class Frame:
     def rgb(self) -> np.ndarray:
         """(H, W, 3) uint8 at the working resolution."""
         if self._rgb is None:
+            if self._make_rgb is None:
+                raise ValueError(f"{self!r} was released: it has no working-size picture")
             self._rgb, self._make_rgb = self._make_rgb(), None
         return self._rgb
+
+    @property
+    def has_rgb(self) -> bool:
+        return self._rgb is not None or self._make_rgb is not None
+
+    def release(self) -> None:
+        """Drop the working-size picture and the decoded one it would be made from: a frame that no clip encodes
+        and no keyframe shows keeps only its analysis picture (the scaling costs more than the analysis)."""
+        self._rgb = self._make_rgb = None  # `analysis` stays, also where it is the same array
 
     def __repr__(self) -> str:
         return f"Frame(index={self.index}, time_s={self.time_s:.3f})"

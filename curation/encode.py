@@ -25,6 +25,15 @@ def encode_size(width: int, height: int, short_side: int) -> tuple[int, int]:
     return max(2, width - width % 2), max(2, height - height % 2)
 
 
+def frame_step(fps: float, target_fps: float) -> int:
+    """Every how many source frames a clip is encoded: the nearest whole number of frames per frame at `target_fps`,
+    the stride training takes at that rate (training/data.py sample_indices), so training at `target_fps` reads the
+    same source frames from the thinned clip as from every frame. 1 (every frame) for target_fps 0 or above fps."""
+    if target_fps <= 0 or fps <= 0:
+        return 1
+    return max(1, round(fps / target_fps))
+
+
 class ClipEncoder:
     """Streams frames into an in-memory MP4; timestamps are kept, so variable frame rate survives."""
 

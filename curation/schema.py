@@ -72,6 +72,8 @@ TEXT_FIELDS = [
 ]
 CLIPS = pa.schema(CLIP_FIELDS + SIGNATURE_FIELDS + TEXT_FIELDS)
 
+# In a shard row num_frames and fps describe video_bytes: the frames encoded (every round(source fps /
+# encode.fps)-th frame of the clip) and their rate; start_frame/end_frame still count source frames.
 SHARDS = pa.schema(CLIP_FIELDS + [
     ("uri", pa.string()),
     ("fps", pa.float64()),
@@ -80,6 +82,9 @@ SHARDS = pa.schema(CLIP_FIELDS + [
     ("video_bytes", pa.binary()),  # H.264 in MP4 at the encode resolution
 ])
 
-# What one video's pass produces: its videos row plus every clip, with the encoded bytes of kept clips.
+# What one video's pass produces: its videos row plus every clip, with the encoded bytes of kept clips and what they
+# hold (encode_fps, encode_frames: every step-th frame of the clip, encode.fps), which become the shard row's fps and
+# num_frames.
 STAGED = pa.schema(list(VIDEOS) + [("clips", pa.list_(pa.struct(CLIP_FIELDS + SIGNATURE_FIELDS + TEXT_FIELDS + [
-    ("video_bytes", pa.binary()), ("width", pa.int64()), ("height", pa.int64())])))])
+    ("video_bytes", pa.binary()), ("width", pa.int64()), ("height", pa.int64()), ("encode_fps", pa.float64()),
+    ("encode_frames", pa.int64())])))])

@@ -12,6 +12,7 @@ import re
 from collections import deque
 from dataclasses import dataclass, field
 
+import cv2
 import pyarrow as pa
 
 from curation import schema
@@ -28,7 +29,7 @@ from curation.decode import (
     probe,
     work_size,
 )
-from curation.encode import ClipEncoder, jpeg_bytes
+from curation.encode import ClipEncoder, frame_step, jpeg_bytes
 from curation.filters import ClipFilter
 from curation.isolate import ChildCrashed, ChildTimedOut, IsolatedWorker, set_time_limit
 from curation.motion import MotionScorer
@@ -42,16 +43,21 @@ log = logging.getLogger(__name__)
 @dataclass
 class _OpenClip:
     start: Frame
-    encoder: ClipEncoder | None
-    first_jpeg: bytes
     last: Frame
     signature: ClipSignature
+    encoder: ClipEncoder | None = None  # opened on the clip's first frame on the encode grid
+    first_jpeg: bytes | None = None  # of that frame
     num_frames: int = 1
-    tail: deque = field(default_factory=deque)  # frames from the current middle to the newest one
+    grid_frames: int = 0  # frames on the encode grid: the ones encoded and the only ones with a working-size picture
+    tail: deque = field(default_factory=deque)  # grid frames from the current middle one to the newest
 
 
 class ClipAssembler:
-    """Turns finalized frames into clips: shots minus transitions, trimmed at cuts, split into windows."""
+    """Turns finalized frames into clips: shots minus transitions, trimmed at cuts, split into windows.
+
+    A clip's bytes hold its frames on the encode grid (every `step`-th frame of the video, encode.fps) and its
+    keyframes are the first, middle and last of them; the other frames are released by the decoding loop, so only
+    grid frames pay for their working-size picture."""
 
     def __init__(self, config: CurateConfig, info: VideoInfo, video_id: str, motion: MotionScorer):
         self.config = config
@@ -60,6 +66,7 @@ class ClipAssembler:
         self.motion = motion
         self.filter = ClipFilter(config.filters)
         fps = info.fps
+        self.step = frame_step(fps, config.encode.fps)
         self.trim = max(0, round(config.shots.trim_seconds * fps))
         # A clip never holds more frames than its longest window at twice the average rate (room for VFR passages),
         # whatever the timestamps say: ones that crawl or freeze would otherwise keep one clip open for good.
@@ -68,8 +75,22 @@ class ClipAssembler:
         self._open: _OpenClip | None = None
         self._segment: int = -1  # index of the last cut at or before the current frame
 
+    def on_grid(self, frame: Frame) -> bool:
+        """Whether the frame is encoded (when its clip is kept) and may be a keyframe."""
+        return frame.index % self.step == 0
+
     def _next_time(self, frame: Frame) -> float:
         return frame.time_s + 1.0 / self.info.fps
+
+    def _keyframes(self, clip: _OpenClip) -> list[bytes]:
+        quality = self.config.keyframes.jpeg_quality
+        if clip.grid_frames:
+            middle, last = clip.tail[0], clip.tail[-1]
+            return [clip.first_jpeg, jpeg_bytes(middle.rgb, quality), jpeg_bytes(last.rgb, quality)]
+        # A clip shorter than the grid's step (under 1/encode.fps seconds): its analysis pictures, enlarged.
+        size = (self.info.work_width, self.info.work_height)
+        return [jpeg_bytes(cv2.resize(f.analysis, size, interpolation=cv2.INTER_LINEAR), quality)
+                for f in (clip.start, clip.last, clip.last)]
 
     def _close(self) -> None:
         clip, self._open = self._open, None
@@ -87,9 +108,6 @@ class ClipAssembler:
                 video_bytes = clip.encoder.close()
             else:
                 clip.encoder.abort()
-        middle = clip.tail[0] if clip.tail else last
-        keyframes = [clip.first_jpeg, jpeg_bytes(middle.rgb, self.config.keyframes.jpeg_quality),
-                     jpeg_bytes(last.rgb, self.config.keyframes.jpeg_quality)]
         self.clips.append({
             "clip_id": f"{self.video_id}-{start.index:07d}",
             "video_id": self.video_id,
@@ -102,7 +120,7 @@ class ClipAssembler:
             "motion_median": stats.median,
             "motion_p90": stats.p90,
             "is_static": stats.is_static,
-            "keyframes": keyframes,
+            "keyframes": self._keyframes(clip),
             "kept": reason is None,
             "drop_reason": reason,
             # Filled by the model stages (curation/captions.py, curation/clip_scores.py) when they run.
@@ -115,33 +133,38 @@ class ClipAssembler:
             "frame_hashes": clip.signature.hashes if clip.signature.interval_s > 0 else None,
             "frame_thumbs": b"".join(clip.signature.thumbs) if clip.signature.interval_s > 0 else None,
             "video_bytes": video_bytes,
-            "width": clip.encoder.width if clip.encoder else last.rgb.shape[1],
-            "height": clip.encoder.height if clip.encoder else last.rgb.shape[0],
+            "width": clip.encoder.width if clip.encoder else self.info.work_width,
+            "height": clip.encoder.height if clip.encoder else self.info.work_height,
+            # What video_bytes hold: every step-th frame of the clip, at fps / step (the shard row's fps, num_frames).
+            "encode_fps": self.info.fps / self.step if video_bytes is not None else None,
+            "encode_frames": clip.encoder.num_frames if video_bytes is not None else None,
         })
         self.motion.forget_before(last.index)
 
     def _open_clip(self, frame: Frame) -> None:
-        encoder = None
-        if self.config.encode.short_side >= 0:
-            encoder = ClipEncoder(self.config.encode, frame.rgb.shape[1], frame.rgb.shape[0], self.info.fps)
-            encoder.add(frame.time_s, frame.rgb)
         dedup = self.config.filters.dedup
         signature = ClipSignature(dedup.hash_interval_s if dedup.enabled else 0.0, frame.time_s)
-        signature.add(frame.time_s, frame.analysis)
-        self._open = _OpenClip(start=frame, encoder=encoder, last=frame, signature=signature,
-                               first_jpeg=jpeg_bytes(frame.rgb, self.config.keyframes.jpeg_quality))
-        self._open.tail.append(frame)
+        self._open = _OpenClip(start=frame, last=frame, signature=signature, num_frames=0)
+        self._extend(frame)
 
     def _extend(self, frame: Frame) -> None:
         clip = self._open
-        if clip.encoder is not None:
-            clip.encoder.add(frame.time_s, frame.rgb)
         clip.last = frame
         clip.signature.add(frame.time_s, frame.analysis)
         clip.num_frames += 1
+        if not self.on_grid(frame):
+            return
+        if clip.first_jpeg is None:
+            clip.first_jpeg = jpeg_bytes(frame.rgb, self.config.keyframes.jpeg_quality)
+            if self.config.encode.short_side >= 0:
+                clip.encoder = ClipEncoder(self.config.encode, frame.rgb.shape[1], frame.rgb.shape[0],
+                                           self.info.fps / self.step)
+        if clip.encoder is not None:
+            clip.encoder.add(frame.time_s, frame.rgb)
+        clip.grid_frames += 1
         clip.tail.append(frame)
-        # Keep only the frames from the middle of the clip on: the middle keyframe is known when the clip closes.
-        while len(clip.tail) > clip.num_frames - (clip.num_frames - 1) // 2:
+        # Keep only the grid frames from the middle one on: the middle keyframe is known when the clip closes.
+        while len(clip.tail) > clip.grid_frames - (clip.grid_frames - 1) // 2:
             clip.tail.popleft()
 
     def add(self, frame: Frame, cuts: list[int], transitions: list, next_boundary: int) -> None:
@@ -363,8 +386,11 @@ class VideoStage:
             if motion.wants(frame.index, frame.time_s):
                 motion.push(frame.index, frame.time_s, frame.analysis)
             shots.push(frame.index, frame.analysis)
-            # Scale to the working size now: a pending frame must not hold the decoder's full-size picture.
-            frame.rgb  # noqa: B018
+            # Scale to the working size now, or never: a pending frame must not hold the decoder's full-size picture.
+            if assembler.on_grid(frame):
+                frame.rgb  # noqa: B018
+            else:
+                frame.release()
             pending.append(frame)
             count += 1
             last_time = frame.time_s

@@ -117,7 +117,10 @@ class BatchCommitter:
             row.update(dataset_version=self.version, kept=None)
             clips.append(row)
             if clip.get("video_bytes") is not None and clip.get("drop_reason") is None:
-                shards.append({**row, "uri": video["uri"], "fps": video["fps"], "width": clip["width"],
+                # The bytes' own rate and frame count (a clip encoded before encode.fps holds every frame).
+                encoded = {"fps": clip.get("encode_fps") or video["fps"],
+                           "num_frames": clip.get("encode_frames") or row["num_frames"]}
+                shards.append({**row, "uri": video["uri"], **encoded, "width": clip["width"],
                                "height": clip["height"], "video_bytes": clip["video_bytes"]})
         return video, clips, shards
 

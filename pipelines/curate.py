@@ -391,6 +391,8 @@ def _record(config: CurateConfig, dataset: CuratedDataset, written: VersionWrite
         "config": redact_config(config),
         "config_sha256": config_sha256(config),
         "config_file": f"config-{version_tag(written.version)}.yaml",
+        # How the shards' clips are stored (also in `config`): what training and exports decode.
+        "encode": redact_config(config)["encode"],
         "counts": written.counts,
         "filters": written.bounds,
         "scores_untrained": written.untrained,
@@ -520,6 +522,11 @@ def summary_text(record: dict) -> str:
         f"clips found: {counts['clips']}",
         f"clips kept: {counts['clips_kept']} (dropped by filter: {drops})",
     ]
+    if record.get("encode"):
+        encode = record["encode"]
+        rate = f"~{encode['fps']:g} fps" if encode.get("fps") else "every frame"
+        lines.append(f"shard clips: {rate}, short side {encode['short_side']} px, {encode['codec']} "
+                     f"crf {encode['crf']}")
     if "video_seconds_per_wall_second" in run:
         lines.append(f"video-seconds per wall-second: {run['video_seconds_per_wall_second']:.2f} "
                      f"({run['video_seconds_processed']:.1f} s of video in {run['wall_seconds']:.1f} s)")

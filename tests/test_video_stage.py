@@ -58,7 +58,11 @@ def test_stage_turns_a_video_into_clips_with_keyframes_and_playable_bytes(sample
             assert clip["kept"] and clip["drop_reason"] is None
             with av.open(io.BytesIO(clip["video_bytes"])) as container:
                 frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
-            assert len(frames) == clip["num_frames"] == clip["end_frame"] - clip["start_frame"] + 1
+            assert clip["num_frames"] == clip["end_frame"] - clip["start_frame"] + 1
+            # Every step-th frame of the video (encode.fps 8 at 24 fps: every 3rd) inside the clip is encoded.
+            grid = [i for i in range(clip["start_frame"], clip["end_frame"] + 1) if i % 3 == 0]
+            assert len(frames) == clip["encode_frames"] == len(grid)
+            assert clip["encode_fps"] == pytest.approx(row["fps"] / 3)
             assert min(frames[0].shape[:2]) <= CurateConfig().encode.short_side
 
 
@@ -95,3 +99,32 @@ def test_shared_bad_files_quarantined_and_audio_failure_tolerated(shared_videos,
     ok = rows["moviepy/video_with_failing_audio.mp4"]
     assert ok["status"] == "ok" and ok["num_frames"] == ground_truth["moviepy/video_with_failing_audio.mp4"]["frames"]
     assert np.isfinite(ok["clips"][0]["motion_median"])
+
+
+def test_clips_are_encoded_at_encode_fps_and_training_reads_the_same_frames(sample_dump):
+    """encode.fps thins the stored clip to every step-th frame; a training stage at that fps samples frames the same
+    distance apart (in source frames) from the thinned clip as from one holding every frame (encode.fps=0)."""
+    from training.data import sample_indices
+
+    root, truth = sample_dump
+    name = next(n for n in truth["videos"] if "cuts_pan" in n)
+    rows = {}
+    for fps in (0.0, 8.0):
+        config = CurateConfig()
+        config.encode.fps = fps
+        stage = VideoStage(config)
+        stage.setup()
+        rows[fps] = stage(_batch(root, [name])).to_pylist()[0]
+    every, thinned = rows[0.0]["clips"], rows[8.0]["clips"]
+    assert [c["start_frame"] for c in every] == [c["start_frame"] for c in thinned]  # the same clips and verdicts
+    assert [c["drop_reason"] for c in every] == [c["drop_reason"] for c in thinned]
+    kept = [(a, b) for a, b in zip(every, thinned, strict=True) if a["video_bytes"]]
+    assert kept
+    for a, b in kept:
+        assert a["encode_frames"] == a["num_frames"] and a["encode_fps"] == pytest.approx(rows[0.0]["fps"])
+        assert len(b["video_bytes"]) < len(a["video_bytes"])
+        first = -(-b["start_frame"] // 3) * 3  # the clip's first frame on the grid of every 3rd frame
+        native = [a["start_frame"] + i for i in sample_indices(a["num_frames"], a["encode_fps"], 4, 8.0)]
+        thin = [first + 3 * i for i in sample_indices(b["encode_frames"], b["encode_fps"], 4, 8.0)]
+        assert np.diff(native).tolist() == np.diff(thin).tolist() == [3, 3, 3]
+        assert abs(native[0] - thin[0]) <= 3  # both windows sit in the middle of the clip
