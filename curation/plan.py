@@ -26,7 +26,7 @@ def discover_ids(files: list[dict], config: CurateConfig) -> list[dict]:
 
 
 def _workers(config: CurateConfig, reserved_cpus: float = 0.0) -> int:
-    """Video actors: ray.video_workers, else as many as the CPUs left after `reserved_cpus` hold."""
+    """Video actors: ray.video_workers, else one per CPU that `reserved_cpus` (whole-CPU model actors) leave."""
     if config.ray.video_workers:
         return config.ray.video_workers
     cpus = ray.cluster_resources().get("CPU", 1)
@@ -45,14 +45,20 @@ def _model_stages(config: CurateConfig) -> list[tuple[type, object]]:
     return stages
 
 
-def _model_share(config: CurateConfig, reserved: float) -> float:
-    """The share of their declared CPUs that the model actors reserve: all of it, unless they and one video worker
-    do not fit the cluster (2 CPUs hold a video worker and two model actors of 0.5). Ray would then hold an actor
-    back until the video stage ends, and finished videos would stop streaming into commits."""
-    room = ray.cluster_resources().get("CPU", 1) - config.ray.cpus_per_video
-    if reserved <= room or room <= 0:
+def _declared_share(config: CurateConfig, video_cpus: float, light: float, whole: float) -> float:
+    """The share of their CPUs that the video actors and the light model actors (under one CPU each) declare to Ray.
+
+    A model actor of a whole CPU or more keeps its CPUs to itself, and the video stage gets one worker per CPU left.
+    Light actors (the CPU defaults: 0.5 each) spend most of their time waiting for clips from the video stage, so
+    they share the video workers' cores instead of taking whole ones: on 2 CPUs three of them would otherwise leave
+    one video worker and half the machine idle (bench/README.md, "curate_end_to_end.py"). When everything does not
+    fit, both declare the same fraction of their CPUs, so that every actor starts at once and finished videos keep
+    streaming into commits."""
+    room = ray.cluster_resources().get("CPU", 1) - whole
+    demand = video_cpus + light
+    if demand <= room or room <= 0:
         return 1.0
-    return math.floor(room / reserved * 1e4) / 1e4  # Ray counts CPUs in units of 1e-4
+    return math.floor(room / demand * 1e4) / 1e4  # Ray counts CPUs in units of 1e-4
 
 
 def curate_plan(pending: list[dict], config: CurateConfig) -> ray.data.Dataset:
@@ -61,15 +67,16 @@ def curate_plan(pending: list[dict], config: CurateConfig) -> ray.data.Dataset:
     batches."""
     stages = [(cls, settings, min(settings.concurrency, max(1, len(pending)))) for cls, settings in
               _model_stages(config)]
-    # The model actors live as long as the video actors, so their CPUs are not there for decoding.
-    reserved = sum(settings.num_cpus * actors for _, settings, actors in stages)
-    share = _model_share(config, reserved)
-    workers = min(_workers(config, reserved * share), max(1, len(pending)))
+    whole = sum(settings.num_cpus * actors for _, settings, actors in stages if settings.num_cpus >= 1)
+    light = sum(settings.num_cpus * actors for _, settings, actors in stages if settings.num_cpus < 1)
+    workers = min(_workers(config, whole), max(1, len(pending)))
+    share = _declared_share(config, workers * config.ray.cpus_per_video, light, whole)
     ds = ray.data.from_items(pending, override_num_blocks=max(1, len(pending)))
     ds = ds.map_batches(StageActor, fn_constructor_args=(VideoStage, config), batch_size=1, batch_format="pyarrow",
-                        concurrency=workers, num_cpus=config.ray.cpus_per_video)
+                        concurrency=workers, num_cpus=config.ray.cpus_per_video * share)
     for stage_cls, settings, actors in stages:
         ds = ds.map_batches(StageActor, fn_constructor_args=(stage_cls, settings),
                             batch_size=settings.videos_per_batch, batch_format="pyarrow", concurrency=actors,
-                            num_cpus=settings.num_cpus * share, num_gpus=settings.num_gpus)
+                            num_cpus=settings.num_cpus * (share if settings.num_cpus < 1 else 1.0),
+                            num_gpus=settings.num_gpus)
     return ds
