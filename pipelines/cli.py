@@ -101,7 +101,8 @@ def _generate(args: argparse.Namespace) -> int:
         negative_prompt=args.negative_prompt, steps=args.steps, cfg=args.cfg, seed=args.seed,
         num_frames=args.num_frames, size=args.size, fps=args.fps, batch=args.batch, gif=args.gif, device=args.device,
         min_side=args.min_side, overwrite=args.overwrite, tracking_uri=args.tracking_uri, cache_dir=args.cache_dir,
-        backend=args.backend, sampler=args.sampler)
+        backend=args.backend, sampler=args.sampler, ray=args.ray, ray_address=args.ray_address,
+        ray_workers=args.workers, gpus_per_worker=args.gpus_per_worker)
     print(summary_text(run_generate(config)))
     return 0
 
@@ -245,6 +246,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--tracking-uri", help="MLflow store for models:/ and runs:/ (default MLFLOW_TRACKING_URI)")
     gen.add_argument("--cache-dir", help="where downloaded models are kept (default $REELFORGE_CACHE or "
                      "~/.cache/reelforge)")
+    gen.add_argument("--ray", action="store_true", help="run as a Ray Data job: --workers actors, each loading the "
+                     "model once (--out must be a folder every worker sees)")
+    gen.add_argument("--ray-address", help="with --ray: the cluster (default RAY_ADDRESS, else one on this machine or "
+                     "a new local one)")
+    gen.add_argument("--workers", type=int, default=1, help="with --ray: generating actors")
+    gen.add_argument("--gpus-per-worker", type=float, default=0.0, help="with --ray: GPUs each actor takes (0: CPU)")
     gen.set_defaults(func=_generate)
 
     onnx = sub.add_parser("export-onnx", help="the denoiser of an exported model as ONNX, checked under ONNX Runtime")

@@ -244,3 +244,31 @@ def test_seeded_noise_is_what_generate_draws_for_one_prompt():
     for i, seed in enumerate((5, 6)):
         expected = torch.randn((1, 3, FRAMES, SIZE, 2 * SIZE), generator=torch.Generator().manual_seed(seed))
         assert torch.equal(noise[i:i + 1], expected)
+
+
+@pytest.mark.slow
+def test_ray_job_writes_what_a_local_run_writes(models, tmp_path, ray_cluster):
+    """`--ray` with two actors on a real local Ray cluster: every prompt's files, frames and request equal the local
+    run's (each video's noise comes from its own seed), and a rerun skips what the job wrote."""
+    prompts = [PROMPT, "a blue circle moving left on a grey background", "a yellow square moving up",
+               "a white square moving down", "a green circle"]
+    listing = tmp_path / "prompts.txt"
+    listing.write_text("\n".join(prompts) + "\n")
+    local, distributed = tmp_path / "local", tmp_path / "ray"
+    assert _run("--model", models["student"], "--prompts-file", listing, "--seed", 3, "--out", local, "--gif") == 0
+    assert _run("--model", models["student"], "--prompts-file", listing, "--seed", 3, "--out", distributed, "--gif",
+                "--ray", "--workers", 2, "--batch", 2) == 0
+    names = sorted(p.name for p in local.iterdir())
+    assert names == sorted(p.name for p in distributed.iterdir()) and len(names) == 15
+    for video in sorted(local.glob("*.mp4")):
+        twin = distributed / video.name
+        assert _decode(twin)[0].shape == (FRAMES, SIZE, SIZE, 3)
+        assert np.array_equal(_gif(video), _gif(twin))
+        timing = ("generation_seconds", "device", "batch_size")
+        assert {k: v for k, v in _sidecar(video).items() if k not in timing} == \
+            {k: v for k, v in _sidecar(twin).items() if k not in timing}
+    from pipelines.generate import GenerateConfig, run_generate
+
+    again = run_generate(GenerateConfig(model=str(models["student"]), out=str(distributed), prompts_file=str(listing),
+                                        seed=3, gif=True, ray=True, ray_workers=2))
+    assert (again["generated"], again["skipped"]) == (0, 5)
