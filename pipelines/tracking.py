@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from pathlib import Path
 
 from curation.redact import redact_config, redact_uri
@@ -127,14 +128,19 @@ def dataset_input(table, context: str):
         import hashlib
 
         digest = hashlib.sha256(digest.encode()).hexdigest()[:DIGEST_LIMIT]
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+
+    with warnings.catch_warnings():  # a local path matches the local source registered twice by MLflow: either is it
+        warnings.simplefilter("ignore", UserWarning)
+        origin = resolve_dataset_source(source)
     if hasattr(table, "metadata"):
         import pandas as pd
 
-        data = mlflow.data.from_pandas(pd.DataFrame(table.metadata()), source=source, name=name, digest=digest)
+        with warnings.catch_warnings():  # MLflow's hint about integer columns and missing values: none are missing
+            warnings.simplefilter("ignore", UserWarning)
+            data = mlflow.data.from_pandas(pd.DataFrame(table.metadata()), source=origin, name=name, digest=digest)
     else:
-        from mlflow.data.dataset_source_registry import resolve_dataset_source
-
-        data = MetaDataset(resolve_dataset_source(source), name=name, digest=digest)
+        data = MetaDataset(origin, name=name, digest=digest)
     entity = Dataset(**data.to_dict())
     tags = [InputTag(MLFLOW_DATASET_CONTEXT, context), InputTag("reelforge.data_version", table.version)]
     return DatasetInput(entity, tags=tags)

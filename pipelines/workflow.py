@@ -21,7 +21,7 @@ from pathlib import Path
 
 from curation.config import CurateConfig
 from curation.redact import redact_config, redact_uri
-from pipelines import tracking
+from pipelines import lineage, tracking
 from pipelines.config import ConfigError, flatten
 from training.config import RayConfig, TrainConfig
 from training.distill import DistillConfig
@@ -257,6 +257,7 @@ def run_workflow(config: WorkflowConfig) -> dict:
         state.update(name, status=status, finished=time.time(), summary=summary)
         client.set_tag(parent, f"reelforge.{name}.status", status)
         client.set_tag(parent, f"reelforge.{name}.hash", digest)
+        lineage.record_step(client, parent, name, summary)  # run ids, models:/ URIs, data, metrics
         results["ran"].append(name)
         results[name] = summary
         if status != "finished":
