@@ -1,5 +1,7 @@
 """The whole workflow as one command: (a sample dump when no input is given) -> curate -> train -> distill ->
-evaluate, as one MLflow parent run with a nested run per step.
+evaluate, as one MLflow parent run with a nested run per step. The latent workflow adds two steps after curate:
+train-vae (the causal video VAE on the curated clips) and encode (the clips through it into a latent cache, which
+train and distill then read); `configs/quickstart-latent.yaml` runs it on the sample dump.
 
 Each step is the function its own subcommand runs. The workflow records, per step, a hash of the step's resolved
 config and of everything upstream of it (`WORKDIR/workflow.json`); a rerun skips a step whose outputs exist with the
@@ -21,15 +23,19 @@ from pathlib import Path
 
 from curation.config import CurateConfig
 from curation.redact import redact_config, redact_uri
+from models.codec import CodecConfig
 from pipelines import lineage, tracking
 from pipelines.config import ConfigError, flatten
 from training.config import RayConfig, TrainConfig
 from training.distill import DistillConfig
 from training.evaluate import EvaluateConfig
+from training.latent_encode import EncodeConfig
+from training.vae.config import VAETrainConfig
 
 log = logging.getLogger("reelforge.run")
 
-STEPS = ("curate", "train", "distill", "evaluate")
+STEPS = ("curate", "train-vae", "encode", "train", "distill", "evaluate")  # in the order they run
+PIXEL_STEPS = ["curate", "train", "distill", "evaluate"]  # the default: the model diffuses pixels
 STATE_FILE = "workflow.json"
 
 
@@ -51,12 +57,17 @@ class WorkflowConfig:
     heldout_input: str = ""  # a held-out video dump for evaluation; empty with `input` empty: generated
     tracking_uri: str | None = None  # None: MLFLOW_TRACKING_URI, else sqlite:///WORKDIR/mlflow.db for every step
     experiment: str = "reelforge"  # the parent run and every step's nested run (nesting needs one experiment)
-    steps: list[str] = field(default_factory=lambda: list(STEPS))
+    steps: list[str] = field(default_factory=lambda: list(PIXEL_STEPS))
     # The cluster every step runs on, handed down to each step (a step section's own `ray` is for its standalone
     # command); the tracking store and experiment above are handed down the same way.
     ray: RayConfig = field(default_factory=RayConfig)
     sample_dump: SampleDumpConfig = field(default_factory=SampleDumpConfig)
     curate: CurateConfig = field(default_factory=CurateConfig)
+    # step train-vae: its output's vae/ becomes train.codec (kind reelforge-vae) for encode, train and what follows
+    train_vae: VAETrainConfig = field(default_factory=VAETrainConfig)
+    # step encode: its codec, text, curriculum and windows_per_clip are the train section's (set them there), so
+    # the cache holds exactly what train reads; with encode, train and distill read the cache
+    encode: EncodeConfig = field(default_factory=EncodeConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     evaluate: EvaluateConfig = field(default_factory=lambda: EvaluateConfig(max_videos=48))
@@ -106,12 +117,13 @@ def _remote_fingerprint(root: str) -> dict:
 
 def data_fingerprint(data: str) -> str:
     """The rows a training step would read: the curated dataset version and its content (ClipTable's version,
-    v<N>-lance<L>-<hash of its data files>), not the dump's file times, so touching a video retrains nothing."""
+    v<N>-lance<L>-<hash of its data files>), or a latent cache's (latents-v<N>-lance<L>-<hash>), not the dump's file
+    times, so touching a video retrains nothing."""
     from curation.dataset import DatasetError
-    from training.dataset import ClipTable
+    from training.latent_dataset import open_training_data
 
     try:
-        return ClipTable.open(data).version
+        return open_training_data(data).version
     except (DatasetError, FileNotFoundError, OSError, ValueError) as err:
         return f"unreadable ({type(err).__name__})"
 
@@ -217,15 +229,17 @@ def run_workflow(config: WorkflowConfig) -> dict:
         if not heldout and sd.heldout_videos:
             heldout = _generated_dump(workdir / "heldout-dump", max(6, sd.heldout_videos), sd.heldout_seed,
                                       sd.shape_size)
-    paths = {"curate": workdir / "curated", "heldout": workdir / "heldout-curated", "train": workdir / "train",
-             "distill": workdir / "distill", "evaluate": workdir / "evaluate"}
-    for section in (config.curate, config.train, config.distill, config.evaluate):
+    paths = {"curate": workdir / "curated", "heldout": workdir / "heldout-curated", "train-vae": workdir / "vae",
+             "encode": workdir / "latents", "train": workdir / "train", "distill": workdir / "distill",
+             "evaluate": workdir / "evaluate"}
+    for section in (config.curate, config.train_vae, config.train, config.distill, config.evaluate):
         section.tracking.uri = section.tracking.uri or uri
         section.tracking.experiment = config.experiment
         section.tracking.parent_run_id = parent
-    for section in (config.curate, config.train, config.distill):
+    for section in (config.curate, config.train_vae, config.encode, config.train, config.distill):
         section.ray.address = config.ray.address or section.ray.address
         section.ray.num_cpus = config.ray.num_cpus or section.ray.num_cpus
+    _hand_down_codec(config, paths)
 
     results: dict = {"workdir": str(workdir), "tracking_uri": uri, "run_id": parent, "ran": [], "skipped": []}
     hashes: dict[str, str] = {}
@@ -278,10 +292,41 @@ def run_workflow(config: WorkflowConfig) -> dict:
 
             run_step("curate", config.curate, [], lambda: has_finished_version(paths["curate"]), curate,
                      extra=input_fingerprint(config.curate.input))
+        if "train-vae" in config.steps:
+            from pipelines.train_vae import run_train_vae
+
+            config.train_vae.data = config.train_vae.data or str(paths["curate"])
+            config.train_vae.output = str(paths["train-vae"])
+
+            def train_vae():
+                from pipelines.train_vae import summary_text as text
+
+                summary = run_train_vae(config.train_vae)
+                return {**summary, "text": text(summary), "finished": summary["step"] >= summary["total_steps"]}
+
+            run_step("train-vae", config.train_vae, [], (paths["train-vae"] / VAE_INFO).exists, train_vae,
+                     extra={"data": data_fingerprint(config.train_vae.data)}, resumable=False)
+        if "encode" in config.steps:
+            from pipelines.encode import run_encode
+
+            config.encode.data = config.encode.data or str(paths["curate"])
+            config.encode.output = str(paths["encode"])
+
+            def encode():
+                from pipelines.encode import summary_text as text
+
+                record = run_encode(config.encode)
+                return {**record, "output": config.encode.output, "text": text(record, config.encode.output)}
+
+            # a cache holds one codec's latents: another codec (a retrained VAE) or other shapes start a new one
+            run_step("encode", config.encode, [], lambda: _has_cache(paths["encode"]), encode, resumable=False,
+                     extra={"data": data_fingerprint(config.encode.data),
+                            "codec": codec_fingerprint(config.encode.codec)})
         if "train" in config.steps:
             from pipelines.train import run_train
 
-            config.train.data = config.train.data or str(paths["curate"])
+            cached = str(paths["encode"]) if "encode" in config.steps else ""
+            config.train.data = config.train.data or cached or str(paths["curate"])
             config.train.output = str(paths["train"])
 
             def train():
@@ -296,8 +341,10 @@ def run_workflow(config: WorkflowConfig) -> dict:
         if "distill" in config.steps:
             from pipelines.distill import round_dir_name, run_distill
 
+            cached_data = str(paths["encode"]) if "encode" in config.steps else ""
             config.distill.teacher = config.distill.teacher or str(paths["train"] / "model")
-            config.distill.data = config.distill.data or str(paths["curate"])
+            # a latent teacher's rounds read the cache it was trained from: no decode and no VAE in the step
+            config.distill.data = config.distill.data or cached_data or str(paths["curate"])
             config.distill.output = str(paths["distill"])
             rounds = config.distill.round_steps()
             last = paths["distill"] / round_dir_name(len(rounds), rounds[-1]) / "round.json"
@@ -342,13 +389,47 @@ def run_workflow(config: WorkflowConfig) -> dict:
 
 def _validate_steps(config: WorkflowConfig) -> None:
     """The training steps' config mistakes, before the first step starts rather than when that step begins."""
-    checks = {"train": config.train.validate, "distill": config.distill.round_steps}
+    checks = {"train-vae": config.train_vae.validate, "train": config.train.validate,
+              "distill": config.distill.round_steps}
     for name in config.steps:
         if name in checks:
             try:
                 checks[name]()
             except ConfigError as err:
                 raise ConfigError(f"{name}.{err}") from None
+
+
+VAE_INFO = "vae/reelforge-vae.json"  # under the train-vae step's output: written once its VAE is exported
+
+
+def _hand_down_codec(config: WorkflowConfig, paths: dict[str, Path]) -> None:
+    """train.codec is the one codec of a run: the VAE the train-vae step exports when it runs, else as configured;
+    encode gets it with train's text tower and shapes, so the cache holds what train reads."""
+    encode, train, defaults = config.encode, config.train, EncodeConfig()
+    for key in ("codec", "text", "curriculum"):
+        if getattr(encode, key) != getattr(defaults, key) and getattr(encode, key) != getattr(train, key):
+            raise ConfigError(f"encode.{key}: the workflow takes it from train.{key} (one source for the cache and "
+                              f"the model); set train.{key} instead")
+    if "train-vae" in config.steps:
+        folder = paths["train-vae"] / Path(VAE_INFO).parent
+        train.codec = CodecConfig(**{**vars(train.codec), "kind": "reelforge-vae", "model": str(folder)})
+    encode.codec, encode.text, encode.curriculum = train.codec, train.text, train.curriculum
+    encode.windows_per_clip = train.data_loading.windows_per_clip
+
+
+def codec_fingerprint(codec: CodecConfig) -> str:
+    """What the codec's weights are: a local VAE folder's file digest (a retrained VAE at the same path differs)."""
+    from training.publish import folder_digest
+
+    if codec.kind == "pixels" or "://" in codec.model or not Path(codec.model).is_dir():
+        return f"{codec.kind}:{codec.model}:{codec.revision}"
+    return folder_digest(Path(codec.model))
+
+
+def _has_cache(output: Path) -> bool:
+    from training.latent_dataset import is_latent_cache
+
+    return output.is_dir() and is_latent_cache(str(output))
 
 
 class _Stopped(Exception):
