@@ -21,6 +21,7 @@ from models.codec import build_codec
 from models.text_encoder import FrozenTextEncoder, text_encoder_id
 from pipelines.cluster import init_ray
 from pipelines.config import ConfigError
+from training.buckets import StageBuckets, bucket_identity, stage_buckets, validate_buckets
 from training.dataset import pin_version
 from training.latent_cache import LatentCache
 from training.latent_dataset import CACHE_TABLE, NULL_CLIP, cache_uri
@@ -30,6 +31,7 @@ from training.latent_encode import (
     CodecStage,
     EncodeConfig,
     TextStage,
+    clip_bucket,
     encode_text,
     expected_windows,
 )
@@ -44,11 +46,22 @@ def identity(config: EncodeConfig) -> dict:
         if not codec.frame_count_ok(stage.num_frames):
             raise ConfigError(f"curriculum stage {stage.name!r}: codec {codec.id} cannot encode {stage.num_frames} "
                               "frames (a causal VAE takes 1 + 4k)")
-    stages = {s.name: {"num_frames": s.num_frames, "fps": s.fps, "size": s.size, "windows": config.windows_per_clip}
-              for s in config.curriculum}
+    buckets = encode_buckets(config, codec)
+    stages = {s.name: {"num_frames": s.num_frames, "fps": s.fps, "size": s.size, "windows": config.windows_per_clip,
+                       **bucket_identity(buckets[s.name])} for s in config.curriculum}
     return {"codec": codec.id, "codec_config": codec.describe(),
             "text_encoder": text_encoder_id(config.text), "text_config": dataclasses.asdict(config.text),
             "stages": stages}
+
+
+def encode_buckets(config: EncodeConfig, codec=None) -> dict[str, StageBuckets | None]:
+    """Each stage's buckets (training/buckets.py), sides multiples of patch_size x the codec's compression; None
+    for every stage without buckets."""
+    if not config.buckets.aspect_ratios:
+        return {s.name: None for s in config.curriculum}
+    codec = codec or build_codec(dataclasses.replace(config.codec, device="cpu"))
+    multiple = config.patch_size * codec.space_compression
+    return {s.name: stage_buckets(config.buckets, s, multiple) for s in config.curriculum}
 
 
 def validate(config: EncodeConfig) -> None:
@@ -59,10 +72,9 @@ def validate(config: EncodeConfig) -> None:
     names = [s.name for s in config.curriculum]
     if not names or len(set(names)) != len(names) or NULL_CLIP in names:
         raise ConfigError(f"curriculum: expected stages with distinct, non-empty names, got {names}")
-    framed = [s.name for s in config.curriculum if s.bucket_frames]
-    if framed:
-        raise ConfigError(f"curriculum stage {framed[0]!r}: bucket_frames is for training from curated data; the "
-                          "latent cache encodes each stage's square crops (leave bucket_frames out here)")
+    validate_buckets(config.buckets, config.curriculum, 1)
+    if config.patch_size < 1:
+        raise ConfigError(f"patch_size: expected the model's patch_size (1 or more), got {config.patch_size}")
     for key in ("commit_clips", "windows_per_clip"):
         if getattr(config, key) < 1:
             raise ConfigError(f"{key}: expected a value above 0, got {getattr(config, key)}")
@@ -82,14 +94,26 @@ class EncodePlan:
     clips: int  # kept clips in the curated version
     cached: int  # of them, clips with every stage already in the cache
     too_short: int  # clips no stage has a window for
+    unfit: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)  # stage -> reason -> clips: no bucket
 
 
-def plan_encode(config: EncodeConfig, shards, cache: LatentCache) -> EncodePlan:
-    table = shards.to_table(columns=["clip_id", "num_frames", "fps"])
+def plan_encode(config: EncodeConfig, shards, cache: LatentCache,
+                buckets: dict[str, StageBuckets | None] | None = None) -> EncodePlan:
+    """`buckets`: encode_buckets(config) (None: square crops); a clip that fits no bucket of a stage is counted in
+    `unfit` and given no rows there."""
+    table = shards.to_table(columns=["clip_id", "num_frames", "fps", "width", "height"])
     done = cache.done()
+    buckets = buckets or {}
     pending, rows, cached, too_short = [], {}, 0, 0
-    for clip_id, frames, fps in sorted(zip(*(table[c].to_pylist() for c in table.column_names), strict=True)):
-        counts = {s.name: expected_windows(frames, fps, s, config.windows_per_clip) for s in config.curriculum}
+    unfit = {name: {} for name, b in buckets.items() if b is not None}
+    for row in sorted(table.to_pylist(), key=lambda r: r["clip_id"]):
+        clip_id, frames, fps = row["clip_id"], row["num_frames"], row["fps"]
+        counts = {}
+        for s in config.curriculum:
+            bucket, reason = clip_bucket(buckets.get(s.name), row)
+            if reason:
+                unfit[s.name][reason] = unfit[s.name].get(reason, 0) + 1
+            counts[s.name] = 0 if reason else expected_windows(frames, fps, s, config.windows_per_clip, bucket)
         wanted = [name for name, n in counts.items() if n and (clip_id, name) not in done]
         if not any(counts.values()):
             too_short += 1
@@ -98,16 +122,17 @@ def plan_encode(config: EncodeConfig, shards, cache: LatentCache) -> EncodePlan:
         else:
             pending.append({"clip_id": clip_id, "stages": wanted})
             rows[clip_id] = sum(counts[name] for name in wanted)
-    return EncodePlan(pending, rows, len(table), cached, too_short)
+    return EncodePlan(pending, rows, len(table), cached, too_short, unfit)
 
 
 
 
-def encode_plan(pending: list[dict], data_uri: str, config: EncodeConfig) -> ray.data.Dataset:
+def encode_plan(pending: list[dict], data_uri: str, config: EncodeConfig,
+                buckets: dict[str, StageBuckets | None] | None = None) -> ray.data.Dataset:
     """pending clips -> decoded windows (CPU actors) -> latent distributions (codec actors) -> caption encodings
     (text encoder actors): the rows the driver commits."""
     ds = ray.data.from_items(pending, override_num_blocks=max(1, min(len(pending), 256)))
-    steps = [(config.decode, ClipWindowsStage, (data_uri, config.curriculum, config.windows_per_clip)),
+    steps = [(config.decode, ClipWindowsStage, (data_uri, config.curriculum, config.windows_per_clip, buckets)),
              (config.encoder, CodecStage, (config.codec, config.dtype)),
              (config.text_encoder, TextStage, (config.text, config.dtype, config.text_encoder.num_gpus > 0))]
     for pool, stage_cls, args in steps:
@@ -169,15 +194,19 @@ def run_encode(config: EncodeConfig) -> dict:
     cache.claim(ident, shown)  # refuses another codec or text encoder before any work
     if (NULL_CLIP, NULL_CLIP) not in cache.done():
         cache.put_rows([_null_text(config, ident)])
-    plan = plan_encode(config, dataset.open("shards", number), cache)
+    buckets = encode_buckets(config)
+    plan = plan_encode(config, dataset.open("shards", number), cache, buckets)
+    for name, reasons in plan.unfit.items():
+        log.info("stage %r: %d clips fit no bucket (%s); they are not encoded", name, sum(reasons.values()),
+                 ", ".join(f"{n} {reason}" for reason, n in sorted(reasons.items())) or "none")
     log.info("%s: %d kept clips in version %d; %d to encode, %d already cached, %d too short for every stage",
              redact_uri(data_uri), plan.clips, number, len(plan.pending), plan.cached, plan.too_short)
     committer = EncodeCommitter(cache, ident, plan.rows, config.commit_clips)
     if plan.pending:
         init_ray(config)
         last_log = time.monotonic()
-        for batch in encode_plan(plan.pending, data_uri, config).iter_batches(batch_size=None,
-                                                                               batch_format="pyarrow"):
+        for batch in encode_plan(plan.pending, data_uri, config, buckets).iter_batches(batch_size=None,
+                                                                                        batch_format="pyarrow"):
             for row in batch.to_pylist():
                 committer.add(row)
             if time.monotonic() - last_log > 30:
@@ -190,6 +219,8 @@ def run_encode(config: EncodeConfig) -> dict:
               "rows_written": committer.rows, "rows": cache.dataset().count_rows() - 1}
     record = {"dataset_version": number, "data": redact_uri(data_uri), "counts": counts, "wall_seconds": wall,
               **{k: ident[k] for k in ("codec", "text_encoder", "stages")}}
+    if plan.unfit:  # stage -> reason -> clips that fit no bucket (training/buckets.py)
+        record["no_bucket"] = plan.unfit
     cache.tag(number, record)
     return record
 

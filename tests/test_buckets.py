@@ -286,25 +286,92 @@ def test_the_training_loop_reads_one_bucket_per_micro_batch_and_reports_the_unfi
 
 
 def test_buckets_are_refused_where_they_do_not_apply(table):
-    """A latent cache holds square crops and the video autoencoder trains on squares: one line each, before Ray."""
-    from pipelines.encode import validate as validate_encode
+    """The video autoencoder trains on squares: one line, before Ray."""
     from training.buckets import check_buckets_supported
-    from training.latent_dataset import LatentTable
-    from training.latent_encode import EncodeConfig
     from training.vae.task import VAETask
 
     config = _bucketed_config(table.data_uri, "o")
     check_buckets_supported(table, config)  # curated data, the diffusion model: fine
-    check_buckets_supported(table, TrainConfig())  # no buckets: nothing to check
-    cache = LatentTable.__new__(LatentTable)  # the check looks at the kind of table only
-    cache.shown = "runs/latents"
-    with pytest.raises(ConfigError, match="runs/latents is a latent cache of square crops"):
-        check_buckets_supported(cache, config)
+    check_buckets_supported(table, TrainConfig(), VAETask)  # no buckets: nothing to refuse
     with pytest.raises(ConfigError, match="VAETask trains on square crops"):
         check_buckets_supported(table, config, VAETask)
-    encode = EncodeConfig(data="d", output="o", curriculum=[CurriculumStage(name="s", bucket_frames=[8])])
-    with pytest.raises(ConfigError, match="curriculum stage 's': bucket_frames is for training"):
-        validate_encode(encode)
+
+
+@pytest.fixture(scope="module")
+def bucketed_cache(table, tmp_path_factory):
+    """`reelforge encode`'s stages with buckets, run in this process (as tests/test_encode.py's _encode_here): the
+    pixel codec, float32, so each latent is exactly its decoded window."""
+    import pyarrow as pa
+
+    from curation.dataset import open_data
+    from pipelines.encode import EncodeCommitter, _null_text, encode_buckets, identity, plan_encode
+    from training.latent_cache import LatentCache
+    from training.latent_dataset import cache_uri
+    from training.latent_encode import ClipWindowsStage, CodecStage, EncodeConfig, TextStage
+
+    out = tmp_path_factory.mktemp("latents")
+    config = EncodeConfig(data=table.data_uri, output=str(out), curriculum=[STAGE], buckets=BUCKETS, patch_size=2,
+                          dtype="float32")
+    dataset, number = open_data(config.data)
+    ident = identity(config)
+    cache = LatentCache(cache_uri(config.output))
+    cache.claim(ident, config.output)
+    cache.put_rows([_null_text(config, ident)])
+    buckets = encode_buckets(config)
+    plan = plan_encode(config, dataset.open("shards", number), cache, buckets)
+    stages = [ClipWindowsStage(table.data_uri, config.curriculum, 1, buckets), CodecStage(config.codec, "float32"),
+              TextStage(config.text, "float32", False)]
+    for stage in stages:
+        stage.setup()
+    committer = EncodeCommitter(cache, ident, plan.rows, 4)
+    batch = pa.Table.from_pylist(plan.pending)
+    for stage in stages:
+        batch = stage(batch)
+    for row in batch.to_pylist():
+        committer.add(row)
+    committer.flush()
+    cache.tag(number, {"dataset_version": number, "counts": {"encoded": committer.committed}, **ident})
+    return out, plan, committer.committed
+
+
+def test_a_bucketed_latent_cache_is_read_one_bucket_per_micro_batch(table, bucketed_cache):
+    from curation.dataset import DatasetError
+    from training.buckets import check_buckets_supported
+    from training.data import decode_row
+    from training.latent_dataset import LatentLoader, LatentTable
+
+    out, plan, committed = bucketed_cache
+    assert plan.unfit == {"video": {"aspect": len(WIDE), "frames": len(SHORT)}}
+    assert committed == len(CLIPS) - len(WIDE) - len(SHORT) - 1  # and the undecodable one
+    latents = LatentTable.open(str(out))
+    buckets = stage_buckets(BUCKETS, STAGE, 2)
+    check_buckets_supported(latents, _bucketed_config(str(out), "o"))  # the cache holds the config's buckets
+    rows = {r["clip_id"]: r for r in table.take(range(len(table)))}
+    with LatentLoader(latents, STAGE, 1, 0, 0, 1, 2, prefetch_batches=1, buckets=buckets) as loader:
+        assert loader.batches_per_epoch >= 5
+        shapes = set()
+        for k in range(loader.batches_per_epoch):
+            batch = loader.batch(k)
+            shapes.add(batch.mean.shape[2:])  # one array: every row of the micro-batch has the same shape
+            offsets = [offset for offset, _ in loader.sampler.batch_items(k)]
+            for mean, offset in zip(batch.mean, offsets, strict=True):
+                clip_id = latents.table.take([offset], columns=["clip_id"]).to_pylist()[0]["clip_id"]
+                row = rows[clip_id]
+                bucket = next(b for b in buckets.buckets if (b.num_frames, b.height, b.width) == mean.shape[1:])
+                width, height, _ = CLIPS[_number(clip_id)]
+                assert buckets.buckets[buckets.fit(width, height, row["num_frames"], row["fps"])[0]] == bucket
+                window = decode_row(row, STAGE, 1, bucket)[0]  # (T, H, W, 3) uint8
+                np.testing.assert_allclose(mean, window.transpose(3, 0, 1, 2) / 127.5 - 1.0, atol=1e-6)
+        assert len(shapes) >= 5
+    again = LatentLoader(latents, STAGE, 1, 0, 0, 1, 2, prefetch_batches=0, buckets=buckets)
+    assert [again.sampler.batch_items(k) for k in range(4)] == [loader.sampler.batch_items(k) for k in range(4)]
+    again.close()
+    with pytest.raises(DatasetError, match="curriculum stage 'video' was encoded as"):
+        LatentLoader(latents, STAGE, 1, 0, 0, 1, 2)  # square reads of a bucketed cache
+    with pytest.raises(DatasetError, match="curriculum stage 'video' was encoded as"):
+        LatentLoader(latents, STAGE, 1, 0, 0, 1, 2, buckets=stage_buckets(BUCKETS, STAGE, 4))  # other shapes
+    with pytest.raises(DatasetError, match="curriculum stage 'video' was encoded as"):
+        check_buckets_supported(latents, _bucketed_config(str(out), "o", "buckets.max_aspect_error=0.3"))
 
 
 @pytest.mark.slow

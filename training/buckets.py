@@ -133,6 +133,14 @@ def sample_shape(config: BucketConfig, stage: CurriculumStage, multiple: int) ->
     return first[-1].num_frames, first[-1].height, first[-1].width
 
 
+def bucket_identity(buckets: StageBuckets | None) -> dict:
+    """What a latent cache records of a stage's buckets (nothing without buckets, so square caches keep theirs)."""
+    if buckets is None:
+        return {}
+    return {"buckets": [[b.ratio, b.num_frames, b.height, b.width] for b in buckets.buckets],
+            "max_aspect_error": buckets.max_aspect_error}
+
+
 def _permutation(key: tuple, n: int) -> np.ndarray:
     """A permutation of range(n) from `key`, stable across NumPy releases (as training.dataset._permutation)."""
     digest = hashlib.sha256(repr(key).encode()).digest()
@@ -169,15 +177,33 @@ class BucketSampler:
             self.row_bucket[row] = index
             self.items.extend((row, w) for w in range(len(spans)))
             self.item_bucket.extend([index] * len(spans))
+        self.fitted = True  # clips were fitted here (not given with their buckets): report() counts them
+        self._split(f"{len(columns[0])} curated clips, {sum(self.unfit.values())} fit no bucket")
+
+    @classmethod
+    def over_items(cls, items: list[tuple[int, int]], item_bucket: list[int], buckets: StageBuckets, seed: int,
+                   rank: int, world_size: int, batch_size: int, source: str) -> BucketSampler:
+        """The same replayable order over items whose buckets are given (a latent cache's rows of the stage, by
+        their latents' shape)."""
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, {world_size})")
+        sampler = cls.__new__(cls)
+        sampler.buckets, sampler.stage = buckets, buckets.stage
+        sampler.seed, sampler.rank, sampler.world_size, sampler.batch_size = seed, rank, world_size, batch_size
+        sampler.row_bucket, sampler.unfit = {}, Counter({reason: 0 for reason in UNFIT_REASONS})
+        sampler.items, sampler.item_bucket, sampler.fitted = list(items), list(item_bucket), False
+        sampler._split(source)
+        return sampler
+
+    def _split(self, source: str) -> None:
         sizes = Counter(self.item_bucket)
-        self.batches_total = sum(count // batch_size for count in sizes.values())
-        self.batches_per_epoch = self.batches_total // world_size
+        self.batches_total = sum(count // self.batch_size for count in sizes.values())
+        self.batches_per_epoch = self.batches_total // self.world_size
         if self.batches_per_epoch == 0:
             raise ValueError(
                 f"curriculum stage {self.stage.name!r}: its buckets fill {self.batches_total} micro-batches of "
-                f"{batch_size} from {len(self.items)} training clips ({len(columns[0])} curated clips, "
-                f"{sum(self.unfit.values())} fit no bucket), fewer than {world_size} workers: lower "
-                "deepspeed.micro_batch_size or scaling.num_workers, add buckets, or curate more videos")
+                f"{self.batch_size} from {len(self.items)} training clips ({source}), fewer than {self.world_size} "
+                "workers: lower deepspeed.micro_batch_size or scaling.num_workers, add buckets, or curate more videos")
         self._epochs: OrderedDict[int, tuple[np.ndarray, list[np.ndarray]]] = OrderedDict()
 
     def bucket_of(self, row: int) -> Bucket:
@@ -228,7 +254,10 @@ class BucketSampler:
             yield self.items[same[(at + i) % len(same)]]
 
     def report(self) -> dict[str, float]:
-        """What the stage's bucketing did, as MLflow metrics: clips per reason they fit no bucket, and per bucket."""
+        """What the stage's bucketing did, as MLflow metrics: clips per reason they fit no bucket, and per bucket
+        (nothing for items given with their buckets: `reelforge encode` counted those clips)."""
+        if not self.fitted:
+            return {}
         name = self.stage.name
         metrics = {f"buckets.{name}.unfit_{reason}": float(self.unfit[reason]) for reason in UNFIT_REASONS}
         metrics[f"buckets.{name}.fit_clips"] = float(len(self.row_bucket))
@@ -237,6 +266,9 @@ class BucketSampler:
 
     def summary(self) -> str:
         """One log line: where the stage's clips went and how many fit no bucket (and why)."""
+        if not self.fitted:
+            return (f"stage {self.stage.name!r}: {len(self.items)} encoded windows in {len(set(self.item_bucket))} "
+                    "buckets (clips that fit none were counted by `reelforge encode`)")
         unfit = sum(self.unfit.values())
         reasons = ", ".join(f"{n} {reason}" for reason, n in self.unfit.items() if n) or "none"
         buckets = ", ".join(f"{b} {n}" for b, n in self.clips_per_bucket().items())
@@ -246,14 +278,21 @@ class BucketSampler:
 
 
 def check_buckets_supported(table, config, task: type | None = None) -> None:
-    """Buckets need the diffusion model trained from a curated dataset: a latent cache holds each stage's windows at
-    its square size, and another task (the video autoencoder) trains on squares. One line when not."""
-    if not config.buckets.aspect_ratios:
-        return
+    """Buckets are the diffusion model's: another task (the video autoencoder) trains on squares. A latent cache
+    must hold each stage at the buckets the config gives (`reelforge encode` with the same buckets section and the
+    model's patch_size), checked stage by stage. One line when not."""
     from training.latent_dataset import LatentTable
 
-    if task is not None:
+    if config.buckets.aspect_ratios and task is not None:
         raise ConfigError(f"buckets.aspect_ratios: {task.__name__} trains on square crops; remove the buckets section")
-    if isinstance(table, LatentTable):
-        raise ConfigError(f"buckets.aspect_ratios: {table.shown} is a latent cache of square crops (it is not "
-                          "bucket-aware yet); give --data the curated dataset, or remove the buckets section")
+    if config.buckets.aspect_ratios and isinstance(table, LatentTable):  # (a square cache is checked by workers)
+        import dataclasses
+
+        from models.codec import build_codec
+
+        codec = build_codec(dataclasses.replace(config.codec, device="cpu"))  # the driver may have no GPU
+        multiple = config.model_config().patch_size * codec.space_compression
+        for stage in config.curriculum:
+            if getattr(stage, "source", "video") == "video":
+                table.check_stage(stage, config.data_loading.windows_per_clip,
+                                  stage_buckets(config.buckets, stage, multiple))

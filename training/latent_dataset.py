@@ -14,13 +14,14 @@ import torch
 
 from curation.dataset import DatasetError, split_version
 from curation.redact import redact_uri
+from training.buckets import BucketSampler, StageBuckets, bucket_identity
 from training.config import CurriculumStage
 from training.dataset import StageSampler, content_id, pin_version
 from training.latent_cache import LatentCache
 
 CACHE_TABLE = "latents.lance"  # OUTPUT/latents.lance: what `reelforge encode --output OUTPUT` writes
 NULL_CLIP = ""  # the row keyed (clip "", stage "") holds the empty prompt's encoding
-_INDEX_COLUMNS = ["clip_id", "window", "stage", "dataset_version"]
+_INDEX_COLUMNS = ["clip_id", "window", "stage", "dataset_version", "latent_shape"]
 _ITEM_COLUMNS = ["dtype", "latent_shape", "latent", "logvar", "text_shape", "text", "text_mask"]
 
 
@@ -56,14 +57,14 @@ class LatentTable:
         self.table, self.data_uri, self.number, self.record = table, data_uri, number, record
         self.shown = redact_uri(data_uri)
         index = table.to_table(columns=_INDEX_COLUMNS, scan_in_order=True)
-        self._stage_rows: dict[str, list[tuple[str, int, int]]] = {}
+        self._stage_rows: dict[str, list[tuple[str, int, int, tuple]]] = {}
         self._null_row: int | None = None
-        for offset, (clip_id, window, stage, version) in enumerate(
+        for offset, (clip_id, window, stage, version, shape) in enumerate(
                 zip(*(index[c].to_pylist() for c in _INDEX_COLUMNS), strict=True)):
             if clip_id == NULL_CLIP and stage == NULL_CLIP:
                 self._null_row = offset
             elif version is not None and version <= number:  # clips curated up to version N
-                self._stage_rows.setdefault(stage, []).append((clip_id, window, offset))
+                self._stage_rows.setdefault(stage, []).append((clip_id, window, offset, tuple(shape or ())))
         for rows in self._stage_rows.values():
             rows.sort()
         self._rows = sum(len(r) for r in self._stage_rows.values())
@@ -105,21 +106,28 @@ class LatentTable:
     def text_encoder(self) -> str:
         return self.record["text_encoder"]
 
-    def check_stage(self, stage: CurriculumStage, windows_per_clip: int) -> None:
-        """A curriculum stage must be one the cache encoded, with the same shape: else one line naming the fix."""
+    def check_stage(self, stage: CurriculumStage, windows_per_clip: int, buckets: StageBuckets | None = None) -> None:
+        """A curriculum stage must be one the cache encoded, with the same shape (and the same buckets: see
+        training/buckets.py): else one line naming the fix."""
         encoded = self.record["stages"].get(stage.name)
-        wanted = {"num_frames": stage.num_frames, "fps": stage.fps, "size": stage.size, "windows": windows_per_clip}
+        wanted = {"num_frames": stage.num_frames, "fps": stage.fps, "size": stage.size, "windows": windows_per_clip,
+                  **bucket_identity(buckets)}
         if encoded is None:
             raise DatasetError(f"{self.shown}: curriculum stage {stage.name!r} is not in the latent cache (stages: "
                                f"{', '.join(sorted(self.record['stages']))}); encode it with the train config's "
                                "curriculum")
-        if {k: encoded[k] for k in wanted} != wanted:
+        keys = {*wanted, *({"buckets", "max_aspect_error"} & set(encoded))}  # a bucketed cache wants buckets
+        if {k: encoded.get(k) for k in keys} != wanted:
             raise DatasetError(f"{self.shown}: curriculum stage {stage.name!r} was encoded as {encoded}, the config "
                                f"asks {wanted}; encode the new shape under another stage name")
 
     def items(self, stage: str) -> list[tuple[int, int]]:
         """(row offset, window) of every row of `stage`, in (clip_id, window) order."""
-        return [(offset, window) for _, window, offset in self._stage_rows.get(stage, [])]
+        return [(offset, window) for _, window, offset, _ in self._stage_rows.get(stage, [])]
+
+    def latent_shapes(self, stage: str) -> list[tuple]:
+        """The latent shape of every row of `stage`, in the order of items(stage): a bucketed stage's buckets."""
+        return [shape for *_, shape in self._stage_rows.get(stage, [])]
 
     def take(self, offsets: list[int]) -> list[dict]:
         return self.table.take([int(i) for i in offsets], columns=_ITEM_COLUMNS).to_pylist()
@@ -141,12 +149,17 @@ class LatentLoader:
     thread: micro-batch k depends only on (seed, stage, epoch, rank, k), as for StageLoader."""
 
     def __init__(self, table: LatentTable, stage: CurriculumStage, windows_per_clip: int, seed: int, rank: int,
-                 world_size: int, batch_size: int, prefetch_batches: int = 2):
-        table.check_stage(stage, windows_per_clip)
+                 world_size: int, batch_size: int, prefetch_batches: int = 2, buckets: StageBuckets | None = None):
+        table.check_stage(stage, windows_per_clip, buckets)
         self.table, self.stage, self.prefetch = table, stage, max(0, prefetch_batches)
-        items = table.items(stage.name)
-        self.sampler = StageSampler.over_items(items, stage, seed, rank, world_size, batch_size,
-                                               f"{len(items)} encoded windows in {table.shown}")
+        items, source = table.items(stage.name), f"{len(table.items(stage.name))} encoded windows in {table.shown}"
+        if buckets is None:
+            self.sampler = StageSampler.over_items(items, stage, seed, rank, world_size, batch_size, source)
+        else:  # a bucket is a latent shape: every micro-batch stacks rows of one shape
+            shapes = table.latent_shapes(stage.name)
+            keys = {shape: i for i, shape in enumerate(sorted(set(shapes)))}
+            self.sampler = BucketSampler.over_items(items, [keys[s] for s in shapes], buckets, seed, rank,
+                                                    world_size, batch_size, source)
         self.batches_per_epoch = self.sampler.batches_per_epoch
         self._pool = ThreadPoolExecutor(1, thread_name_prefix=f"latents-{stage.name}")
         self._pending: dict[int, Future] = {}

@@ -15,7 +15,8 @@ import torch
 from curation.dataset import open_data, sql_list
 from models.codec import CodecConfig, build_codec
 from models.text_encoder import FrozenTextEncoder, TextEncoderConfig
-from training.config import CurriculumStage, RayConfig
+from training.buckets import Bucket, StageBuckets
+from training.config import BucketConfig, CurriculumStage, RayConfig
 from training.data import SHARD_COLUMNS, decode_row, window_indices
 
 log = logging.getLogger("reelforge.encode")
@@ -42,6 +43,9 @@ class EncodeConfig:
     # The shapes training reads: each stage's frames, fps and size, by name (a train config's curriculum).
     curriculum: list[CurriculumStage] = field(default_factory=lambda: [CurriculumStage()])
     windows_per_clip: int = 1  # as the train config's data_loading.windows_per_clip
+    # As the train config's buckets (training/buckets.py): each stage's windows at the clip's bucket; none: squares
+    buckets: BucketConfig = field(default_factory=BucketConfig)
+    patch_size: int = 2  # with buckets: the model's patch_size (bucket sides are multiples of it x the compression)
     dtype: str = "float16"  # how latents and text embeddings are stored
     commit_clips: int = 16  # clips per commit: kill -9 loses at most this many clips' work
     # The three pools live at once: their CPUs add up to 2, so a 2-core machine runs them; a VAE wants num_gpus
@@ -51,11 +55,22 @@ class EncodeConfig:
     ray: RayConfig = field(default_factory=RayConfig)
 
 
-def expected_windows(num_frames: int | None, fps: float | None, stage: CurriculumStage, windows: int) -> int:
-    """How many training windows a clip gives at a stage (the reader's window_indices): 0 for a clip too short."""
+def expected_windows(num_frames: int | None, fps: float | None, stage: CurriculumStage, windows: int,
+                     bucket: Bucket | None = None) -> int:
+    """How many training windows a clip gives at a stage (the reader's window_indices), at its bucket's frame count
+    when the stage has buckets: 0 for a clip too short."""
     if num_frames is None or fps is None:
         return 0
-    return len(window_indices(num_frames, fps, stage.num_frames, stage.fps, windows))
+    frames = stage.num_frames if bucket is None else bucket.num_frames
+    return len(window_indices(num_frames, fps, frames, stage.fps, windows))
+
+
+def clip_bucket(buckets: StageBuckets | None, row: dict) -> tuple[Bucket | None, str | None]:
+    """(the clip's bucket at a bucketed stage, None) or (None, why it fits none); (None, None) without buckets."""
+    if buckets is None:
+        return None, None
+    index, reason = buckets.fit(row.get("width"), row.get("height"), row.get("num_frames"), row.get("fps"))
+    return (None, reason) if index is None else (buckets.buckets[index], None)
 
 
 def _as_bytes(array: np.ndarray) -> bytes:
@@ -65,10 +80,13 @@ def _as_bytes(array: np.ndarray) -> bytes:
 class ClipWindowsStage:
     """{"clip_id", "stages"} -> one row per (clip, stage, window): the decoded window's uint8 bytes and shape, the
     caption and the curated version the clip came from. A clip that does not decode gives no rows (counted by the
-    driver as undecodable); a clip's rows come out together or not at all."""
+    driver as undecodable); a clip's rows come out together or not at all. A stage in `buckets` decodes each clip
+    at its bucket's frames and shape (training/buckets.py)."""
 
-    def __init__(self, data: str, stages: list[CurriculumStage], windows: int):
+    def __init__(self, data: str, stages: list[CurriculumStage], windows: int,
+                 buckets: dict[str, StageBuckets | None] | None = None):
         self.data, self.stages, self.windows = data, {s.name: s for s in stages}, windows
+        self.buckets = buckets or {}
 
     def setup(self) -> None:
         dataset, number = open_data(self.data)
@@ -76,7 +94,7 @@ class ClipWindowsStage:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         wanted = dict(zip(batch["clip_id"].to_pylist(), batch["stages"].to_pylist(), strict=True))
-        shards = self.shards.to_table(columns=[*SHARD_COLUMNS, "dataset_version"],
+        shards = self.shards.to_table(columns=[*SHARD_COLUMNS, "dataset_version", "width", "height"],
                                       filter=f"clip_id IN ({sql_list(wanted)})").to_pylist()
         out = []
         for row in sorted(shards, key=lambda r: r["clip_id"]):
@@ -87,7 +105,10 @@ class ClipWindowsStage:
         rows = []
         try:
             for name in stages:
-                for window, clip in enumerate(decode_row(row, self.stages[name], self.windows)):
+                bucket, unfit = clip_bucket(self.buckets.get(name), row)
+                if unfit:  # the driver planned no rows for it
+                    continue
+                for window, clip in enumerate(decode_row(row, self.stages[name], self.windows, bucket)):
                     rows.append({"clip_id": row["clip_id"], "stage": name, "window": window,
                                  "caption": row["caption"] or "", "dataset_version": row["dataset_version"],
                                  "video": _as_bytes(clip), "video_shape": list(clip.shape)})

@@ -120,7 +120,8 @@ class CurriculumBatches:
         data, batch_size = self.config.data_loading, self.config.deepspeed.micro_batch_size
         if isinstance(self.table, LatentTable):
             return LatentLoader(self.table, stage, data.windows_per_clip, seed, self.rank, self.world_size,
-                                batch_size, data.prefetch_batches)
+                                batch_size, data.prefetch_batches,
+                                stage_buckets(self.config.buckets, stage, self.spatial_multiple))
         if selection.source != "video":  # one frame per sample: curated keyframes or an image folder
             return open_frame_loader(self.table, stage, selection, self.config, seed, self.rank, self.world_size)
         return StageLoader(subset_view(self.table, selection), stage, data, seed, self.rank, self.world_size,
