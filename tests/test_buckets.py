@@ -242,6 +242,23 @@ def test_the_demo_config_loads_and_default_runs_hash_as_before():
     assert resume_hash(bucketed) != resume_hash(plain)  # turning buckets on is not a resume of the same run
 
 
+def test_the_encode_demo_makes_the_cache_the_train_demo_reads():
+    """configs/encode-buckets-demo.yaml records the bucket shapes configs/train/buckets-demo.yaml asks for."""
+    from pipelines.encode import identity, validate
+    from training.buckets import bucket_identity
+    from training.latent_encode import EncodeConfig
+
+    base = {"data": "d", "output": "o"}
+    encode = load_config(EncodeConfig, REPO / "configs/encode-buckets-demo.yaml", [], base=base)
+    validate(encode)
+    train = load_config(TrainConfig, REPO / "configs/train/buckets-demo.yaml", [], base=base)
+    stages = identity(encode)["stages"]
+    multiple = train.model_config().patch_size  # the pixel codec compresses nothing
+    for stage in train.curriculum:
+        wanted = bucket_identity(stage_buckets(train.buckets, stage, multiple))
+        assert {k: stages[stage.name][k] for k in wanted} == wanted and wanted["buckets"]
+
+
 def test_the_model_trains_and_samples_on_a_non_square_grid():
     torch.manual_seed(0)
     text = FrozenTextEncoder(TextEncoderConfig())
