@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pyarrow as pa
 import ray
 
 from curation.captions import CaptionStage
@@ -14,11 +15,23 @@ from curation.model_stage import StageActor
 from curation.ocr import OcrStage
 from curation.video_stage import VideoStage
 
+# Local listings needing at most this many bytes read to hash are hashed in the driver: a Ray Data job costs ~3-4 s
+# of start-up, more than reading them (bench/README.md, "curate_end_to_end.py").
+DRIVER_HASH_BYTES = 256 << 20
+
+
+def _bytes_to_hash(files: list[dict], config: CurateConfig) -> int:
+    return sum(min(int(f["size_bytes"]), 3 * config.discover.id_sample_bytes) for f in files)
+
 
 def discover_ids(files: list[dict], config: CurateConfig) -> list[dict]:
-    """Content ids for the listed files, hashed in parallel on the cluster."""
+    """Content ids for the listed files: hashed in parallel on the cluster, or in this process for a local listing
+    that needs little reading (the same ids either way)."""
     if not files:
         return []
+    local = all("://" not in f["uri"] or f["uri"].startswith("file://") for f in files)
+    if local and _bytes_to_hash(files, config) <= DRIVER_HASH_BYTES:
+        return DiscoverStage(config.discover)(pa.Table.from_pylist(files)).to_pylist()
     ds = ray.data.from_items(files).map_batches(
         StageActor, fn_constructor_args=(DiscoverStage, config.discover), batch_size=8, batch_format="pyarrow",
         concurrency=_workers(config), num_cpus=0.5)
