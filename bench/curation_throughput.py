@@ -42,6 +42,7 @@ if "--no-pin" not in sys.argv:
     os.sched_setaffinity(0, {PINNED_CPU})
 
 import argparse  # noqa: E402
+import importlib.metadata  # noqa: E402
 import json  # noqa: E402
 import resource  # noqa: E402
 import subprocess  # noqa: E402
@@ -55,8 +56,7 @@ import av  # noqa: E402
 import cv2  # noqa: E402
 import decord  # noqa: E402
 import numpy as np  # noqa: E402
-import scenedetect  # noqa: E402
-from scenedetect import ContentDetector  # noqa: E402
+from naive_two_pass import floor_pyav, naive_flow, naive_scenedetect  # noqa: E402
 
 from curation.config import VIDEO_EXTENSIONS, CurateConfig  # noqa: E402
 from curation.decode import (  # noqa: E402
@@ -75,8 +75,6 @@ cv2.setNumThreads(1)
 TARGET_VS_FLOOR = 0.7
 TARGET_VS_NAIVE = 1.8
 TARGET_RSS_RATIO = 1.3
-NAIVE_FLOW_WIDTH = 256
-NAIVE_FLOW_FPS = 2.0
 LONG_VIDEOS = (("1min", 60), ("10min", 600))
 LONG_SIZE = (1280, 720)
 LONG_FPS = 24
@@ -97,16 +95,6 @@ def backend_order(backend: str) -> list[str]:
 # --- the measured paths: each decodes one file and returns the number of frames it decoded -------------------------
 
 
-def floor_pyav(path: str, info: VideoInfo, backend: str) -> int:
-    with av.open(path, metadata_errors="ignore") as container:
-        stream = container.streams.video[0]
-        stream.thread_count = 1
-        count = 0
-        for _ in container.decode(stream):
-            count += 1
-    return count
-
-
 def floor_decord(path: str, info: VideoInfo, backend: str) -> int:
     reader = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=1)
     count = 0
@@ -116,41 +104,6 @@ def floor_decord(path: str, info: VideoInfo, backend: str) -> int:
         except StopIteration:
             break
         count += 1
-    return count
-
-
-def naive_scenedetect(path: str, info: VideoInfo, backend: str) -> int:
-    scenedetect.detect(path, ContentDetector())
-    return 0  # detect() does not say how many frames it read
-
-
-def naive_flow(path: str, info: VideoInfo, backend: str) -> int:
-    """What a second, motion-only pass typically looks like: decode again, sample 2 fps by time, Farneback."""
-    with av.open(path, metadata_errors="ignore") as container:
-        stream = container.streams.video[0]
-        stream.thread_count = 1
-        prev = None
-        first_pts = None
-        next_time = 0.0
-        count = 0
-        magnitudes = []
-        for frame in container.decode(stream):
-            count += 1
-            if frame.pts is None:
-                continue
-            if first_pts is None:
-                first_pts = frame.pts
-            time_s = float((frame.pts - first_pts) * frame.time_base)
-            if time_s + 1e-6 < next_time:
-                continue
-            next_time = time_s + 1.0 / NAIVE_FLOW_FPS
-            width = min(NAIVE_FLOW_WIDTH, frame.width)
-            height = max(1, round(frame.height * width / frame.width))
-            grey = frame.to_ndarray(format="gray", width=width, height=height, interpolation="AREA")
-            if prev is not None:
-                flow = cv2.calcOpticalFlowFarneback(prev, grey, None, 0.5, 3, 15, 3, 5, 1.2, 0)
-                magnitudes.append(float(np.linalg.norm(flow, axis=-1).mean()))
-            prev = grey
     return count
 
 
@@ -613,7 +566,8 @@ def main() -> None:
             "pinned_cpu": PINNED_CPU, "cpus_available": len(ALL_CPUS),
             "omp_num_threads": os.environ["OMP_NUM_THREADS"],
             "opencv_threads": cv2.getNumThreads(), "python": sys.version.split()[0], "av": av.__version__,
-            "decord": decord.__version__, "scenedetect": scenedetect.__version__, "opencv": cv2.__version__,
+            "decord": decord.__version__, "scenedetect": importlib.metadata.version("scenedetect"),
+            "opencv": cv2.__version__,
         },
     }
     pinned = f"pinned to CPU {PINNED_CPU}" if PINNED_CPU is not None else "not pinned"
