@@ -2,8 +2,8 @@
 
 Usage:
     python bench/model_stages.py [--clips N] [--mid-clips N] [--large-clips N] [--clips-per-video K]
-        [--videos-per-batch V] [--repeats R] [--large] [--device cpu|cuda] [--precision fp32|fp16|bf16]
-        [--threads T] [--no-pin] [--json OUT]
+        [--videos-per-batch V] [--repeats R] [--large] [--large-only] [--caption-clips N] [--score-batch B]
+        [--caption-batch B] [--device cpu|cuda] [--precision fp32|fp16|bf16] [--threads T] [--no-pin] [--json OUT]
 
 Each case builds one stage exactly as a Ray actor would (`setup()` once), then feeds it staged video records of
 K clips each, V records per call (the plan's `videos_per_batch`), and times the calls. Keyframes are synthetic
@@ -11,9 +11,12 @@ K clips each, V records per call (the plan's `videos_per_batch`), and times the 
 - CaptionStage with the tiny random CoCa (the embedded default) and a random-init coca_ViT-B-32 (mid-size);
   no clip has a sidecar, so every clip is captioned; and the sidecar-only path (every video has a .json sidecar);
 - ClipScoreStage with the tiny random CLIP + head (the embedded default) and a random-init ViT-B-32;
-- with --large, the production architectures with random weights: coca_ViT-L-14 and ViT-L-14;
-- the CPU side alone: JPEG decode + open_clip's 224 px eval transform of 3 keyframes, the per-clip CPU work of a
-  ClipScoreStage actor with the real models, whatever its GPU does.
+- with --large, the production architectures with random weights: coca_ViT-L-14 and ViT-L-14, each model loaded
+  once and run in variants: keyframes through open_clip's PIL transform on the CPU (`preprocess: pil`, the old path)
+  or decoded and preprocessed as one batch on the model's device (`preprocess: tensor`), and CoCa with and without
+  the KV cache (`kv_cache`); --large-only skips the tiny and mid-size cases (the GPU command);
+- the preprocessing alone, no model, of 3 keyframes a clip: JPEG decode + open_clip's 224 px eval transform per
+  image with PIL (the per-clip CPU work of the old path), and the batched tensor path on the CPU and on --device.
 Random weights cost the same FLOPs as trained ones, except that a random CoCa rarely ends a caption early: its
 captions run to max_tokens (30), a worst case (trained CoCa captions end after ~10-15 tokens).
 
@@ -86,31 +89,50 @@ def make_videos(directory: Path, clips: int, per_video: int, sidecars: bool) -> 
     return videos
 
 
-def cases(large: bool) -> list[tuple[str, str, str, object, bool]]:
-    """(stage, size, what, settings, with sidecars); size picks the clip count: --clips, --mid-clips, --large-clips."""
-    out = [
-        ("CaptionStage", "tiny", "tiny CoCa, random init (embedded default)", CaptionConfig(model_name="tiny"), False),
-        ("CaptionStage", "mid", "coca_ViT-B-32, random init", CaptionConfig(model_name="coca_ViT-B-32"), False),
-        ("CaptionStage", "tiny", "sidecar captions only (captioner off)", CaptionConfig(enabled=False), True),
+# Variants run on one loaded stage: (label, settings of stage.config, settings of stage.captioner).
+PIL_PATH = ("PIL preprocess on CPU", {"preprocess": "pil"}, {})
+TENSOR_PATH = ("batched preprocess on device", {"preprocess": "tensor"}, {})
+CAPTION_VARIANTS = [
+    ("PIL preprocess, no KV cache (old path)", {"preprocess": "pil"}, {"kv_cache": False}),
+    ("batched preprocess, no KV cache", {"preprocess": "tensor"}, {"kv_cache": False}),
+    ("batched preprocess, KV cache", {"preprocess": "tensor"}, {"kv_cache": True}),
+]
+
+
+def cases(large: bool, large_only: bool) -> list[tuple[str, str, str, object, bool, list]]:
+    """(stage, size, what, settings, with sidecars, variants); size picks the clip count: --clips, --mid-clips,
+    --large-clips, --caption-clips."""
+    out = [] if large_only else [
+        ("CaptionStage", "tiny", "tiny CoCa, random init (embedded default)", CaptionConfig(model_name="tiny"), False,
+         [CAPTION_VARIANTS[0], CAPTION_VARIANTS[2]]),
+        ("CaptionStage", "mid", "coca_ViT-B-32, random init", CaptionConfig(model_name="coca_ViT-B-32"), False,
+         [CAPTION_VARIANTS[0], CAPTION_VARIANTS[2]]),
+        ("CaptionStage", "tiny", "sidecar captions only (captioner off)", CaptionConfig(enabled=False), True,
+         [("", {}, {})]),
         ("ClipScoreStage", "tiny", "tiny CLIP + head, random init (embedded default)",
-         ClipScoreConfig(model_name="tiny"), False),
-        ("ClipScoreStage", "mid", "ViT-B-32 + head, random init", ClipScoreConfig(model_name="ViT-B-32"), False),
+         ClipScoreConfig(model_name="tiny"), False, [PIL_PATH, TENSOR_PATH]),
+        ("ClipScoreStage", "mid", "ViT-B-32 + head, random init", ClipScoreConfig(model_name="ViT-B-32"), False,
+         [PIL_PATH, TENSOR_PATH]),
     ]
-    if large:
+    if large or large_only:
         out += [
-            ("CaptionStage", "large", "coca_ViT-L-14, random init", CaptionConfig(model_name="coca_ViT-L-14"),
-             False),
             ("ClipScoreStage", "large", "ViT-L-14 + head, random init", ClipScoreConfig(model_name="ViT-L-14"),
-             False),
+             False, [PIL_PATH, TENSOR_PATH]),
+            ("CaptionStage", "caption", "coca_ViT-L-14, random init", CaptionConfig(model_name="coca_ViT-L-14"),
+             False, CAPTION_VARIANTS),
         ]
     return out
 
 
-def run_case(stage_name: str, size: str, what: str, settings, sidecars: bool, args, directory: Path) -> dict:
+def run_case(stage_name: str, size: str, what: str, settings, sidecars: bool, variants: list, args,
+             directory: Path) -> list[dict]:
+    """One stage, set up once, timed in each variant on the same records; a row per variant."""
     settings.pretrained = None
     settings.device, settings.precision, settings.num_cpus = args.device, args.precision, float(args.threads)
     settings.videos_per_batch = args.videos_per_batch
-    clips = {"tiny": args.clips, "mid": args.mid_clips, "large": args.large_clips}[size]
+    settings.batch_size = args.caption_batch if stage_name == "CaptionStage" else args.score_batch
+    clips = {"tiny": args.clips, "mid": args.mid_clips, "large": args.large_clips,
+             "caption": args.caption_clips or args.large_clips}[size]
     directory.mkdir()
     videos = make_videos(directory, clips, args.clips_per_video, sidecars)
     batches = [pa.Table.from_pylist(videos[i : i + args.videos_per_batch], schema=schema.STAGED)
@@ -119,15 +141,32 @@ def run_case(stage_name: str, size: str, what: str, settings, sidecars: bool, ar
     start = time.perf_counter()
     stage.setup()
     load_s = time.perf_counter() - start
+    rows = []
+    for label, config_settings, captioner_settings in variants:
+        for key, value in config_settings.items():
+            setattr(stage.config, key, value)
+        for key, value in captioner_settings.items():
+            setattr(stage.captioner, key, value)
+        rows.append(time_variant(stage, videos, batches, args, stage_name, f"{what}, {label}" if label else what,
+                                 load_s))
+    return rows
+
+
+def time_variant(stage, videos: list[dict], batches: list[pa.Table], args, stage_name: str, what: str,
+                 load_s: float) -> dict:
     warm = dict(videos[0], clips=videos[0]["clips"][:1])
     stage(pa.Table.from_pylist([warm], schema=schema.STAGED))  # first-call allocations, lazy init
+    stage(batches[0])  # the full batch shapes (cuDNN/cuBLAS choices, the allocator's pools)
     best = float("inf")
     result = None
     for _ in range(args.repeats):
+        sync(args.device)
         start = time.perf_counter()
         result = [stage(b) for b in batches]
+        sync(args.device)
         best = min(best, time.perf_counter() - start)
     out_clips = [c for table in result for v in table.to_pylist() for c in v["clips"]]
+    settings = stage.config
     row = {"stage": stage_name, "what": what, "clips": len(out_clips), "wall_s": best, "load_s": load_s,
            "clips_per_s": len(out_clips) / best, "ms_per_clip": 1000 * best / len(out_clips),
            "batch_size": settings.batch_size, "videos_per_batch": settings.videos_per_batch}
@@ -139,29 +178,70 @@ def run_case(stage_name: str, size: str, what: str, settings, sidecars: bool, ar
     return row
 
 
-def run_cpu_side(args) -> dict:
-    """JPEG decode + open_clip's eval transform at 224 px (ViT-B/32, ViT-L/14) of 3 keyframes: the CPU work of a
-    ClipScoreStage actor per clip whatever the GPU does (CaptionStage does it for 1 keyframe)."""
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def run_preprocess(args) -> list[dict]:
+    """Decode + the 224 px eval transform of 3 keyframes a clip, no model: open_clip's PIL transform per image (the
+    CPU work of the old path per clip, whatever the GPU does), and the batched tensor path (models/image_batch.py)
+    on the CPU and on --device, --score-batch clips a call."""
     from open_clip.transform import PreprocessCfg, image_transform_v2
 
-    preprocess = image_transform_v2(PreprocessCfg(size=224), is_train=False)
+    from models.image_batch import JpegDecoder, TensorPreprocess
+
+    pil = image_transform_v2(PreprocessCfg(size=224), is_train=False)
+    cfg = PreprocessCfg(size=224)
+    tensor = TensorPreprocess(224, tuple(cfg.mean), tuple(cfg.std))
     rng = np.random.default_rng(1)
-    keyframes = [[keyframe(rng) for _ in range(3)] for _ in range(args.clips)]
+    clips = args.preprocess_clips or args.clips
+    keyframes = [[keyframe(rng) for _ in range(3)] for _ in range(clips)]
+    batches = [[k for clip in keyframes[i : i + args.score_batch] for k in clip]
+               for i in range(0, clips, args.score_batch)]
+    rows = [time_preprocess(args, "3 keyframes: PIL decode + open_clip transform per image, CPU (old path)",
+                            PilPreprocess(pil), batches, clips, "cpu")]
+    for device in dict.fromkeys(["cpu", args.device]):
+        rows.append(time_preprocess(args, f"3 keyframes: batched decode + transform, {device}",
+                                    BatchPreprocess(JpegDecoder(torch.device(device)), tensor), batches, clips,
+                                    device))
+    return rows
+
+
+class PilPreprocess:
+    def __init__(self, transform):
+        self.transform = transform
+
+    def __call__(self, jpegs: list[bytes]) -> torch.Tensor:
+        return torch.stack([self.transform(Image.open(io.BytesIO(k)).convert("RGB")) for k in jpegs])
+
+
+class BatchPreprocess:
+    def __init__(self, decode, transform):
+        self.decode, self.transform = decode, transform
+
+    def __call__(self, jpegs: list[bytes]) -> torch.Tensor:
+        return self.transform(self.decode(jpegs))
+
+
+def time_preprocess(args, what: str, preprocess, batches: list[list[bytes]], clips: int, device: str) -> dict:
+    preprocess(batches[0])  # warm-up: decoder handles, kernels
     best = float("inf")
     for _ in range(args.repeats):
+        sync(device)
         start = time.perf_counter()
-        for clip in keyframes:
-            torch.stack([preprocess(Image.open(io.BytesIO(k)).convert("RGB")) for k in clip])
+        for batch in batches:
+            preprocess(batch)
+        sync(device)
         best = min(best, time.perf_counter() - start)
-    row = {"stage": "CPU side", "what": "3 keyframes: JPEG decode + preprocess to 224 px (no model)",
-           "clips": args.clips, "wall_s": best, "load_s": 0.0, "clips_per_s": args.clips / best,
-           "ms_per_clip": 1000 * best / args.clips}
+    row = {"stage": "preprocess", "what": what, "clips": clips, "wall_s": best, "load_s": 0.0,
+           "clips_per_s": clips / best, "ms_per_clip": 1000 * best / clips}
     report(row)
     return row
 
 
 def report(row: dict) -> None:
-    print(f"  {row['stage']:<15} {row['what']:<58} {row['clips_per_s']:>8.2f} clips/s {row['ms_per_clip']:>9.1f} "
+    print(f"  {row['stage']:<15} {row['what']:<90} {row['clips_per_s']:>8.2f} clips/s {row['ms_per_clip']:>9.1f} "
           f"ms/clip  (load {row['load_s']:.1f} s)", file=sys.stderr, flush=True)
 
 
@@ -173,7 +253,13 @@ def main() -> None:
     parser.add_argument("--clips-per-video", type=int, default=8)
     parser.add_argument("--videos-per-batch", type=int, default=1, help="staged records per stage call")
     parser.add_argument("--repeats", type=int, default=1, help="timed passes; the fastest is kept")
+    parser.add_argument("--caption-clips", type=int, default=0, help="clips of the large CoCa case (0: --large-clips)")
+    parser.add_argument("--preprocess-clips", type=int, default=0, help="clips of the preprocess rows (0: --clips)")
+    parser.add_argument("--score-batch", type=int, default=ClipScoreConfig.batch_size, help="clips per CLIP call")
+    parser.add_argument("--caption-batch", type=int, default=CaptionConfig.batch_size,
+                        help="clips per captioner call")
     parser.add_argument("--large", action="store_true", help="also the production architectures (random init)")
+    parser.add_argument("--large-only", action="store_true", help="only the production architectures")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"])
     parser.add_argument("--threads", default="1", help="torch threads (and pinned CPUs) per worker")
@@ -185,9 +271,10 @@ def main() -> None:
           f"{torch.get_num_threads()}; device {args.device}, {args.precision}", file=sys.stderr)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for i, (stage_name, size, what, settings, sidecars) in enumerate(cases(args.large)):
-            rows.append(run_case(stage_name, size, what, settings, sidecars, args, Path(tmp) / f"case{i}"))
-    rows.append(run_cpu_side(args))
+        rows += run_preprocess(args)
+        for i, (stage_name, size, what, settings, sidecars, variants) in enumerate(cases(args.large,
+                                                                                           args.large_only)):
+            rows += run_case(stage_name, size, what, settings, sidecars, variants, args, Path(tmp) / f"case{i}")
     print("\n| stage | model | clips/s per worker | ms per clip | model load s |\n| --- | --- | ---: | ---: | ---: |")
     for r in rows:
         tokens = f" ({r['tokens_per_caption']:.0f} tokens/caption)" if "tokens_per_caption" in r else ""

@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 SIDECAR_EXTENSIONS = (".json", ".txt")
 CAPTION_KEYS = ("caption", "text", "name")
 SIDECAR = "sidecar"  # caption_source of captions that came with the dump
+PREPROCESS = ("tensor", "pil")  # keyframes batched on the model's device (models/image_batch.py), or PIL per image
 UNUSABLE = "sidecar_unusable"  # error_class of an ok video whose sidecar was skipped (error_message says why)
 
 
@@ -209,11 +210,13 @@ class CaptionStage:
 
             from models.captioner import build_captioner
 
-            torch.set_num_threads(max(1, int(self.config.num_cpus)))
             c = self.config
+            if c.preprocess not in PREPROCESS:
+                raise ValueError(f"captions.preprocess={c.preprocess!r} is not one of {', '.join(PREPROCESS)}")
+            torch.set_num_threads(max(1, int(c.num_cpus)))
             self.captioner = build_captioner(c.captioner, model_name=c.model_name, pretrained=c.pretrained,
                                              max_tokens=c.max_tokens, device=c.device, precision=c.precision,
-                                             cache_dir=c.cache_dir, sha256=c.pretrained_sha256)
+                                             cache_dir=c.cache_dir, sha256=c.pretrained_sha256, kv_cache=c.kv_cache)
 
     def __call__(self, batch: pa.Table | dict) -> pa.Table:
         batch = pa.table(batch) if isinstance(batch, dict) else batch
@@ -242,14 +245,22 @@ class CaptionStage:
         size = max(1, self.config.batch_size)
         for i in range(0, len(wanted), size):
             chunk = wanted[i : i + size]
-            captions = self.captioner.caption([middle_keyframe(clip) for clip in chunk])
+            if self.config.preprocess == "tensor":
+                captions = self.captioner.caption_jpegs([middle_jpeg(clip) for clip in chunk])
+            else:
+                captions = self.captioner.caption([middle_keyframe(clip) for clip in chunk])
             for clip, caption in zip(chunk, captions, strict=True):
                 clip.update(caption=caption or None, caption_source=self.captioner.name if caption else None)
 
 
+def middle_jpeg(clip: dict) -> bytes:
+    """The clip's middle keyframe (keyframes are JPEG first, middle, last), as JPEG bytes."""
+    keyframes = clip["keyframes"]
+    return keyframes[len(keyframes) // 2]
+
+
 def middle_keyframe(clip: dict):
-    """The clip's middle keyframe (keyframes are JPEG first, middle, last) as a PIL image."""
+    """The clip's middle keyframe as a PIL image."""
     from PIL import Image
 
-    keyframes = clip["keyframes"]
-    return Image.open(io.BytesIO(keyframes[len(keyframes) // 2])).convert("RGB")
+    return Image.open(io.BytesIO(middle_jpeg(clip))).convert("RGB")

@@ -16,6 +16,8 @@ import pyarrow as pa
 from curation.config import ClipScoreConfig
 from curation.model_stage import per_video
 
+PREPROCESS = ("tensor", "pil")  # keyframes batched on the model's device (models/image_batch.py), or PIL per image
+
 
 class ClipScoreStage:
     """Ray Data stage on staged video records: fills `clip_embedding`, `aesthetic`, `caption_match`, `score_model`.
@@ -34,6 +36,8 @@ class ClipScoreStage:
         from models.clip_scorer import ClipScorer
 
         c = self.config
+        if c.preprocess not in PREPROCESS:
+            raise ValueError(f"clip_scores.preprocess={c.preprocess!r} is not one of {', '.join(PREPROCESS)}")
         torch.set_num_threads(max(1, int(c.num_cpus)))
         self.scorer = ClipScorer(c.model_name, c.pretrained, c.device, c.precision, c.cache_dir, c.pretrained_sha256)
         self.head = AestheticHead.load(c.aesthetic_head, c.aesthetic_sha256, self.scorer.embed_dim, c.cache_dir)
@@ -55,10 +59,14 @@ class ClipScoreStage:
     def _score(self, clips: list[dict]) -> None:
         import torch
         import torch.nn.functional as F
-        from PIL import Image
 
-        images = [Image.open(io.BytesIO(k)).convert("RGB") for clip in clips for k in clip["keyframes"]]
-        frames = self.scorer.embed_images(images)  # (sum of keyframes, D)
+        jpegs = [k for clip in clips for k in clip["keyframes"]]
+        if self.config.preprocess == "tensor":
+            frames = self.scorer.embed_jpegs(jpegs)  # (sum of keyframes, D)
+        else:
+            from PIL import Image
+
+            frames = self.scorer.embed_images([Image.open(io.BytesIO(k)).convert("RGB") for k in jpegs])
         counts = [len(clip["keyframes"]) for clip in clips]
         embeddings = torch.stack([f.mean(dim=0) for f in frames.split(counts)])  # (N, D)
         embeddings = F.normalize(embeddings, dim=-1)

@@ -303,6 +303,10 @@ class CaptionConfig:
     pretrained: str | None = None
     pretrained_sha256: str | None = None  # of a checkpoint file named by `pretrained`; checked before it loads
     max_tokens: int = 30  # generated tokens per caption at most (greedy decoding)
+    kv_cache: bool = True  # greedy decoding feeds one token a step through a key/value cache (models/coca_cache.py)
+    # "tensor": the middle keyframes are decoded and preprocessed as one batch on the model's device
+    # (models/image_batch.py); "pil": open_clip's own per-image transform on the CPU.
+    preprocess: str = "tensor"
     batch_size: int = 16  # clips per model call
     videos_per_batch: int = 1  # staged video records per Ray Data batch (raise it to fill batch_size on GPUs)
     skip_dropped: bool = False  # leave clips already dropped (static, too short) uncaptioned
@@ -330,6 +334,9 @@ class ClipScoreConfig:
     aesthetic_head: str | None = None
     aesthetic_sha256: str | None = None
     batch_size: int = 32  # clips per model call (3 keyframes each)
+    # "tensor": the keyframes are decoded and preprocessed as one batch on the model's device
+    # (models/image_batch.py); "pil": open_clip's own per-image transform on the CPU.
+    preprocess: str = "tensor"
     videos_per_batch: int = 1  # staged video records per Ray Data batch
     skip_dropped: bool = False  # leave clips already dropped (static, too short) unscored
     device: str = "auto"  # "auto": the GPU Ray assigned, else CPU; or "cpu", "cuda"

@@ -8,7 +8,9 @@ from typing import Protocol
 import torch
 from PIL import Image
 
+from models import coca_cache
 from models.clip_scorer import load_open_clip
+from models.image_batch import JpegDecoder, TensorPreprocess
 
 
 class Captioner(Protocol):
@@ -17,13 +19,32 @@ class Captioner(Protocol):
 
     def caption(self, images: list[Image.Image]) -> list[str]: ...
 
+    def caption_jpegs(self, jpegs: list[bytes]) -> list[str]: ...
+
+
+class UncachedSteps:
+    """CoCa's own forward on the whole prefix at every step: the reference for the cached decoder."""
+
+    def __init__(self, model: torch.nn.Module, latent: torch.Tensor, embs: torch.Tensor):
+        self.model, self.latent, self.embs = model, latent, embs
+        self.tokens: list[torch.Tensor] = []  # the prefix so far, one (B,) tensor a position
+
+    def step(self, following: torch.Tensor) -> torch.Tensor:
+        self.tokens.append(following)
+        out = self.model(None, torch.stack(self.tokens, dim=1), image_latent=self.latent, image_embs=self.embs,
+                         output_labels=False)
+        return out["logits"][:, -1]  # (B, vocab)
+
 
 class CocaCaptioner:
     """open_clip CoCa with a greedy decoding loop of our own.
 
     open_clip 3.3's `CoCa.generate` needs transformers (and its BeamSearchScorer, which transformers 4.56 removed);
-    this loop needs only CoCa's forward: the image is encoded once, then the text decoder runs on the growing prefix,
-    taking the most likely token each step (temperature 0) until end-of-text or `max_tokens`.
+    this loop needs only CoCa's modules: the image is encoded once, then each step takes the most likely token
+    (temperature 0) until end-of-text or `max_tokens`. With `kv_cache` (the default) each step feeds only the newest
+    token through a key/value cache (models/coca_cache.py); without it, CoCa's forward reruns the whole prefix each
+    step (the reference the cache is tested against). Images come as PIL pictures (open_clip's own transform, on the
+    CPU) or as JPEG bytes (decoded and transformed as one batch on the model's device, models/image_batch.py).
     """
 
     PRESETS = {"tiny": "reelforge-tiny-coca"}
@@ -31,7 +52,7 @@ class CocaCaptioner:
     def __init__(self, model_name: str = "coca_ViT-L-14",
                  pretrained: str | None = "mscoco_finetuned_laion2B-s13B-b90k", max_tokens: int = 30,
                  min_tokens: int = 4, device: str = "auto", precision: str = "fp32", cache_dir: str | None = None,
-                 sha256: str | None = None):
+                 sha256: str | None = None, kv_cache: bool = True):
         # `pretrained` may be a checkpoint file (checked against `sha256` when given) or a pinned hf-hub: id
         self.loaded = load_open_clip(model_name, pretrained, self.PRESETS, device, precision, cache_dir, sha256)
         self.model = self.loaded.model
@@ -44,37 +65,65 @@ class CocaCaptioner:
         # The prefix (start token + generated ones) must fit the decoder's context.
         self.max_tokens = max(1, min(max_tokens, self.model.context_length - 1))
         self.min_tokens = min(min_tokens, self.max_tokens)  # as open_clip's generate (min_seq_len=5 with the SOT)
+        problem = coca_cache.supports(self.model) if kv_cache else None
+        if problem:
+            raise ValueError(f"captions.kv_cache: {model_name} cannot be decoded with the cache ({problem}); set "
+                             "captions.kv_cache: false")
+        self.kv_cache = kv_cache
         self.name = f"coca:{self.loaded.label}"
         self.untrained = self.loaded.untrained
+        self._decode_jpegs = None  # JpegDecoder and TensorPreprocess, made on first use of JPEG input
 
     @torch.no_grad()
     def generate(self, images: list[Image.Image]) -> torch.Tensor:
         """Token ids (B, 1 + steps): the start token, then greedy tokens; a finished row repeats end-of-text."""
         pixels = torch.stack([self.loaded.preprocess(image.convert("RGB")) for image in images])  # (B, 3, H, W)
-        pixels = pixels.to(self.loaded.device)
+        return self.generate_pixels(pixels.to(self.loaded.device))
+
+    @torch.no_grad()
+    def generate_jpegs(self, jpegs: list[bytes]) -> torch.Tensor:
+        """As generate(), from JPEG bytes decoded and preprocessed as one batch on the model's device."""
+        if self._decode_jpegs is None:
+            self._decode_jpegs = (JpegDecoder(self.loaded.device), TensorPreprocess.of_model(self.model))
+        decode, preprocess = self._decode_jpegs
+        return self.generate_pixels(preprocess(decode(jpegs)))
+
+    @torch.no_grad()
+    def generate_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        """As generate(), from preprocessed pixels (B, 3, H, W) on the model's device."""
         with self.loaded.autocast():
             latent, embs = self.model._encode_image(pixels)  # (B, D), (B, Q, W): computed once for every step
-        tokens = torch.full((len(images), 1), self.sot, dtype=torch.long, device=pixels.device)  # (B, 1)
-        done = torch.zeros(len(images), dtype=torch.bool, device=pixels.device)
-        for step in range(self.max_tokens):
-            with self.loaded.autocast():
-                out = self.model(None, tokens, image_latent=latent, image_embs=embs, output_labels=False)
-            logits = out["logits"][:, -1].float()  # (B, vocab)
+            if self.kv_cache:
+                return self._greedy(embs, coca_cache.CachedCocaDecoder(self.model, embs, self.max_tokens).step)
+            return self._greedy(embs, UncachedSteps(self.model, latent, embs).step)
+
+    def _greedy(self, embs: torch.Tensor, step) -> torch.Tensor:
+        """Greedy tokens; `step` takes the (B,) token at the next position and returns (B, vocab) logits."""
+        batch = embs.shape[0]
+        following = torch.full((batch,), self.sot, dtype=torch.long, device=embs.device)  # (B,)
+        tokens = [following]
+        done = torch.zeros(batch, dtype=torch.bool, device=embs.device)
+        for i in range(self.max_tokens):
+            logits = step(following).float()  # (B, vocab)
             logits[:, self.sot] = -torch.inf
-            if step < self.min_tokens:
+            if i < self.min_tokens:
                 logits[:, self.eot] = -torch.inf
             following = torch.where(done, self.eot, logits.argmax(dim=-1))  # (B,)
-            tokens = torch.cat([tokens, following[:, None]], dim=1)  # (B, step + 2)
+            tokens.append(following)
             done |= following == self.eot
-            if done.all():
+            if i + 1 < self.max_tokens and done.all():  # one sync a step; the last step needs none
                 break
-        return tokens.cpu()
+        return torch.stack(tokens, dim=1).cpu()  # (B, 1 + steps)
 
     def caption(self, images: list[Image.Image]) -> list[str]:
-        if not images:
-            return []
+        return self._texts(self.generate(images)) if images else []
+
+    def caption_jpegs(self, jpegs: list[bytes]) -> list[str]:
+        return self._texts(self.generate_jpegs(jpegs)) if jpegs else []
+
+    def _texts(self, tokens: torch.Tensor) -> list[str]:
         captions = []
-        for row in self.generate(images).tolist():
+        for row in tokens.tolist():
             ids = row[1:]
             ids = ids[: ids.index(self.eot)] if self.eot in ids else ids
             text = self.loaded.tokenizer.decode(ids)

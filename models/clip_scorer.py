@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from models.checksum import sha256_of
+from models.image_batch import JpegDecoder, TensorPreprocess
 
 log = logging.getLogger(__name__)
 
@@ -189,6 +190,7 @@ class ClipScorer:
         self.loaded = load_open_clip(model_name, pretrained, PRESETS, device, precision, cache_dir, sha256)
         self.model = self.loaded.model
         self.embed_dim = int(self.embed_images([Image.new("RGB", (32, 32))]).shape[1])
+        self._decode_jpegs = None  # JpegDecoder and TensorPreprocess, made on first use of JPEG input
 
     @property
     def untrained(self) -> bool:
@@ -201,8 +203,22 @@ class ClipScorer:
     @torch.no_grad()
     def embed_images(self, images: list[Image.Image]) -> torch.Tensor:
         pixels = torch.stack([self.loaded.preprocess(image.convert("RGB")) for image in images])  # (N, 3, H, W)
+        return self.embed_pixels(pixels.to(self.loaded.device))
+
+    @torch.no_grad()
+    def embed_jpegs(self, jpegs: list[bytes]) -> torch.Tensor:
+        """As embed_images, from JPEG bytes decoded and preprocessed as one batch on the model's device
+        (models/image_batch.py) instead of open_clip's per-image transform on the CPU."""
+        if self._decode_jpegs is None:
+            self._decode_jpegs = (JpegDecoder(self.loaded.device), TensorPreprocess.of_model(self.model))
+        decode, preprocess = self._decode_jpegs
+        return self.embed_pixels(preprocess(decode(jpegs)))
+
+    @torch.no_grad()
+    def embed_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Preprocessed pixels (N, 3, H, W) on the model's device -> L2-normalised embeddings (N, D) on the CPU."""
         with self.loaded.autocast():
-            features = self.model.encode_image(pixels.to(self.loaded.device))
+            features = self.model.encode_image(pixels)
         return F.normalize(features.float(), dim=-1).cpu()  # (N, D)
 
     @torch.no_grad()

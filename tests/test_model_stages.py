@@ -117,6 +117,9 @@ class CountingCaptioner:
         self.seen.extend(image.tobytes() for image in images)
         return [f"generated {len(self.seen) - len(images) + i}" for i in range(len(images))]
 
+    def caption_jpegs(self, jpegs):  # the stage's default path (preprocess: tensor) hands over the JPEG bytes
+        return self.caption([Image.open(io.BytesIO(j)).convert("RGB") for j in jpegs])
+
 
 def _middle(clip: dict) -> bytes:
     return Image.open(io.BytesIO(clip["keyframes"][1])).convert("RGB").tobytes()
@@ -219,8 +222,10 @@ def test_clip_scores_match_an_independent_computation(score_stage, tmp_path):
     for source, clip in zip(clips, _clips(out), strict=True):
         embedding = torch.tensor(clip["clip_embedding"])
         assert embedding.shape == (scorer.embed_dim,) and abs(float(embedding.norm()) - 1.0) < 1e-5
-        frames = scorer.embed_images([Image.open(io.BytesIO(k)) for k in source["keyframes"]])
+        frames = scorer.embed_jpegs(source["keyframes"])  # the stage's default path (preprocess: tensor)
         expected = torch.nn.functional.normalize(frames.mean(dim=0), dim=0)
+        pil = scorer.embed_images([Image.open(io.BytesIO(k)) for k in source["keyframes"]])  # open_clip's transform
+        assert float(torch.nn.functional.normalize(pil.mean(dim=0), dim=0) @ expected) > 0.999
         assert torch.allclose(embedding, expected, atol=1e-5)
         with torch.no_grad():
             assert clip["aesthetic"] == pytest.approx(float(head(embedding[None])[0]), abs=1e-5)

@@ -138,7 +138,7 @@ def test_a_bad_row_in_the_caption_stage_quarantines_its_video_only(tmp_path, vid
     stage.setup()  # the tiny CoCa: real forward passes
     bad, good = stage(staged).to_pylist()
     assert bad["status"] == "quarantined" and bad["error_class"] == "caption_error" and bad["clips"] == []
-    assert "UnidentifiedImageError" in bad["error_message"]
+    assert "JpegError: keyframe 0 of " in bad["error_message"]  # the batched decode (models/image_batch.py)
     assert good["status"] == "ok" and all(c["caption_source"] == stage.captioner.name for c in good["clips"])
 
 
