@@ -142,21 +142,27 @@ def run_case(stage_name: str, size: str, what: str, settings, sidecars: bool, va
     stage.setup()
     load_s = time.perf_counter() - start
     rows = []
+    first_outputs = None
     for label, config_settings, captioner_settings in variants:
         for key, value in config_settings.items():
             setattr(stage.config, key, value)
         for key, value in captioner_settings.items():
             setattr(stage.captioner, key, value)
-        rows.append(time_variant(stage, videos, batches, args, stage_name, f"{what}, {label}" if label else what,
-                                 load_s))
+        row, outputs = time_variant(stage, videos, batches, args, stage_name,
+                                    f"{what}, {label}" if label else what, load_s)
+        first_outputs = outputs if first_outputs is None else first_outputs
+        # fp16 may flip a near-tie between the paths; on fp32 they agree but for such ties
+        row["same_as_first_variant"] = float(np.mean([a == b for a, b in zip(outputs, first_outputs, strict=True)]))
+        rows.append(row)
     return rows
 
 
 def time_variant(stage, videos: list[dict], batches: list[pa.Table], args, stage_name: str, what: str,
-                 load_s: float) -> dict:
+                 load_s: float) -> tuple[dict, list]:
+    """Times the stage on the batches; the row and each clip's output (caption, or rounded aesthetic score)."""
     warm = dict(videos[0], clips=videos[0]["clips"][:1])
     stage(pa.Table.from_pylist([warm], schema=schema.STAGED))  # first-call allocations, lazy init
-    stage(batches[0])  # the full batch shapes (cuDNN/cuBLAS choices, the allocator's pools)
+    stage(first_clips(videos, stage.config.batch_size))  # the model's batch shapes (cuBLAS choices, allocator pools)
     best = float("inf")
     result = None
     for _ in range(args.repeats):
@@ -166,16 +172,33 @@ def time_variant(stage, videos: list[dict], batches: list[pa.Table], args, stage
         sync(args.device)
         best = min(best, time.perf_counter() - start)
     out_clips = [c for table in result for v in table.to_pylist() for c in v["clips"]]
+    key = "caption" if stage_name == "CaptionStage" else "aesthetic"
+    filled = sum(c[key] is not None for c in out_clips)
     settings = stage.config
     row = {"stage": stage_name, "what": what, "clips": len(out_clips), "wall_s": best, "load_s": load_s,
            "clips_per_s": len(out_clips) / best, "ms_per_clip": 1000 * best / len(out_clips),
-           "batch_size": settings.batch_size, "videos_per_batch": settings.videos_per_batch}
+           "batch_size": settings.batch_size, "videos_per_batch": settings.videos_per_batch, "filled": filled}
+    if filled < len(out_clips) or len(out_clips) < sum(len(v["clips"]) for v in videos):
+        print(f"  WARNING: {what}: only {filled} of {len(out_clips)} clips got a {key} (quarantined videos?)",
+              file=sys.stderr)
     captioner = getattr(stage, "captioner", None)
     if captioner is not None:
         tokenizer = captioner.loaded.tokenizer
-        row["tokens_per_caption"] = float(np.mean([len(tokenizer.encode(c["caption"])) for c in out_clips]))
+        row["tokens_per_caption"] = float(np.mean([len(tokenizer.encode(c["caption"] or "")) for c in out_clips]))
     report(row)
-    return row
+    outputs = [c[key] if key == "caption" or c[key] is None else round(c[key], 2) for c in out_clips]
+    return row, outputs
+
+
+def first_clips(videos: list[dict], count: int) -> pa.Table:
+    """Staged records holding the first `count` clips of `videos`."""
+    out = []
+    for video in videos:
+        if count <= 0:
+            break
+        out.append(dict(video, clips=video["clips"][:count]))
+        count -= len(out[-1]["clips"])
+    return pa.Table.from_pylist(out, schema=schema.STAGED)
 
 
 def sync(device: str) -> None:
@@ -278,6 +301,8 @@ def main() -> None:
     print("\n| stage | model | clips/s per worker | ms per clip | model load s |\n| --- | --- | ---: | ---: | ---: |")
     for r in rows:
         tokens = f" ({r['tokens_per_caption']:.0f} tokens/caption)" if "tokens_per_caption" in r else ""
+        if r.get("same_as_first_variant", 1.0) < 1.0:
+            tokens += f" ({100 * r['same_as_first_variant']:.0f} % outputs as the first row's)"
         print(f"| {r['stage']} | {r['what']}{tokens} | {r['clips_per_s']:.2f} | {r['ms_per_clip']:.1f} | "
               f"{r['load_s']:.1f} |")
     if args.json:
