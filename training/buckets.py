@@ -64,16 +64,27 @@ class StageBuckets:
     def fit(self, width: int | None, height: int | None, num_frames: int | None,
             fps: float | None) -> tuple[int | None, str | None]:
         """(index of the clip's bucket, None), or (None, the reason it fits none: one of UNFIT_REASONS)."""
-        if not width or not height or not num_frames or not fps:
-            return None, "unknown"
-        aspect = math.log(width / height)
-        error, ratio = min((abs(aspect - b.log_aspect), b.ratio) for b in self.buckets)  # ties: the first listed
-        if error > self.max_aspect_error + 1e-9:
-            return None, "aspect"
-        fitting = [i for i, b in enumerate(self.buckets) if b.ratio == ratio and b.num_frames <= num_frames]
-        if not fitting:
-            return None, "frames"
-        return max(fitting, key=lambda i: self.buckets[i].num_frames), None
+        index, reason = self.fit_all([width], [height], [num_frames], [fps])
+        return (None, UNFIT_REASONS[int(reason[0])]) if index[0] < 0 else (int(index[0]), None)
+
+    def fit_all(self, width: list, height: list, num_frames: list, fps: list) -> tuple[np.ndarray, np.ndarray]:
+        """fit() of every row at once (metadata columns; None where unknown): (the bucket index per row, -1 for
+        none; the reason per row, -1 where it fits, else an index into UNFIT_REASONS). Buckets are ratio-major with
+        frame counts ascending (stage_buckets' order); an exact tie goes to the first ratio."""
+        w, h, n, f = (np.array(c, dtype=np.float64).reshape(-1) for c in (width, height, num_frames, fps))
+        known = (w > 0) & (h > 0) & (n > 0) & (f > 0)  # NaN (None) compares False
+        ratios = list(dict.fromkeys(b.ratio for b in self.buckets))
+        frames = np.array(sorted({b.num_frames for b in self.buckets}))
+        logs = np.array([next(b.log_aspect for b in self.buckets if b.ratio == r) for r in ratios])
+        with np.errstate(divide="ignore", invalid="ignore"):
+            error = np.abs(np.log(np.where(known, w / h, 1.0))[:, None] - logs[None])  # (rows, ratios)
+        nearest = np.argmin(error, axis=1)  # the first of equal errors
+        aspect_ok = error[np.arange(len(w)), nearest] <= self.max_aspect_error + 1e-9
+        frame = np.searchsorted(frames, np.where(known, n, 0), side="right") - 1  # the largest count <= n
+        index = np.where(known & aspect_ok & (frame >= 0), nearest * len(frames) + frame, -1)
+        reason = np.select([~known, ~aspect_ok, frame < 0], [UNFIT_REASONS.index(r) for r in ("unknown", "aspect",
+                                                                                              "frames")], default=-1)
+        return index, reason
 
 
 def parse_ratio(text: str) -> float:
@@ -168,15 +179,18 @@ class BucketSampler:
         self.items: list[tuple[int, int]] = []
         self.item_bucket: list[int] = []
         columns = [metadata[c] for c in ("width", "height", "num_frames", "fps")]
-        for row, (width, height, n, fps) in enumerate(zip(*columns, strict=True)):
-            index, reason = buckets.fit(width, height, n, fps)
-            if index is None:
-                self.unfit[reason] += 1
-                continue
-            spans = window_indices(n, fps, buckets.buckets[index].num_frames, self.stage.fps, windows_per_clip)
-            self.row_bucket[row] = index
+        index, reason = buckets.fit_all(*columns)
+        for r, count in zip(*np.unique(reason[reason >= 0], return_counts=True), strict=True):
+            self.unfit[UNFIT_REASONS[int(r)]] += int(count)
+        rows = np.flatnonzero(index >= 0)
+        self.row_bucket = dict(zip(rows.tolist(), index[rows].tolist(), strict=True))
+        if windows_per_clip == 1:  # one window each: a clip fits only a frame count it fills (window_indices' rule)
+            self.items, self.item_bucket = [(row, 0) for row in self.row_bucket], list(self.row_bucket.values())
+        for row, b in self.row_bucket.items() if windows_per_clip > 1 else ():
+            spans = window_indices(columns[2][row], columns[3][row], buckets.buckets[b].num_frames, self.stage.fps,
+                                   windows_per_clip)
             self.items.extend((row, w) for w in range(len(spans)))
-            self.item_bucket.extend([index] * len(spans))
+            self.item_bucket.extend([b] * len(spans))
         self.fitted = True  # clips were fitted here (not given with their buckets): report() counts them
         self._split(f"{len(columns[0])} curated clips, {sum(self.unfit.values())} fit no bucket")
 
@@ -196,15 +210,20 @@ class BucketSampler:
         return sampler
 
     def _split(self, source: str) -> None:
-        sizes = Counter(self.item_bucket)
-        self.batches_total = sum(count // self.batch_size for count in sizes.values())
+        self._bucket_array = np.asarray(self.item_bucket, dtype=np.int64)
+        sizes = np.bincount(self._bucket_array) if len(self.items) else np.zeros(0, np.int64)
+        # where each micro-batch starts in an epoch's items grouped bucket by bucket (the same every epoch)
+        ends = np.cumsum(sizes)
+        self._starts = np.concatenate([np.arange(end - size, end - self.batch_size + 1, self.batch_size)
+                                       for size, end in zip(sizes, ends, strict=True)] or [np.zeros(0, np.int64)])
+        self.batches_total = len(self._starts)
         self.batches_per_epoch = self.batches_total // self.world_size
         if self.batches_per_epoch == 0:
             raise ValueError(
                 f"curriculum stage {self.stage.name!r}: its buckets fill {self.batches_total} micro-batches of "
                 f"{self.batch_size} from {len(self.items)} training clips ({source}), fewer than {self.world_size} "
                 "workers: lower deepspeed.micro_batch_size or scaling.num_workers, add buckets, or curate more videos")
-        self._epochs: OrderedDict[int, tuple[np.ndarray, list[np.ndarray]]] = OrderedDict()
+        self._epochs: OrderedDict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = OrderedDict()
 
     def bucket_of(self, row: int) -> Bucket:
         return self.buckets.buckets[self.row_bucket[row]]
@@ -214,30 +233,28 @@ class BucketSampler:
         counts = Counter(self.item_bucket)
         return {self.buckets.buckets[i].name: counts[i] for i in sorted(counts)}
 
-    def _epoch(self, epoch: int) -> tuple[np.ndarray, list[np.ndarray]]:
-        """(the epoch's item order, its micro-batches in order: arrays of positions into `items`)."""
+    def _epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(the epoch's item order; the same positions grouped bucket by bucket, each bucket in that order; the
+        epoch's micro-batches in order, as starts into the grouped positions)."""
         cached = self._epochs.get(epoch)
         if cached is not None:
             return cached
         order = _permutation((int(self.seed), self.stage.name, int(epoch)), len(self.items))
-        by_bucket: dict[int, list[int]] = {}
-        for position in order:
-            by_bucket.setdefault(self.item_bucket[position], []).append(int(position))
-        batches = [np.array(group[i:i + self.batch_size])
-                   for _, group in sorted(by_bucket.items())
-                   for i in range(0, len(group) - self.batch_size + 1, self.batch_size)]
-        shuffle = _permutation((int(self.seed), self.stage.name, int(epoch), "batches"), len(batches))
-        self._epochs[epoch] = cached = (order, [batches[i] for i in shuffle])
+        grouped = order[np.argsort(self._bucket_array[order], kind="stable")]
+        shuffle = _permutation((int(self.seed), self.stage.name, int(epoch), "batches"), len(self._starts))
+        self._epochs[epoch] = cached = (order, grouped, self._starts[shuffle])
         if len(self._epochs) > 2:  # the current epoch and the next, which prefetching reaches first
             self._epochs.popitem(last=False)
         return cached
 
     def _batch(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(the epoch's item order, micro-batch k's positions into `items`)."""
         if k < 0:
             raise ValueError(f"micro-batch index must be >= 0, got {k}")
         epoch, b = divmod(k, self.batches_per_epoch)
-        order, batches = self._epoch(epoch)
-        return order, batches[self.rank * self.batches_per_epoch + b]
+        order, grouped, starts = self._epoch(epoch)
+        start = starts[self.rank * self.batches_per_epoch + b]
+        return order, grouped[start:start + self.batch_size]
 
     def batch_items(self, k: int) -> list[tuple[int, int]]:
         """Micro-batch k (0-based from the stage's start, across epochs): all from one bucket."""
@@ -248,8 +265,8 @@ class BucketSampler:
         it in the epoch's order, wrapping around; the same on every run."""
         order, positions = self._batch(k)
         bucket = self.item_bucket[positions[j]]
-        same = [int(p) for p in order if self.item_bucket[p] == bucket]
-        at = same.index(int(positions[j]))
+        same = order[self._bucket_array[order] == bucket]
+        at = int(np.flatnonzero(same == positions[j])[0])
         for i in range(1, len(same)):
             yield self.items[same[(at + i) % len(same)]]
 
