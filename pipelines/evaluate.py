@@ -64,6 +64,7 @@ def _config_params(config: EvaluateConfig, models: list[ResolvedModel], fmt: Vid
 # Settings of each model are its run's params; metrics of the same names put them twice in the UI's plots.
 SETTINGS = ("num_steps", "cfg_scale")
 SAME_FOR_EVERY_MODEL = ("num_videos", "prompts_scored")  # left out of the parent's per-model metrics
+HEADLINE = ("both_accuracy", "speedup_vs_teacher", "seconds_per_video")  # how good, how much faster
 
 
 def mlflow_metric_name(name: str, untrained: list[str]) -> str:
@@ -72,15 +73,19 @@ def mlflow_metric_name(name: str, untrained: list[str]) -> str:
 
 
 def model_metrics(model: ModelResult, result: EvaluationResult) -> dict[str, float]:
-    """A model's measurements under their MLflow names: the same names in every model's run."""
-    return {mlflow_metric_name(k, result.untrained_metrics): v for k, v in model.metrics.items() if k not in SETTINGS}
+    """A model's measurements under their MLflow names: the same names in every model's run, the headline ones
+    first (the compare page's default plot takes the first metric a run logged)."""
+    order = [*HEADLINE, *(k for k in model.metrics if k not in HEADLINE)]
+    return {mlflow_metric_name(k, result.untrained_metrics): model.metrics[k] for k in order
+            if k in model.metrics and k not in SETTINGS}
 
 
 def parent_metrics(result: EvaluationResult) -> dict[str, float]:
     """Every model's measurements on one run, as <metric>/<model> (both_accuracy/student-4, speedup_vs_teacher/
     student-4): the UI lists the models side by side under each metric."""
-    return _finite({f"{name}/{model.name}": value for model in result.models
-                    for name, value in model_metrics(model, result).items() if name not in SAME_FOR_EVERY_MODEL})
+    per_model = {model.name: model_metrics(model, result) for model in result.models}
+    names = [n for n in per_model[result.models[0].name] if n not in SAME_FOR_EVERY_MODEL] if result.models else []
+    return _finite({f"{name}/{model}": metrics[name] for name in names for model, metrics in per_model.items()})
 
 
 def _finite(metrics: dict[str, float]) -> dict[str, float]:
@@ -157,7 +162,9 @@ def _log_models(client, uri: str, config: EvaluateConfig, parent_id: str, result
         children[model.name] = run_id
         registered, lineage = _lineage(client, model)
         versions[model.name] = registered
-        params = {"path": model.path, "role": model.role, "sampler": model.sampler, "backend": model.backend,
+        # its folder is the tag reelforge.model_path (and the evaluate run's models.N.path): a file path as a
+        # param is an axis of the compare page's default plot that tells a user nothing
+        params = {"role": model.role, "sampler": model.sampler, "backend": model.backend,
                   "num_steps": model.num_steps,
                   "cfg_scale": model.cfg_scale, "preset": model.config.get("preset", ""),
                   "train_steps": model.config.get("steps", ""),

@@ -97,6 +97,30 @@ def test_each_student_is_a_registered_version_nested_under_the_distill_run(disti
     assert sorted(c.info.run_id for c in children) == sorted(r["run_id"] for r in summary["rounds"])
 
 
+def test_the_distill_run_compares_in_the_mlflow_ui(distilled):
+    """round_wall_seconds by round (the latest shown is the last round's), the data version as a dataset input of
+    the distill run and of each round, and each later student naming its teacher's version by models:/ URI."""
+    from mlflow.tracking import MlflowClient
+
+    from training.dataset import ClipTable
+
+    summary, config = distilled
+    client = MlflowClient(tracking_uri=summary["tracking_uri"])
+    history = client.get_metric_history(summary["run_id"], "round_wall_seconds")
+    assert sorted(m.step for m in history) == [1, 2]
+    last = max(history, key=lambda m: m.step)
+    assert client.get_run(summary["run_id"]).data.metrics["round_wall_seconds"] == last.value
+    assert last.value == pytest.approx(summary["rounds"][1]["wall_seconds"])
+    version = ClipTable.open(config.data).version
+    for run_id in [summary["run_id"], *(r["run_id"] for r in summary["rounds"])]:
+        (data,) = client.get_run(run_id).inputs.dataset_inputs
+        assert data.dataset.digest == version
+    first, second = summary["rounds"]
+    tags = client.get_model_version(config.tracking.registered_model, second["model_version"]).tags
+    assert tags["distilled_from_uri"] == f"models:/{first['registered_model']}/{first['model_version']}"
+    assert tags["distilled_from_run_id"] == first["run_id"]
+
+
 def _real_clips(data, count: int = 8) -> torch.Tensor:
     from training.config import CurriculumStage
     from training.data import ClipDecodeStage, to_model_input

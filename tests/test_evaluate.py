@@ -269,7 +269,7 @@ def test_run_evaluate_logs_child_runs_under_the_parent_and_reruns_in_place(expor
     assert set(by_name) == {"teacher-32", "student-4"} and summary["child_runs"] == {
         name: run.info.run_id for name, run in by_name.items()}
     teacher, student = by_name["teacher-32"].data, by_name["student-4"].data
-    assert teacher.params["path"] == str(teacher_dir) and teacher.params["registered_version"] == "1"
+    assert teacher.tags["reelforge.model_path"] == str(teacher_dir) and teacher.params["registered_version"] == "1"
     assert (teacher.params["num_steps"], teacher.params["cfg_scale"]) == ("32", "3.0")
     assert (student.params["num_steps"], student.params["cfg_scale"], student.params["registered_version"]) == (
         "4", "1.0", "unknown")

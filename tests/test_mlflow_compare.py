@@ -186,6 +186,9 @@ def test_params_are_what_ran(compared):
         row = next(m for m in summary["models"] if m["model"] == name)
         assert (run.data.params["num_steps"], run.data.params["cfg_scale"]) == (
             str(int(row["num_steps"])), str(row["cfg_scale"]))
+        # no file path among a model run's params (an axis of the compare page's default plot): it is a tag
+        assert not [v for v in run.data.params.values() if v.startswith("/")]
+        assert run.data.tags["reelforge.model_path"] == row["path"]
 
 
 def test_each_model_run_lasts_its_generation_not_its_logging(compared):
