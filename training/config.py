@@ -43,14 +43,6 @@ class CurriculumStage:
     # Only the curated clips this filter over the clips table selects (Lance SQL; pNN(column) is the column's NN-th
     # percentile over the version's kept clips), e.g. "aesthetic >= p90(aesthetic)"; empty: every kept clip
     where: str = ""
-    # What the stage reads (training/stage_data.py): "video" windows of the curated clips; "keyframes", one frame
-    # per sample from the curated clips' stored keyframes; "images", one frame per image of the folder `images`
-    # (captions from its captions.jsonl or a .txt beside each image). Image sources need num_frames 1.
-    source: str = "video"
-    images: str = ""
-    # Only the curated clips this filter over the clips table selects (Lance SQL; pNN(column) is the column's NN-th
-    # percentile over the version's kept clips), e.g. "aesthetic >= p90(aesthetic)"; empty: every kept clip
-    where: str = ""
     # with buckets.aspect_ratios: the frame counts of this stage's buckets (training/buckets.py); empty: num_frames
     bucket_frames: list[int] = field(default_factory=list)
 
@@ -279,29 +271,10 @@ def _validate_stage(name: str, stage: CurriculumStage, patch_size: int, patch_fr
         raise ConfigError(f"{name}: size {stage.size} is not divisible by the model's patch_size {patch_size}; "
                           f"use size {fix} or {fix + patch_size}")
     _validate_stage_source(name, stage)
-    _validate_stage_source(name, stage)
     if stage.num_frames % patch_frames:
         fix = stage.num_frames - stage.num_frames % patch_frames
         raise ConfigError(f"{name}: num_frames {stage.num_frames} is not divisible by the model's patch_frames "
                           f"{patch_frames}; use num_frames {fix or patch_frames} or {fix + patch_frames}")
-
-
-STAGE_SOURCES = ("video", "keyframes", "images")  # CurriculumStage.source
-
-
-def _validate_stage_source(name: str, stage: CurriculumStage) -> None:
-    """What a stage reads must be one it can read; the expression and the folder are checked against the data on the
-    driver (training/stage_data.py), before any worker starts."""
-    if stage.source not in STAGE_SOURCES:
-        raise ConfigError(f"{name}: source {stage.source!r} is not one of {', '.join(STAGE_SOURCES)}")
-    if stage.source == "images" and not stage.images:
-        raise ConfigError(f"{name}: source images needs images: FOLDER (jpg/png/webp with captions)")
-    if stage.images and stage.source != "images":
-        raise ConfigError(f"{name}: images is read by source images only; set source: images or drop images")
-    if stage.source == "images" and stage.where:
-        raise ConfigError(f"{name}: where selects curated clips; an image folder has no clips table")
-    if stage.source != "video" and stage.num_frames != 1:
-        raise ConfigError(f"{name}: source {stage.source} gives one frame per sample; set num_frames: 1")
 
 
 STAGE_SOURCES = ("video", "keyframes", "images")  # CurriculumStage.source
@@ -343,10 +316,6 @@ def resume_hash(config: TrainConfig) -> str:
         del data["buckets"]
         for stage in data["curriculum"]:
             stage.pop("bucket_frames", None)
-    for stage in data["curriculum"]:  # a stage reading every curated clip as video hashes as before stages chose
-        if (stage.get("source"), stage.get("images"), stage.get("where")) == ("video", "", ""):
-            for key in ("source", "images", "where"):
-                stage.pop(key)
     for stage in data["curriculum"]:  # a stage reading every curated clip as video hashes as before stages chose
         if (stage.get("source"), stage.get("images"), stage.get("where")) == ("video", "", ""):
             for key in ("source", "images", "where"):
