@@ -3,6 +3,7 @@ run the Ray Train + DeepSpeed trainer (which resumes by itself), then register t
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -24,6 +25,7 @@ from training.publish import current_model, sweep_temporary
 
 log = logging.getLogger("reelforge.train")
 
+STAGES_FILE = "stage-data.json"  # what each curriculum stage read (training/stage_data.StageData.summary)
 SHA_TAG = "reelforge.model_sha256"  # on each registered version: the sha256 of its published files
 
 
@@ -64,11 +66,12 @@ def _train(config: TrainConfig, table, distill: DistillRound | None, step: str,
            register_tags: dict[str, str] | None, alias: str | None, task: type | None = None,
            stages: list | None = None) -> dict:
     out = OutputDir(config.output)
-    _check_resume(out, config, table.version)
+    _check_resume(out, config, table.version, stages or [])
     out.makedirs()
     sweep_temporary(config.output)  # what a killed run left half-written; safe: this run holds the lease
     clear_stop(config.output)
     out.write_bytes_atomic("train-config.yaml", redacted_yaml(config).encode())
+    out.write_bytes_atomic(STAGES_FILE, json.dumps([s.summary for s in stages or []], indent=2).encode())
 
     uri, run_id = tracking.output_run(config.output, config.tracking.uri, config.tracking.experiment,
                                       {"reelforge.step": step, "reelforge.data": config.data,
@@ -112,13 +115,17 @@ def _stage_params(config: TrainConfig, stages: list) -> dict:
             for key, value in data.summary.items()}
 
 
-def _check_resume(out: OutputDir, config: TrainConfig, data_version: str) -> None:
+def _check_resume(out: OutputDir, config: TrainConfig, data_version: str, stages: list) -> None:
     """An output with a checkpoint is resumed; refuse, before anything starts, what cannot continue it."""
     from training.checkpoint import STATE_FILE, TrainState, resume_problems
+    from training.stage_data import changed_images
 
     if not out.exists(STATE_FILE):
         return
     problems = resume_problems(TrainState.read(out.read_text(STATE_FILE)), config, data_version)
+    if out.exists(STAGES_FILE) and not config.accept_data_change:  # an image folder is outside the dataset version
+        problems += [f"{p}; pass --accept-data-change to continue on it"
+                     for p in changed_images(json.loads(out.read_text(STAGES_FILE)), stages)]
     if problems:
         raise ConfigError(f"{config.output} holds a run this config cannot resume: {'; '.join(problems)} "
                           "(or train into a new --output)")

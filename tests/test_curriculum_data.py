@@ -16,7 +16,7 @@ from training.clip_subset import percentile, percentile_terms, resolve_subset, s
 from training.config import ConfigError, CurriculumStage, TrainConfig, resume_hash
 from training.dataset import StageSampler
 from training.image_folder import read_image_folder, square_frame
-from training.stage_data import FolderReader, FrameLoader
+from training.stage_data import FolderReader, FrameLoader, StageData, changed_images
 
 STAGE = "curriculum[2] (finetune)"
 
@@ -206,3 +206,12 @@ def test_a_stage_source_is_checked_with_the_config():
     # choosing a stage's data changes what a run computes: a checkpoint of the other cannot be resumed
     plain = config(num_frames=8)
     assert resume_hash(plain) != resume_hash(config(num_frames=8, where="aesthetic > 1"))
+
+
+def test_a_changed_image_folder_is_named_for_the_resume_check():
+    previous = [{"source": "images", "images_id": "aaa"}, {}, {"source": "video", "clips": 3}]
+    same = [StageData("images", summary={"images_id": "aaa"}), StageData(), StageData(summary={"clips": 3})]
+    assert changed_images(previous, same) == []
+    moved = [StageData("images", summary={"images_id": "bbb"}), StageData(), StageData()]
+    assert changed_images(previous, moved) == [
+        "curriculum[0]'s image folder changed since the checkpoint (aaa -> bbb)"]

@@ -118,6 +118,15 @@ def test_a_run_stopped_inside_the_video_stage_resumes_there_with_the_same_data(c
     losses, expected = _history(resumed, "loss"), _history(reference, "loss")
     for s in range(1, TOTAL + 1):
         assert losses[s] == pytest.approx(expected[s], rel=1e-6, abs=1e-9), s
+    # the image folder is not part of the dataset version: a changed one is refused on resume, with what changed
+    captions = image_folder / "captions.jsonl"
+    text = captions.read_text()
+    captions.write_text(text.replace('"caption": "', '"caption": "changed ', 1))
+    try:
+        with pytest.raises(ConfigError, match=r"curriculum\[0\]'s image folder changed since the checkpoint"):
+            run_train(_config(curated_sample, out, image_folder))
+    finally:
+        captions.write_text(text)
 
 
 def test_a_bad_stage_expression_fails_before_any_worker_starts(curated_sample, image_folder, tmp_path):

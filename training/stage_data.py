@@ -37,11 +37,6 @@ class StageData:
     images: list[FolderImage] | None = None  # source images: the folder's images and captions
     summary: dict = field(default_factory=dict)  # what the run's MLflow params record of the stage
 
-    @property
-    def is_default(self) -> bool:
-        """Every kept clip as video: what a stage read before stages chose their data."""
-        return self.source == "video" and self.rows is None
-
 
 def plan_stages(config: TrainConfig, table) -> list[StageData]:
     """Each curriculum stage's data over `table` (the run's ClipTable or LatentTable), checked to fill a micro-batch
@@ -79,6 +74,17 @@ def _plan(config: TrainConfig, table, index: int, stage: CurriculumStage) -> Sta
         raise ConfigError(f"{what}: {err}") from None
     data.summary["items"] = len(sampler.items)
     return data
+
+
+def changed_images(previous: list[dict], stages: list[StageData]) -> list[str]:
+    """The image stages whose folder changed since a run recorded `previous` (its stages' summaries): resuming one
+    would read another order of other images."""
+    changed = []
+    for index, (before, data) in enumerate(zip(previous, stages, strict=False)):
+        was, now = before.get("images_id"), data.summary.get("images_id")
+        if was and now and was != now:
+            changed.append(f"curriculum[{index}]'s image folder changed since the checkpoint ({was} -> {now})")
+    return changed
 
 
 def rows_of(table: ClipTable, clip_ids: list[str]) -> list[int]:
