@@ -43,6 +43,10 @@ def identity(config: EncodeConfig) -> dict:
     """What a cache holds, and what another run may not change: the codec, the text encoder, the stages' shapes."""
     codec = build_codec(dataclasses.replace(config.codec, device="cpu"))  # the driver may have no GPU; ids ignore it
     for stage in config.curriculum:
+        if stage.source != "video" or stage.where:  # training reads these from the curated dataset (stage_data.py)
+            raise ConfigError(f"curriculum stage {stage.name!r}: a latent cache holds video windows of every kept "
+                              f"clip, not source {stage.source}{' with where' if stage.where else ''}: leave the "
+                              "stage out of the encode's curriculum")
         if not codec.frame_count_ok(stage.num_frames):
             raise ConfigError(f"curriculum stage {stage.name!r}: codec {codec.id} cannot encode {stage.num_frames} "
                               "frames (a causal VAE takes 1 + 4k)")

@@ -200,7 +200,8 @@ def test_a_stage_source_is_checked_with_the_config():
                            ({"source": "images"}, "source images needs images: FOLDER"),
                            ({"images": "/x"}, "images is read by source images only"),
                            ({"source": "images", "images": "/x", "where": "a > 1"}, "an image folder has no clips"),
-                           ({"source": "keyframes", "num_frames": 2}, "gives one frame per sample; set num_frames")]:
+                           ({"source": "keyframes", "num_frames": 2}, "gives one frame per sample; set num_frames"),
+                           ({"source": "keyframes", "bucket_frames": [1]}, "bucket_frames apply to video stages")]:
         with pytest.raises(ConfigError, match=message):
             config(**stage).validate()
     # choosing a stage's data changes what a run computes: a checkpoint of the other cannot be resumed
@@ -215,3 +216,14 @@ def test_a_changed_image_folder_is_named_for_the_resume_check():
     moved = [StageData("images", summary={"images_id": "bbb"}), StageData(), StageData()]
     assert changed_images(previous, moved) == [
         "curriculum[0]'s image folder changed since the checkpoint (aaa -> bbb)"]
+
+
+def test_an_encode_refuses_stages_that_train_from_the_curated_dataset():
+    from pipelines.encode import identity
+    from training.latent_encode import EncodeConfig
+
+    for stage, what in [(CurriculumStage(name="image", num_frames=1, source="keyframes"), "not source keyframes"),
+                        (CurriculumStage(name="hq", where="aesthetic > 1"), "not source video with where")]:
+        with pytest.raises(ConfigError, match=f"curriculum stage '{stage.name}': .*{what}: leave the stage out"):
+            identity(EncodeConfig(data="d", output="o", curriculum=[CurriculumStage(name="video"), stage]))
+    assert identity(EncodeConfig(data="d", output="o", curriculum=[CurriculumStage(name="video")]))["stages"]

@@ -293,6 +293,8 @@ def _validate_stage_source(name: str, stage: CurriculumStage) -> None:
         raise ConfigError(f"{name}: where selects curated clips; an image folder has no clips table")
     if stage.source != "video" and stage.num_frames != 1:
         raise ConfigError(f"{name}: source {stage.source} gives one frame per sample; set num_frames: 1")
+    if stage.source != "video" and stage.bucket_frames:  # one-frame stages read square centre crops
+        raise ConfigError(f"{name}: bucket_frames apply to video stages; drop them from source {stage.source}")
 
 
 # What a resumed run may change without changing what it computes: where it logs, how often it saves or samples,
