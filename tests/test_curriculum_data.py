@@ -227,3 +227,12 @@ def test_an_encode_refuses_stages_that_train_from_the_curated_dataset():
         with pytest.raises(ConfigError, match=f"curriculum stage '{stage.name}': .*{what}: leave the stage out"):
             identity(EncodeConfig(data="d", output="o", curriculum=[CurriculumStage(name="video"), stage]))
     assert identity(EncodeConfig(data="d", output="o", curriculum=[CurriculumStage(name="video")]))["stages"]
+
+
+def test_one_frame_stage_items():
+    from training.stage_data import stage_items
+
+    table = [None] * 4  # a table of 4 kept clips (only its length is read)
+    assert stage_items(table, StageData("keyframes")) == [(r, k) for r in range(4) for k in range(3)]
+    assert stage_items(table, StageData("keyframes", rows=[1, 3])) == [(1, 0), (1, 1), (1, 2), (3, 0), (3, 1), (3, 2)]
+    assert stage_items(table, StageData("images", images=["a", "b"])) == [(0, 0), (1, 0)]
