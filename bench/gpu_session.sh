@@ -68,8 +68,9 @@ vae_recon() {  # two trainings share the GPU: PSNR is what they measure, not spe
 }
 
 model_stages() {
-    part model_stages 130 python3 bench/model_stages.py --device-preprocess-only --device cuda --precision fp16 \
-        --json "$OUT/model_stages.json"
+    part model_stages 150 python3 bench/model_stages.py --large-only --device cuda --precision fp16 --threads 8 \
+        --large-clips 768 --caption-clips 64 --clips-per-video 8 --videos-per-batch 16 --score-batch 128 \
+        --caption-batch 32 --preprocess-clips 256 --json "$OUT/model_stages.json"
 }
 
 train_full() {
@@ -77,15 +78,14 @@ train_full() {
         --presets VDiT-S/2 --paths real,plain --steps 1 --warmup 1 --row-timeout 70 --json "$OUT/train_full.json"
 }
 
-train_tuning() {  # one row a process: --paths real with each engine setting, the plain row once
+train_tuning() {  # one row a process; a profile of the default engine and plain steps (8 files come back at most)
     local common=(--device cuda --shapes latent --presets VDiT-B/2 --latent-batch 16 --steps 6 --warmup 3
-        --row-timeout 40 --profile "$OUT/profiles")
-    part tuning_z2 90 python3 bench/train_gpu.py "${common[@]}" --paths plain,real --json "$OUT/tuning_z2.json"
-    part tuning_z0 45 python3 bench/train_gpu.py "${common[@]}" --paths real --zero-stage 0 \
-        --json "$OUT/tuning_z0.json"
+        --row-timeout 40)
+    part tuning_z2 90 python3 bench/train_gpu.py "${common[@]}" --paths plain,real --profile "$OUT/profiles" \
+        --json "$OUT/tuning_z2.json"
+    part tuning_z0 45 python3 bench/train_gpu.py "${common[@]}" --paths real --zero-stage 0
     part tuning_overlap 45 python3 bench/train_gpu.py "${common[@]}" --paths real \
-        --zero-options '{"overlap_comm": true, "contiguous_gradients": true, "reduce_bucket_size": 500000000}' \
-        --json "$OUT/tuning_overlap.json"
+        --zero-options '{"overlap_comm": true, "contiguous_gradients": true, "reduce_bucket_size": 500000000}'
 }
 
 train_xl16() {
