@@ -222,12 +222,19 @@ def run_preprocess(args) -> list[dict]:
     keyframes = [[keyframe(rng) for _ in range(3)] for _ in range(clips)]
     batches = [[k for clip in keyframes[i : i + args.score_batch] for k in clip]
                for i in range(0, clips, args.score_batch)]
+    reference = PilPreprocess(pil)
     rows = [time_preprocess(args, "3 keyframes: PIL decode + open_clip transform per image, CPU (old path)",
-                            PilPreprocess(pil), batches, clips, "cpu")]
+                            reference, batches, clips, "cpu")]
+    expected = reference(batches[0])
+    std = torch.tensor(cfg.std).view(1, 3, 1, 1)
     for device in dict.fromkeys(["cpu", args.device]):
-        rows.append(time_preprocess(args, f"3 keyframes: batched decode + transform, {device}",
-                                    BatchPreprocess(JpegDecoder(torch.device(device)), tensor), batches, clips,
-                                    device))
+        batched = BatchPreprocess(JpegDecoder(torch.device(device)), tensor)
+        levels = ((batched(batches[0]).cpu() - expected) * std).abs() * 255  # picture levels before normalising
+        rows.append(time_preprocess(args, f"3 keyframes: batched decode + transform, {device}", batched, batches,
+                                    clips, device))
+        rows[-1].update(max_levels_vs_pil=float(levels.max()), mean_levels_vs_pil=float(levels.mean()))
+        print(f"  {'':<15} its pixels vs open_clip's PIL transform: max {float(levels.max()):.1f}, mean "
+              f"{float(levels.mean()):.3f} levels of 255", file=sys.stderr, flush=True)
     return rows
 
 
@@ -301,6 +308,8 @@ def main() -> None:
     print("\n| stage | model | clips/s per worker | ms per clip | model load s |\n| --- | --- | ---: | ---: | ---: |")
     for r in rows:
         tokens = f" ({r['tokens_per_caption']:.0f} tokens/caption)" if "tokens_per_caption" in r else ""
+        if "max_levels_vs_pil" in r:
+            tokens += f" (vs PIL: max {r['max_levels_vs_pil']:.1f}, mean {r['mean_levels_vs_pil']:.3f} levels)"
         if r.get("same_as_first_variant", 1.0) < 1.0:
             tokens += f" ({100 * r['same_as_first_variant']:.0f} % outputs as the first row's)"
         print(f"| {r['stage']} | {r['what']}{tokens} | {r['clips_per_s']:.2f} | {r['ms_per_clip']:.1f} | "
