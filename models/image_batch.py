@@ -141,6 +141,9 @@ class JpegDecoder:
         data = [torch.frombuffer(bytearray(jpeg), dtype=torch.uint8) for jpeg in jpegs]
         try:
             if self.decode_on is not None:
+                # nvJPEG writes on a stream of its own that does not wait for ours, into memory our queued kernels
+                # may still read (pytorch/vision#9606): let them finish first (one sync a batch).
+                torch.cuda.current_stream(self.decode_on).synchronize()
                 return decode_jpeg(data, mode=ImageReadMode.RGB, device=self.decode_on)
             images = decode_jpeg(data, mode=ImageReadMode.RGB)
         except RuntimeError as err:
