@@ -168,3 +168,60 @@ def test_the_cache_refuses_more_positions_than_the_context(coca):
 def test_captions_from_jpegs_match_captions_from_pil_pictures(coca):
     jpegs = [_jpeg(454, 256, seed) for seed in range(3)]
     assert coca.caption_jpegs(jpegs) == coca.caption([Image.open(io.BytesIO(j)) for j in jpegs])
+
+
+def test_the_cache_names_what_it_cannot_decode(coca):
+    from models.coca_cache import supports
+
+    assert supports(coca.model) is None
+    coca.model.text_decoder.set_grad_checkpointing(True)
+    try:
+        assert supports(coca.model) == "grad checkpointing is on"
+        with pytest.raises(ValueError, match="grad checkpointing is on"):
+            CachedCocaDecoder(coca.model, _image_embs(coca, 5, 1)[1], max_len=4)
+    finally:
+        coca.model.text_decoder.set_grad_checkpointing(False)
+    assert "not an open_clip CoCa" in supports(ClipScorer("tiny", device="cpu").model)
+
+
+# --- the stages' switch between the two paths ----------------------------------------------------------------------
+
+
+def _staged(jpegs: list[bytes]):
+    import pyarrow as pa
+
+    from curation import schema
+
+    clip = {name: None for name in schema.STAGED.field("clips").type.value_type.names}
+    clip.update(clip_id="v-0", video_id="v", start_s=0.0, end_s=2.0, keyframes=jpegs, kept=True)
+    video = {name: None for name in schema.STAGED.names}
+    video.update(video_id="v", uri="/nonexistent/v.mp4", status="ok", clips=[clip])
+    return pa.Table.from_pylist([video], schema=schema.STAGED)
+
+
+def test_clip_score_stage_paths_agree_and_a_wrong_setting_is_refused():
+    from curation.clip_scores import ClipScoreStage
+    from curation.config import ClipScoreConfig
+
+    staged = _staged([_jpeg(454, 256, seed) for seed in range(3)])
+    embeddings = {}
+    for preprocess in ("tensor", "pil"):
+        stage = ClipScoreStage(ClipScoreConfig(preprocess=preprocess, device="cpu"))
+        stage.setup()
+        embeddings[preprocess] = torch.tensor(stage(staged).to_pylist()[0]["clips"][0]["clip_embedding"])
+    assert float(embeddings["tensor"] @ embeddings["pil"]) > 0.999
+    with pytest.raises(ValueError, match="clip_scores.preprocess='gpu' is not one of tensor, pil"):
+        ClipScoreStage(ClipScoreConfig(preprocess="gpu")).setup()
+
+
+def test_caption_stage_follows_kv_cache_and_preprocess_settings():
+    from curation.captions import CaptionStage
+    from curation.config import CaptionConfig
+
+    stage = CaptionStage(CaptionConfig(kv_cache=False, preprocess="pil", max_tokens=5, sidecar=False, device="cpu"))
+    stage.setup()
+    assert stage.captioner.kv_cache is False
+    caption = stage(_staged([_jpeg(454, 256, seed) for seed in range(3)])).to_pylist()[0]["clips"][0]["caption"]
+    assert caption
+    with pytest.raises(ValueError, match="captions.preprocess='cuda' is not one of tensor, pil"):
+        CaptionStage(CaptionConfig(preprocess="cuda")).setup()
