@@ -45,6 +45,25 @@ def test_the_latent_workflow_hands_the_trained_vae_to_encode_and_train():
         _hand_down_codec(clash, {"train-vae": Path("/w/vae")})
 
 
+def test_a_latent_teachers_round_takes_its_codec_and_reads_the_cache_under_its_stage_name():
+    from training.distill import DistillConfig, round_train_config
+
+    vae = {"kind": "reelforge-vae", "model": "/w/vae/vae", "revision": "", "subfolder": "", "vae_class": "",
+           "sha256": {}, "tiling": False, "tile_size": None, "slicing": False, "dtype": "float32"}
+    teacher = {"preset": "VDiT-T/2", "model": {"in_channels": 8}, "text": {}, "schedule": {}, "codec_config": vae,
+               "curriculum": [{"name": "video", "steps": 9, "num_frames": 5, "fps": 2.0, "size": 32}]}
+    cached = round_train_config(DistillConfig(data="/w/latents"), teacher, 16, "/w/out", cached=True)
+    assert (cached.codec.kind, cached.codec.model, cached.codec.device) == ("reelforge-vae", "/w/vae/vae", "cpu")
+    assert cached.curriculum[0].name == "video"  # the cache's stage: its windows are stored under that name
+    decoded = round_train_config(DistillConfig(data="/w/curated"), teacher, 16, "/w/out")
+    # from curated video the frames are encoded through the teacher's codec in the step
+    assert decoded.codec == cached.codec and decoded.curriculum[0].name == "distill-16"
+    shape = decoded.curriculum[0]
+    assert (shape.num_frames, shape.fps, shape.size, shape.steps) == (5, 2.0, 32, 300)
+    pixel = round_train_config(DistillConfig(), {**teacher, "codec_config": None}, 16, "/w/out")
+    assert pixel.codec.kind == "pixels"  # an export from before codecs were recorded is a pixel model
+
+
 @pytest.fixture(scope="module")
 def latent_run(ray_cluster, tmp_path_factory) -> dict:
     """Curated clips -> latent cache -> a trained latent teacher -> one distillation round from the cache."""
@@ -96,7 +115,7 @@ def test_the_teacher_trains_on_the_cache_and_the_student_distils_from_it(latent_
 @pytest.mark.slow
 @pytest.mark.ray
 def test_evaluation_samples_latents_and_scores_decoded_videos(latent_run, tmp_path):
-    from training.evaluate import EvaluateConfig, ModelSpec, evaluate, latent_format
+    from training.evaluate import EvaluateConfig, ModelSpec, VideoFormat, evaluate, latent_format
     from training.export import load_model
 
     root = latent_run["root"]
@@ -108,6 +127,8 @@ def test_evaluation_samples_latents_and_scores_decoded_videos(latent_run, tmp_pa
     fmt = result.format
     assert (fmt.num_frames, fmt.size) == (5, 16)
     assert latent_format(load_model(teacher), fmt) == LATENT  # sampled at the latent shape
+    with pytest.raises(ValueError, match=r"cannot take 4 frames of 16 px \(a causal VAE takes 1 \+ 4k frames"):
+        latent_format(load_model(teacher), VideoFormat(4, 16, 8.0))
     for model in result.models:
         assert model.videos.shape == (3, 5, 16, 16, 3) and model.videos.dtype == np.uint8  # decoded pixels
         assert np.isfinite(model.metrics["frechet_clip_frame"]) and model.metrics["seconds_per_video"] > 0
