@@ -10,7 +10,10 @@
 #   train_full      issue 12: the shipped full-res stage alone, one step each path (does it run, at what speed)
 #   train_tuning    issue 12: VDiT-B/2 at batch 16 on plain PyTorch and the engine at ZeRO 0/2 and with DeepSpeed's
 #                   overlap options, with a profile of one step per row (where the engine's step goes)
-#   train_xl16      issue 12: VDiT-XL/2 at batch 16, plain and engine (MFU at a batch a user would run)
+#   train_xl8       issue 12: VDiT-XL/2 at batch 8, plain and engine (MFU at a batch a user would run)
+#   train_compile   issue 12: VDiT-B/2 at batch 16 and XL/2 at batch 8 with torch.compile'd blocks, both paths, and a
+#                   profile of the compiled engine step (the eager one spends half its device time in copies and
+#                   elementwise kernels, which compile fuses)
 # PARTS picks parts in order (default: the first session's five). Each part has its own time box and is skipped when
 # BUDGET_S (seconds the whole command may take) would not cover it, so one that hangs costs only its share and a short
 # lease still brings back the parts before it; results land in $OUT as they finish.
@@ -88,9 +91,16 @@ train_tuning() {  # one row a process; a profile of the default engine and plain
         --zero-options '{"overlap_comm": true, "contiguous_gradients": true, "reduce_bucket_size": 500000000}'
 }
 
-train_xl16() {
-    part train_xl16 90 python3 bench/train_gpu.py --device cuda --shapes latent --presets VDiT-XL/2 --latent-batch 16 \
-        --steps 4 --warmup 2 --row-timeout 42 --json "$OUT/train_xl16.json"
+train_xl8() {  # batch 16 runs out of the H200's memory on both paths
+    part train_xl8 90 python3 bench/train_gpu.py --device cuda --shapes latent --presets VDiT-XL/2 --latent-batch 8 \
+        --steps 4 --warmup 2 --row-timeout 42 --json "$OUT/train_xl8.json"
+}
+
+train_compile() {
+    part compile_b2 150 python3 bench/train_gpu.py --device cuda --shapes latent --presets VDiT-B/2 --latent-batch 16 \
+        --steps 6 --warmup 3 --compile --row-timeout 70 --profile "$OUT/profiles" --json "$OUT/compile_b2.json"
+    part compile_xl 150 python3 bench/train_gpu.py --device cuda --shapes latent --presets VDiT-XL/2 --latent-batch 8 \
+        --steps 4 --warmup 2 --compile --row-timeout 70 --json "$OUT/compile_xl.json"
 }
 
 {
@@ -103,7 +113,7 @@ wheels=(.whl/*.whl)
 if ((${#wheels[@]})); then
     timeout 120 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --target /tmp/site "${wheels[@]}" 2>&1 | tail -3 | tee -a "$log"
-    export PYTHONPATH=/tmp/site
+    export PYTHONPATH=/tmp/site:$PWD  # bench/model_stages.py imports the project
 fi
 
 for name in $PARTS; do
