@@ -1,5 +1,6 @@
 """Decoding real files (rotation, timestamps, VFR, bad inputs) and generated files with known answers."""
 
+import itertools
 import os
 
 import numpy as np
@@ -113,6 +114,22 @@ def test_the_analysis_picture_is_the_working_picture_made_small(shared_videos, b
         ours = cv2.resize(frame.analysis, coarse, interpolation=cv2.INTER_AREA).astype(int)
         reference = cv2.resize(frame.rgb, coarse, interpolation=cv2.INTER_AREA).astype(int)
         assert np.abs(ours - reference).mean() < 8
+
+
+def test_a_released_frame_keeps_its_analysis_picture_only(sample_dump):
+    """A frame no clip encodes is released at decode: it never pays for its working-size picture."""
+    root, truth = sample_dump
+    path = str(root / next(n for n in truth["videos"] if "single" in n))
+    config = DecodeConfig()
+    info = probe(path, config)
+    info.work_width, info.work_height = work_size(info.width, info.height, 256)
+    info.analysis_width, info.analysis_height = analysis_size(info.work_width, info.work_height, 64)
+    kept, released = itertools.islice(decode_frames(path, info, "pyav", config), 2)
+    released.release()
+    assert kept.has_rgb and not released.has_rgb
+    assert released.analysis.shape == (info.analysis_height, info.analysis_width, 3)
+    with pytest.raises(ValueError, match="was released"):
+        released.rgb  # noqa: B018
 
 
 def test_analysis_size_keeps_the_aspect_with_even_sides():
