@@ -5,7 +5,6 @@ caption encodings. Nothing here opens video bytes or runs a text tower: the step
 from __future__ import annotations
 
 import dataclasses
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import lance
@@ -18,6 +17,7 @@ from training.buckets import BucketSampler, StageBuckets, bucket_identity
 from training.config import CurriculumStage
 from training.dataset import StageSampler, content_id, pin_version
 from training.latent_cache import LatentCache
+from training.read_ahead import ReadAhead
 
 CACHE_TABLE = "latents.lance"  # OUTPUT/latents.lance: what `reelforge encode --output OUTPUT` writes
 NULL_CLIP = ""  # the row keyed (clip "", stage "") holds the empty prompt's encoding
@@ -144,14 +144,15 @@ def _array(row: dict, column: str, shape: str) -> np.ndarray:
     return np.frombuffer(row[column], dtype=row["dtype"]).reshape(row[shape])
 
 
-class LatentLoader:
+class LatentLoader(ReadAhead):
     """Micro-batches of one stage for one rank from a LatentTable, the next `prefetch_batches` read ahead in a
     thread: micro-batch k depends only on (seed, stage, epoch, rank, k), as for StageLoader."""
 
     def __init__(self, table: LatentTable, stage: CurriculumStage, windows_per_clip: int, seed: int, rank: int,
                  world_size: int, batch_size: int, prefetch_batches: int = 2, buckets: StageBuckets | None = None):
         table.check_stage(stage, windows_per_clip, buckets)
-        self.table, self.stage, self.prefetch = table, stage, max(0, prefetch_batches)
+        super().__init__(prefetch_batches, threads=1, name=f"latents-{stage.name}")
+        self.table, self.stage = table, stage
         items, source = table.items(stage.name), f"{len(table.items(stage.name))} encoded windows in {table.shown}"
         if buckets is None:
             self.sampler = StageSampler.over_items(items, stage, seed, rank, world_size, batch_size, source)
@@ -161,16 +162,6 @@ class LatentLoader:
             self.sampler = BucketSampler.over_items(items, [keys[s] for s in shapes], buckets, seed, rank,
                                                     world_size, batch_size, source)
         self.batches_per_epoch = self.sampler.batches_per_epoch
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix=f"latents-{stage.name}")
-        self._pending: dict[int, Future] = {}
-
-    def batch(self, k: int) -> LatentBatch:
-        for stale in [j for j in self._pending if not k <= j <= k + self.prefetch]:
-            self._pending.pop(stale).cancel()
-        for j in range(k, k + 1 + self.prefetch):
-            if j not in self._pending:
-                self._pending[j] = self._pool.submit(self._read, j)
-        return self._pending.pop(k).result()
 
     def _read(self, k: int) -> LatentBatch:
         rows = self.table.take([offset for offset, _ in self.sampler.batch_items(k)])
@@ -180,16 +171,6 @@ class LatentLoader:
         return LatentBatch(np.stack([_array(r, "latent", "latent_shape") for r in rows]), logvar,
                            np.stack([_array(r, "text", "text_shape") for r in rows]),
                            np.stack([np.frombuffer(r["text_mask"], bool) for r in rows]))
-
-    def close(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
-        self._pending.clear()
-
-    def __enter__(self) -> LatentLoader:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 class CachedInputs:

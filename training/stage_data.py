@@ -11,7 +11,6 @@ uninterrupted one would."""
 from __future__ import annotations
 
 import logging
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -21,6 +20,7 @@ from training.clip_subset import ClipSubset, resolve_subset
 from training.config import ConfigError, CurriculumStage, TrainConfig
 from training.dataset import ClipTable, StageSampler
 from training.image_folder import FolderImage, read_image_folder, square_frame
+from training.read_ahead import ReadAhead
 
 log = logging.getLogger("reelforge.train.stages")
 
@@ -165,26 +165,16 @@ class FolderReader:
             return None, ""
 
 
-class FrameLoader:
+class FrameLoader(ReadAhead):
     """Micro-batches of one-frame samples, (B, 1, size, size, 3) uint8 and captions, for one rank: micro-batch k
     depends only on the sampler's items at k (and on its substitutes where an item cannot be read), as for
     StageLoader; the next `prefetch_batches` are read ahead in threads."""
 
     def __init__(self, reader, sampler: StageSampler, stage: CurriculumStage, prefetch_batches: int = 2,
                  threads: int | None = None):
+        super().__init__(prefetch_batches, threads=threads or 2, name=f"frames-{stage.name}")
         self.reader, self.sampler, self.stage = reader, sampler, stage
         self.batches_per_epoch = sampler.batches_per_epoch
-        self.prefetch = max(0, prefetch_batches)
-        self._pool = ThreadPoolExecutor(max(1, threads or 2), thread_name_prefix=f"frames-{stage.name}")
-        self._pending: dict[int, Future] = {}
-
-    def batch(self, k: int) -> tuple[np.ndarray, list[str]]:
-        for stale in [j for j in self._pending if not k <= j <= k + self.prefetch]:
-            self._pending.pop(stale).cancel()
-        for j in range(k, k + 1 + self.prefetch):
-            if j not in self._pending:
-                self._pending[j] = self._pool.submit(self._read, j)
-        return self._pending.pop(k).result()
 
     def _read(self, k: int) -> tuple[np.ndarray, list[str]]:
         frames, captions = [], []
@@ -200,13 +190,3 @@ class FrameLoader:
             frames.append(frame)
             captions.append(caption)
         return np.stack(frames), captions
-
-    def close(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
-        self._pending.clear()
-
-    def __enter__(self) -> FrameLoader:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
