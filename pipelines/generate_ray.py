@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipelines.generate import GenerateConfig, Job, Settings, generate_batch, load_generator
+from pipelines.generate_batch import Job, Settings, generate_batch, load_generator
 
 log = logging.getLogger("reelforge.generate")
 
@@ -35,17 +35,19 @@ def job_rows(jobs: list[Job]) -> list[dict]:
             for j in jobs]
 
 
-def generate_on_ray(config: GenerateConfig, settings: Settings, pending: list[Job], total: int) -> float:
-    """Every pending job on the Ray cluster, with progress as batches finish; returns the workers' generation
-    seconds summed over videos."""
+def generate_on_ray(settings: Settings, pending: list[Job], total: int, batch_size: int, workers: int,
+                    gpus_per_worker: float, address: str | None = None) -> float:
+    """Every pending job on the Ray cluster (`address`, else RAY_ADDRESS or a local one) in batches of `batch_size`
+    on `workers` actors, with progress as batches finish; returns the workers' generation seconds summed over
+    videos."""
     import ray
 
     from pipelines.cluster import join_ray
 
-    join_ray(config.ray_address)
+    join_ray(address)
     dataset = ray.data.from_items(job_rows(pending)).map_batches(
-        GenerateWorker, fn_constructor_kwargs={"settings": settings}, batch_size=config.batch,
-        concurrency=config.ray_workers, num_gpus=config.gpus_per_worker, num_cpus=1)
+        GenerateWorker, fn_constructor_kwargs={"settings": settings}, batch_size=batch_size,
+        concurrency=workers, num_gpus=gpus_per_worker, num_cpus=1)
     seconds, done, started = 0.0, total - len(pending), time.perf_counter()
     for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
         seconds += float(batch["seconds"].sum())
