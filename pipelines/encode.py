@@ -21,7 +21,8 @@ from models.codec import build_codec
 from models.text_encoder import FrozenTextEncoder, text_encoder_id
 from pipelines.cluster import init_ray
 from pipelines.config import ConfigError
-from training.buckets import StageBuckets, bucket_identity, stage_buckets, validate_buckets
+from training.buckets import StageBuckets, bucket_identity, stage_buckets
+from training.config import validate_buckets
 from training.dataset import pin_version
 from training.latent_cache import LatentCache
 from training.latent_dataset import CACHE_TABLE, NULL_CLIP, cache_uri

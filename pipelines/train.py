@@ -51,7 +51,7 @@ def run_train(config: TrainConfig, distill: DistillRound | None = None, step: st
 
     table = open_training_data(config.data)  # a curated dataset or a latent cache; fails on a wrong --data now
     check_cache_matches(table, config, task)
-    from training.buckets import check_buckets_supported
+    from training.latent_dataset import check_buckets_supported
 
     check_buckets_supported(table, config, task)
     config.data = table.data_uri  # DIR@vN: every worker reads this version, and the saved config names it

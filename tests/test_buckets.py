@@ -304,7 +304,7 @@ def test_the_training_loop_reads_one_bucket_per_micro_batch_and_reports_the_unfi
 
 def test_buckets_are_refused_where_they_do_not_apply(table):
     """The video autoencoder trains on squares: one line, before Ray."""
-    from training.buckets import check_buckets_supported
+    from training.latent_dataset import check_buckets_supported
     from training.vae.task import VAETask
 
     config = _bucketed_config(table.data_uri, "o")
@@ -353,9 +353,8 @@ def bucketed_cache(table, tmp_path_factory):
 
 def test_a_bucketed_latent_cache_is_read_one_bucket_per_micro_batch(table, bucketed_cache):
     from curation.dataset import DatasetError
-    from training.buckets import check_buckets_supported
     from training.data import decode_row
-    from training.latent_dataset import LatentLoader, LatentTable
+    from training.latent_dataset import LatentLoader, LatentTable, check_buckets_supported
 
     out, plan, committed = bucketed_cache
     assert plan.unfit == {"video": {"aspect": len(WIDE), "frames": len(SHORT)}}

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from training.config import BucketConfig, ConfigError, CurriculumStage
+from training.config import BucketConfig, CurriculumStage, parse_ratio
 from training.data import window_indices
 
 log = logging.getLogger("reelforge.train.buckets")
@@ -87,39 +87,11 @@ class StageBuckets:
         return index, reason
 
 
-def parse_ratio(text: str) -> float:
-    """"16:9" -> 16/9; one line naming the key for anything else."""
-    parts = str(text).split(":")
-    try:
-        w, h = (float(p) for p in parts)
-    except ValueError:
-        w = h = 0.0
-    if len(parts) != 2 or not (w > 0 and h > 0 and math.isfinite(w / h)):
-        raise ConfigError(f"buckets.aspect_ratios: expected width:height such as 16:9, got {text!r}")
-    return w / h
-
-
 def bucket_shape(ratio: float, size: int, multiple: int) -> tuple[int, int]:
     """(height, width) of aspect `ratio` at a stage of `size`: about size^2 pixels, both multiples of `multiple`."""
     height = multiple * max(1, math.floor(size / math.sqrt(ratio) / multiple + 0.5))
     width = multiple * max(1, math.floor(size * math.sqrt(ratio) / multiple + 0.5))
     return height, width
-
-
-def validate_buckets(config: BucketConfig, curriculum: list[CurriculumStage], patch_frames: int) -> None:
-    """Every bucket mistake a config can hold, as one line naming its key (TrainConfig.validate calls this)."""
-    for text in config.aspect_ratios:
-        parse_ratio(text)
-    if not math.isfinite(config.max_aspect_error) or config.max_aspect_error <= 0:
-        raise ConfigError(f"buckets.max_aspect_error: expected a number above 0, got {config.max_aspect_error}")
-    for index, stage in enumerate(curriculum):
-        key = f"curriculum[{index}] ({stage.name}).bucket_frames"
-        if stage.bucket_frames and not config.aspect_ratios:
-            raise ConfigError(f"{key}: frame counts of buckets need buckets.aspect_ratios (e.g. [\"16:9\", \"1:1\"])")
-        for frames in stage.bucket_frames:
-            if frames <= 0 or frames % patch_frames:
-                raise ConfigError(f"{key}: {frames} frames; expected counts above 0 divisible by the model's "
-                                  f"patch_frames {patch_frames}")
 
 
 def stage_buckets(config: BucketConfig, stage: CurriculumStage, multiple: int) -> StageBuckets | None:
@@ -292,24 +264,3 @@ class BucketSampler:
         return (f"stage {self.stage.name!r}: {len(self.row_bucket)} clips in buckets ({buckets} training clips); "
                 f"{unfit} fit no bucket ({reasons}; aspect: further than buckets.max_aspect_error="
                 f"{self.buckets.max_aspect_error:g} from every bucket, frames: shorter than the smallest frame count)")
-
-
-def check_buckets_supported(table, config, task: type | None = None) -> None:
-    """Buckets are the diffusion model's: another task (the video autoencoder) trains on squares. A latent cache
-    must hold each stage at the buckets the config gives (`reelforge encode` with the same buckets section and the
-    model's patch_size), checked stage by stage. One line when not."""
-    from training.latent_dataset import LatentTable
-
-    if config.buckets.aspect_ratios and task is not None:
-        raise ConfigError(f"buckets.aspect_ratios: {task.__name__} trains on square crops; remove the buckets section")
-    if config.buckets.aspect_ratios and isinstance(table, LatentTable):  # (a square cache is checked by workers)
-        import dataclasses
-
-        from models.codec import build_codec
-
-        codec = build_codec(dataclasses.replace(config.codec, device="cpu"))  # the driver may have no GPU
-        multiple = config.model_config().patch_size * codec.space_compression
-        for stage in config.curriculum:
-            if getattr(stage, "source", "video") == "video":
-                table.check_stage(stage, config.data_loading.windows_per_clip,
-                                  stage_buckets(config.buckets, stage, multiple))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -197,8 +198,6 @@ class TrainConfig:
         patch = self.model_config()
         for index, stage in enumerate(self.curriculum):
             _validate_stage(f"curriculum[{index}] ({stage.name})", stage, patch.patch_size, patch.patch_frames)
-        from training.buckets import validate_buckets
-
         validate_buckets(self.buckets, self.curriculum, patch.patch_frames)
 
     def _validate_text_weights(self) -> None:
@@ -323,3 +322,31 @@ def resume_hash(config: TrainConfig) -> str:
             for key in ("source", "images", "where"):
                 stage.pop(key)
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def parse_ratio(text: str) -> float:
+    """"16:9" -> 16/9; one line naming the key for anything else."""
+    parts = str(text).split(":")
+    try:
+        w, h = (float(p) for p in parts)
+    except ValueError:
+        w = h = 0.0
+    if len(parts) != 2 or not (w > 0 and h > 0 and math.isfinite(w / h)):
+        raise ConfigError(f"buckets.aspect_ratios: expected width:height such as 16:9, got {text!r}")
+    return w / h
+
+
+def validate_buckets(config: BucketConfig, curriculum: list[CurriculumStage], patch_frames: int) -> None:
+    """Every bucket mistake a config can hold, as one line naming its key (TrainConfig.validate calls this)."""
+    for text in config.aspect_ratios:
+        parse_ratio(text)
+    if not math.isfinite(config.max_aspect_error) or config.max_aspect_error <= 0:
+        raise ConfigError(f"buckets.max_aspect_error: expected a number above 0, got {config.max_aspect_error}")
+    for index, stage in enumerate(curriculum):
+        key = f"curriculum[{index}] ({stage.name}).bucket_frames"
+        if stage.bucket_frames and not config.aspect_ratios:
+            raise ConfigError(f"{key}: frame counts of buckets need buckets.aspect_ratios (e.g. [\"16:9\", \"1:1\"])")
+        for frames in stage.bucket_frames:
+            if frames <= 0 or frames % patch_frames:
+                raise ConfigError(f"{key}: {frames} frames; expected counts above 0 divisible by the model's "
+                                  f"patch_frames {patch_frames}")

@@ -13,8 +13,8 @@ import torch
 
 from curation.dataset import DatasetError, split_version
 from curation.redact import redact_uri
-from training.buckets import BucketSampler, StageBuckets, bucket_identity
-from training.config import CurriculumStage
+from training.buckets import BucketSampler, StageBuckets, bucket_identity, stage_buckets
+from training.config import ConfigError, CurriculumStage
 from training.dataset import StageSampler, content_id, pin_version
 from training.latent_cache import LatentCache
 from training.read_ahead import ReadAhead
@@ -222,3 +222,20 @@ def check_cache_matches(table, config, task: type | None = None) -> None:
     if text != table.text_encoder:
         raise DatasetError(f"{table.shown} holds captions encoded by {table.text_encoder!r}, the train config's "
                            f"text encoder is {text!r}: give train the encode's text section")
+
+
+def check_buckets_supported(table, config, task: type | None = None) -> None:
+    """Buckets are the diffusion model's: another task (the video autoencoder) trains on squares. A latent cache
+    must hold each stage at the buckets the config gives (`reelforge encode` with the same buckets section and the
+    model's patch_size), checked stage by stage. One line when not."""
+    if config.buckets.aspect_ratios and task is not None:
+        raise ConfigError(f"buckets.aspect_ratios: {task.__name__} trains on square crops; remove the buckets section")
+    if config.buckets.aspect_ratios and isinstance(table, LatentTable):  # (a square cache is checked by workers)
+        from models.codec import build_codec
+
+        codec = build_codec(dataclasses.replace(config.codec, device="cpu"))  # the driver may have no GPU
+        multiple = config.model_config().patch_size * codec.space_compression
+        for stage in config.curriculum:
+            if getattr(stage, "source", "video") == "video":
+                table.check_stage(stage, config.data_loading.windows_per_clip,
+                                  stage_buckets(config.buckets, stage, multiple))
