@@ -17,6 +17,7 @@ to repeat after a crash:
 from __future__ import annotations
 
 import hashlib
+import math
 import json
 import logging
 from dataclasses import dataclass, field
@@ -237,11 +238,12 @@ def _drop_orphans(dataset: CuratedDataset, version: int, video_ids: set[str]) ->
 def _counts(videos: dict[str, dict], clips: list[dict], retried: int) -> dict:
     counts = {"videos": 0, "videos_ok": 0, "quarantined": {}, "clips": 0, "clips_kept": 0, "clips_dropped": 0,
               "drop_reasons": {}, "video_seconds": 0.0, "superseded": retried}
+    seconds = []
     for video in videos.values():
         counts["videos"] += 1
         if video["status"] == "ok":
             counts["videos_ok"] += 1
-            counts["video_seconds"] += video["duration_s"] or 0.0
+            seconds.append(video["duration_s"] or 0.0)
         else:
             counts["quarantined"][video["error_class"]] = counts["quarantined"].get(video["error_class"], 0) + 1
     for clip in clips:
@@ -252,6 +254,7 @@ def _counts(videos: dict[str, dict], clips: list[dict], retried: int) -> dict:
         counts["clips_dropped"] += 1
         for failed in reason_filters(clip["drop_reason"]):  # a clip failing several filters counts under each
             counts["drop_reasons"][failed] = counts["drop_reasons"].get(failed, 0) + 1
+    counts["video_seconds"] = math.fsum(seconds)  # exactly rounded, so a rerun that reads rows in another order agrees
     return counts
 
 
