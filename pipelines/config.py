@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from training.config import ConfigError  # noqa: F401 (one error class for every config; the CLI exits 2 on it)
+from training.config_error import ConfigError  # noqa: F401 (one error class for every config; the CLI exits 2 on it)
 
 T = TypeVar("T")
 

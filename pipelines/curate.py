@@ -133,7 +133,7 @@ def _start_run(uri: str, config: CurateConfig, dataset: CuratedDataset, version:
 def _log_curated_input(uri: str, run_id: str, output: str, version: int) -> None:
     """The version this run made, as the run's MLflow dataset (context "curated") with the fingerprint that the
     train, distill and evaluate runs reading it record as their input's digest, and as a reelforge.data_version tag."""
-    from training.dataset import ClipTable, pin_version
+    from training.clip_table import ClipTable, pin_version
 
     try:
         table = ClipTable.open(pin_version(output, version))

@@ -13,10 +13,7 @@ from typing import Any
 from models.codec import CODEC_KINDS, CodecConfig
 from models.schedules import ScheduleConfig
 from models.text_encoder import TextEncoderConfig
-
-
-class ConfigError(ValueError):
-    """A config key or value a user wrote is wrong; the message names the key and, where there is one, the fix."""
+from training.config_error import ConfigError  # noqa: F401 (importers of training.config take it from here)
 
 
 @dataclass

@@ -14,6 +14,7 @@ import pyarrow as pa
 import torch
 
 from models.codec import PixelCodec
+from training.clip_table import SHARD_COLUMNS  # noqa: F401 (re-exported: the columns decode_row reads)
 from training.config import CurriculumStage
 
 if TYPE_CHECKING:  # training/buckets.py reads window_indices from here: data flows buckets <- data
@@ -21,7 +22,6 @@ if TYPE_CHECKING:  # training/buckets.py reads window_indices from here: data fl
 
 log = logging.getLogger("reelforge.train.data")
 
-SHARD_COLUMNS = ["clip_id", "caption", "fps", "num_frames", "video_bytes"]
 
 
 def sample_indices(num_frames_in_clip: int, src_fps: float, num_frames: int, fps: float) -> list[int] | None:
