@@ -74,6 +74,13 @@ def _declared_share(config: CurateConfig, video_cpus: float, light: float, whole
     return math.floor(room / demand * 1e4) / 1e4  # Ray counts CPUs in units of 1e-4
 
 
+def largest_first(pending: list[dict]) -> list[dict]:
+    """The videos in the order the video actors take them: the largest files first, so the longest decodes start
+    while the others keep the remaining workers busy, instead of one long video left alone at the end (a run is as
+    long as its last video; bench/README.md, "curate_end_to_end.py"). Ties keep their order."""
+    return sorted(pending, key=lambda row: -int(row["size_bytes"]))
+
+
 def curate_plan(pending: list[dict], config: CurateConfig) -> ray.data.Dataset:
     """pending videos -> one decode pass each (actors, 1 CPU) -> OCR -> captions -> CLIP scores (actor pools that
     load their models once each) -> one staged record per video (schema.STAGED), which the driver commits in
@@ -84,7 +91,7 @@ def curate_plan(pending: list[dict], config: CurateConfig) -> ray.data.Dataset:
     light = sum(settings.num_cpus * actors for _, settings, actors in stages if settings.num_cpus < 1)
     workers = min(_workers(config, whole), max(1, len(pending)))
     share = _declared_share(config, workers * config.ray.cpus_per_video, light, whole)
-    ds = ray.data.from_items(pending, override_num_blocks=max(1, len(pending)))
+    ds = ray.data.from_items(largest_first(pending), override_num_blocks=max(1, len(pending)))
     ds = ds.map_batches(StageActor, fn_constructor_args=(VideoStage, config), batch_size=1, batch_format="pyarrow",
                         concurrency=workers, num_cpus=config.ray.cpus_per_video * share)
     for stage_cls, settings, actors in stages:
