@@ -319,7 +319,6 @@ def _semantic_setup(dataset: CuratedDataset, config: DedupConfig, version: int, 
     """The version's clustered embeddings and each clip's nearest clip kept by an earlier version (clip_id,
     cosine), from the embedding index."""
     from curation.embedding_index import EmbeddingIndex
-    from curation.writer import EMBEDDINGS
 
     embedded, x = _embeddings(table)
     if not embedded:
@@ -331,7 +330,7 @@ def _semantic_setup(dataset: CuratedDataset, config: DedupConfig, version: int, 
     earlier: dict[str, tuple[str, float]] = {}
     if version > 1:
         untrained = [v for v in range(1, version) if dataset.record(v).get("scores_untrained")]
-        index = EmbeddingIndex(f"{dataset.location.rstrip('/')}/{EMBEDDINGS}", dataset.storage_options)
+        index = EmbeddingIndex.beside(dataset.location, dataset.storage_options)
         if untrained:
             outcome.warnings.append(f"dedup: clips were not compared by embedding with dataset versions "
                                     f"{', '.join(map(str, untrained))} (scored with untrained weights)")

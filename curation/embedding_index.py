@@ -17,6 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+NAME = "embeddings.lance"  # beside a curated dataset's tables (OUTPUT/embeddings.lance)
 KEY = "clip_id"
 COLUMN = "embedding"
 INDEX_NAME = "embedding_idx"
@@ -129,6 +130,11 @@ class EmbeddingIndex:
         self.uri = uri
         self.storage_options = storage_options or None
         self._dataset: lance.LanceDataset | None = None
+
+    @classmethod
+    def beside(cls, location: str, storage_options: dict | None = None) -> EmbeddingIndex:
+        """The index of the curated dataset at `location` (a directory or URI holding its tables)."""
+        return cls(f"{location.rstrip('/')}/{NAME}", storage_options)
 
     def _open(self) -> lance.LanceDataset | None:
         if self._dataset is None:

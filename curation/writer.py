@@ -17,9 +17,9 @@ to repeat after a crash:
 from __future__ import annotations
 
 import hashlib
-import math
 import json
 import logging
+import math
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -34,7 +34,6 @@ from curation.redact import redact_uri
 
 log = logging.getLogger(__name__)
 
-EMBEDDINGS = "embeddings.lance"  # kept clips' CLIP embeddings and their vector index (curation/embedding_index.py)
 FILTERS_KEY = "reelforge.filters.{tag}"  # the clips table's config: the run-wide bounds of an unfinished version
 # What resolving the filters reads of each clip: no keyframes, no embeddings, no bytes.
 _SCORE_COLUMNS = ["clip_id", "video_id", "start_s", "end_s", "motion_mean", "motion_median", "drop_reason",
@@ -317,7 +316,7 @@ def index_embeddings(dataset: CuratedDataset, version: int) -> str | None:
 
     clips = dataset.open("clips").to_table(columns=["clip_id", "video_id", "dataset_version", "clip_embedding"],
                                            filter=f"dataset_version = {version} AND kept")
-    index = EmbeddingIndex(f"{dataset.location.rstrip('/')}/{EMBEDDINGS}", dataset.storage_options)
+    index = EmbeddingIndex.beside(dataset.location, dataset.storage_options)
     try:
         index.add(clips.rename_columns(["clip_id", "video_id", "dataset_version", "embedding"]))
     except ValueError as err:
