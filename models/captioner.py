@@ -10,7 +10,7 @@ from PIL import Image
 
 from models import coca_cache
 from models.clip_scorer import load_open_clip
-from models.image_batch import JpegDecoder, TensorPreprocess
+from models.image_batch import JpegPixels
 
 
 class Captioner(Protocol):
@@ -75,7 +75,7 @@ class CocaCaptioner:
         self.kv_cache = kv_cache
         self.name = f"coca:{self.loaded.label}"
         self.untrained = self.loaded.untrained
-        self._decode_jpegs = None  # JpegDecoder and TensorPreprocess, made on first use of JPEG input
+        self._jpeg_pixels: JpegPixels | None = None  # made on first use of JPEG input
 
     @torch.no_grad()
     def generate(self, images: list[Image.Image]) -> torch.Tensor:
@@ -86,10 +86,9 @@ class CocaCaptioner:
     @torch.no_grad()
     def generate_jpegs(self, jpegs: list[bytes]) -> torch.Tensor:
         """As generate(), from JPEG bytes decoded and preprocessed as one batch on the model's device."""
-        if self._decode_jpegs is None:
-            self._decode_jpegs = (JpegDecoder(self.loaded.device), TensorPreprocess.of_model(self.model))
-        decode, preprocess = self._decode_jpegs
-        return self.generate_pixels(preprocess(decode(jpegs)))
+        if self._jpeg_pixels is None:
+            self._jpeg_pixels = JpegPixels(self.loaded.device, self.model)
+        return self.generate_pixels(self._jpeg_pixels(jpegs))
 
     @torch.no_grad()
     def generate_pixels(self, pixels: torch.Tensor) -> torch.Tensor:

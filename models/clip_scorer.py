@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from models.checksum import sha256_of
-from models.image_batch import JpegDecoder, TensorPreprocess
+from models.image_batch import JpegPixels
 
 log = logging.getLogger(__name__)
 
@@ -190,7 +190,7 @@ class ClipScorer:
         self.loaded = load_open_clip(model_name, pretrained, PRESETS, device, precision, cache_dir, sha256)
         self.model = self.loaded.model
         self.embed_dim = int(self.embed_images([Image.new("RGB", (32, 32))]).shape[1])
-        self._decode_jpegs = None  # JpegDecoder and TensorPreprocess, made on first use of JPEG input
+        self._jpeg_pixels: JpegPixels | None = None  # made on first use of JPEG input
 
     @property
     def untrained(self) -> bool:
@@ -209,10 +209,9 @@ class ClipScorer:
     def embed_jpegs(self, jpegs: list[bytes]) -> torch.Tensor:
         """As embed_images, from JPEG bytes decoded and preprocessed as one batch on the model's device
         (models/image_batch.py) instead of open_clip's per-image transform on the CPU."""
-        if self._decode_jpegs is None:
-            self._decode_jpegs = (JpegDecoder(self.loaded.device), TensorPreprocess.of_model(self.model))
-        decode, preprocess = self._decode_jpegs
-        return self.embed_pixels(preprocess(decode(jpegs)))
+        if self._jpeg_pixels is None:
+            self._jpeg_pixels = JpegPixels(self.loaded.device, self.model)
+        return self.embed_pixels(self._jpeg_pixels(jpegs))
 
     @torch.no_grad()
     def embed_pixels(self, pixels: torch.Tensor) -> torch.Tensor:

@@ -156,6 +156,19 @@ class JpegDecoder:
         return [image.pin_memory().to(self.device, non_blocking=True) for image in images]
 
 
+class JpegPixels:
+    """JPEG bytes -> a model's preprocessed pixels (B, 3, H, W) on `device`, in one batch: JpegDecoder, then the
+    model's open_clip transform as TensorPreprocess. Made on first use, so models that only see PIL images never
+    build it."""
+
+    def __init__(self, device: torch.device, model: torch.nn.Module):
+        self.decode = JpegDecoder(device)
+        self.preprocess = TensorPreprocess.of_model(model)
+
+    def __call__(self, jpegs: list[bytes]) -> torch.Tensor:
+        return self.preprocess(self.decode(jpegs))
+
+
 def _decodes_on(device: torch.device) -> bool:
     """Whether torchvision decodes JPEGs on this GPU (nvJPEG is in CUDA builds of torchvision only)."""
     from torchvision.io import decode_jpeg, encode_jpeg
