@@ -12,12 +12,10 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from model_exports import export_random_model
 from PIL import Image
 
 from curation.sample_dump import _Sampler
-from models.schedules import ScheduleConfig
-from models.text_encoder import FrozenTextEncoder, TextEncoderConfig
-from models.vdit import VDiT, vdit_config
 from pipelines.config import ConfigError, load_config
 from training.evaluate import (
     UNTRAINED_NOTE,
@@ -35,7 +33,7 @@ from training.evaluate import (
     video_grid,
     write_outputs,
 )
-from training.export import load_model, save_model
+from training.export import load_model
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -45,17 +43,7 @@ NATIVE = [{"name": "low", "steps": 10, "num_frames": 8, "fps": 8.0, "size": 32},
 
 
 def _export(directory, seed: int, sampling: dict, **extra) -> str:
-    torch.manual_seed(seed)
-    config = vdit_config("VDiT-T/2")
-    model = VDiT(config)
-    with torch.no_grad():  # adaLN-Zero starts every random model at the same zero output: make them differ
-        for p in model.parameters():
-            if not p.any():
-                p.normal_(0.0, 0.05)
-    save_model(directory, model.state_dict(), config, FrozenTextEncoder(TextEncoderConfig()), ScheduleConfig(),
-               {"preset": "VDiT-T/2", "steps": 20, "curriculum": NATIVE, "ema_decay": 0.995, "weights": "ema",
-                "sampling": sampling, **extra})
-    return str(directory)
+    return str(export_random_model(directory, seed, sampling, NATIVE, **extra))
 
 
 @pytest.fixture(scope="module")

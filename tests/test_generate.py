@@ -13,13 +13,11 @@ import av
 import numpy as np
 import pytest
 import torch
+from model_exports import export_random_model
 from PIL import Image, ImageSequence
 
-from models.schedules import ScheduleConfig
-from models.text_encoder import FrozenTextEncoder, TextEncoderConfig
-from models.vdit import VDiT, vdit_config
+from models.text_encoder import TextEncoderConfig
 from pipelines.cli import main
-from training.export import save_model
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -29,18 +27,9 @@ PROMPT = "a red triangle moving right on a black background"
 
 
 def _export(directory: Path, seed: int, sampling: dict, **extra) -> Path:
-    torch.manual_seed(seed)
-    config = vdit_config("VDiT-T/2")
-    model = VDiT(config)
-    with torch.no_grad():  # adaLN-Zero starts at a zero output: random weights everywhere so prompts and seeds show
-        for p in model.parameters():
-            if not p.any():
-                p.normal_(0.0, 0.05)
     stage = {"name": "base", "steps": 10, "num_frames": FRAMES, "fps": FPS, "size": SIZE}
-    save_model(directory, model.state_dict(), config, FrozenTextEncoder(TextEncoderConfig(model_name="tiny")),
-               ScheduleConfig(), {"preset": "VDiT-T/2", "steps": 10, "codec": "pixels", "curriculum": [stage],
-                                  "ema_decay": 0.995, "weights": "ema", "sampling": sampling, **extra})
-    return directory
+    return export_random_model(directory, seed, sampling, [stage], steps=10, codec="pixels",
+                               text_encoder=TextEncoderConfig(model_name="tiny"), **extra)
 
 
 @pytest.fixture(scope="module")

@@ -17,21 +17,17 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
-import torch
+from model_exports import export_random_model
 from PIL import Image
 
 from curation.config import CurateConfig, FilterConfig, ScoreFilter
 from curation.dataset import CuratedDataset
 from curation.sample_dump import _Sampler
 from curation.writer import BatchCommitter, create_tables, finish_filters, tag_version
-from models.schedules import ScheduleConfig
-from models.text_encoder import FrozenTextEncoder, TextEncoderConfig
-from models.vdit import VDiT, vdit_config
 from pipelines import lineage, tracking
 from pipelines.config import load_config
 from training.dataset import ClipTable
 from training.evaluate import DEFAULT_PROMPTS, EvaluateConfig
-from training.export import save_model
 from training.publish import publish_model
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
@@ -77,17 +73,7 @@ def _curated(root: Path, clips: int, seed: int) -> str:
 
 
 def _export(directory: Path, seed: int, sampling: dict, **extra) -> Path:
-    torch.manual_seed(seed)
-    config = vdit_config("VDiT-T/2")
-    model = VDiT(config)
-    with torch.no_grad():  # adaLN-Zero starts every random model at the same zero output: make them differ
-        for p in model.parameters():
-            if not p.any():
-                p.normal_(0.0, 0.05)
-    save_model(directory, model.state_dict(), config, FrozenTextEncoder(TextEncoderConfig()), ScheduleConfig(),
-               {"preset": "VDiT-T/2", "steps": 20, "curriculum": NATIVE, "ema_decay": 0.995, "weights": "ema",
-                "sampling": sampling, **extra})
-    return directory
+    return export_random_model(directory, seed, sampling, NATIVE, **extra)
 
 
 def _trained(uri: str, parent: str, output: Path, export: Path, registered: str, table: ClipTable,
