@@ -15,6 +15,7 @@ import av
 import numpy as np
 import pytest
 import torch
+from encode_here import encode_here
 
 from curation.config import CurateConfig, FilterConfig, ScoreFilter
 from curation.dataset import CuratedDataset
@@ -316,39 +317,15 @@ def test_buckets_are_refused_where_they_do_not_apply(table):
 
 @pytest.fixture(scope="module")
 def bucketed_cache(table, tmp_path_factory):
-    """`reelforge encode`'s stages with buckets, run in this process (as tests/test_encode.py's _encode_here): the
-    pixel codec, float32, so each latent is exactly its decoded window."""
-    import pyarrow as pa
-
-    from curation.dataset import open_data
-    from pipelines.encode import EncodeCommitter, _null_text, encode_buckets, identity, plan_encode
-    from training.latent_cache import LatentCache
-    from training.latent_dataset import cache_uri
-    from training.latent_encode import ClipWindowsStage, CodecStage, EncodeConfig, TextStage
+    """`reelforge encode`'s stages with buckets, run in this process (tests/encode_here.py): the pixel codec,
+    float32, so each latent is exactly its decoded window."""
+    from training.latent_encode import EncodeConfig
 
     out = tmp_path_factory.mktemp("latents")
     config = EncodeConfig(data=table.data_uri, output=str(out), curriculum=[STAGE], buckets=BUCKETS, patch_size=2,
-                          dtype="float32")
-    dataset, number = open_data(config.data)
-    ident = identity(config)
-    cache = LatentCache(cache_uri(config.output))
-    cache.claim(ident, config.output)
-    cache.put_rows([_null_text(config, ident)])
-    buckets = encode_buckets(config)
-    plan = plan_encode(config, dataset.open("shards", number), cache, buckets)
-    stages = [ClipWindowsStage(table.data_uri, config.curriculum, 1, buckets), CodecStage(config.codec, "float32"),
-              TextStage(config.text, "float32", False)]
-    for stage in stages:
-        stage.setup()
-    committer = EncodeCommitter(cache, ident, plan.rows, 4)
-    batch = pa.Table.from_pylist(plan.pending)
-    for stage in stages:
-        batch = stage(batch)
-    for row in batch.to_pylist():
-        committer.add(row)
-    committer.flush()
-    cache.tag(number, {"dataset_version": number, "counts": {"encoded": committer.committed}, **ident})
-    return out, plan, committer.committed
+                          dtype="float32", commit_clips=4)
+    encoded = encode_here(config)
+    return out, encoded.plan, encoded.committed
 
 
 def test_a_bucketed_latent_cache_is_read_one_bucket_per_micro_batch(table, bucketed_cache):

@@ -17,11 +17,12 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
+from encode_here import encode_here
 from test_dataset import BAD, SHORT, VERSION_1, VERSION_2, _write_version
 
 from curation.dataset import DatasetError
 from pipelines.config import load_config
-from pipelines.encode import EncodeCommitter, identity, plan_encode, run_encode
+from pipelines.encode import identity, run_encode
 from training.latent_cache import CacheMismatch, LatentCache
 from training.latent_dataset import CachedInputs, LatentBatch, LatentLoader, LatentTable, cache_uri
 from training.latent_encode import ClipWindowsStage, CodecStage, EncodeConfig, TextStage
@@ -44,37 +45,10 @@ def curated_v1(tmp_path_factory) -> Path:
     return root
 
 
-def _encode_here(config: EncodeConfig) -> dict:
-    """run_encode's work without Ray: the same stages, called in this process, committed the same way."""
-    from curation.dataset import open_data
-    from pipelines.encode import _null_text
-    from training.dataset import pin_version
-
-    dataset, number = open_data(config.data)
-    ident = identity(config)
-    cache = LatentCache(cache_uri(config.output))
-    cache.claim(ident, config.output)
-    cache.put_rows([_null_text(config, ident)])
-    plan = plan_encode(config, dataset.open("shards", number), cache)
-    stages = [ClipWindowsStage(pin_version(config.data, number), config.curriculum, config.windows_per_clip),
-              CodecStage(config.codec, config.dtype), TextStage(config.text, config.dtype, False)]
-    for stage in stages:
-        stage.setup()
-    committer = EncodeCommitter(cache, ident, plan.rows, config.commit_clips)
-    batch = pa.Table.from_pylist(plan.pending)
-    for stage in stages:
-        batch = stage(batch)
-    for row in batch.to_pylist():
-        committer.add(row)
-    committer.flush()
-    cache.tag(number, {"dataset_version": number, "counts": {"encoded": committer.committed}, **ident})
-    return {"plan": plan, "committed": committer.committed}
-
-
 @pytest.fixture(scope="module")
 def cache_here(curated_v1, tmp_path_factory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("latents-here")
-    return out, _encode_here(_encode_config(f"{curated_v1}@v1", out))
+    return out, encode_here(_encode_config(f"{curated_v1}@v1", out))
 
 
 def test_stages_give_each_clip_its_windows_per_stage_and_exact_pixel_latents(curated_v1):
@@ -128,8 +102,8 @@ def test_a_cache_refuses_another_codec_text_encoder_or_stage_shape(curated_v1, t
 
 def test_loader_batches_are_replayable_and_read_no_video_and_no_text_tower(cache_here, monkeypatch):
     out, encoded = cache_here
-    plan = encoded["plan"]
-    assert encoded["committed"] == len(plan.pending) - 1  # every clip but the undecodable one
+    plan = encoded.plan
+    assert encoded.committed == len(plan.pending) - 1  # every clip but the undecodable one
     assert plan.clips == 20 and plan.too_short == 0  # the short clips still fit the 2-frame stage
     import av
 
