@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import io
 import logging
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import av
 import numpy as np
@@ -17,11 +17,7 @@ from models.codec import PixelCodec
 from training.clip_table import SHARD_COLUMNS  # noqa: F401 (re-exported: the columns decode_row reads)
 from training.config import CurriculumStage
 
-if TYPE_CHECKING:  # training/buckets.py reads window_indices from here: data flows buckets <- data
-    from training.buckets import Bucket
-
 log = logging.getLogger("reelforge.train.data")
-
 
 
 def sample_indices(num_frames_in_clip: int, src_fps: float, num_frames: int, fps: float) -> list[int] | None:
@@ -80,7 +76,16 @@ def decode_clip(data: bytes, indices: list[int], size: int | tuple[int, int]) ->
     return np.stack([frames[i] for i in indices])
 
 
-def decode_row(row: dict, stage: CurriculumStage, windows: int = 1, bucket: Bucket | None = None) -> list[np.ndarray]:
+class ClipShape(Protocol):
+    """The shape clips are decoded to; training/buckets.py's Bucket is one."""
+
+    num_frames: int
+    height: int
+    width: int
+
+
+def decode_row(row: dict, stage: CurriculumStage, windows: int = 1,
+               bucket: ClipShape | None = None) -> list[np.ndarray]:
     """The training clips of one shard row at the stage's fps: `windows` windows (see window_indices) from a single
     decode, or none for a clip too short. Without `bucket` they have the stage's frames and square size; with one,
     the bucket's frames, height and width (training/buckets.py)."""
