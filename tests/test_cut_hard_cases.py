@@ -6,12 +6,13 @@ from pathlib import Path
 
 import pytest
 
-from curation.config import CurateConfig
+from curation.config import CurateConfig, ShotsConfig
+from curation.shots import ShotDetector
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
 from cut_accuracy import Score, decode_once, run_cascade, score_cuts  # noqa: E402
-from cut_cases import make_cut_cases  # noqa: E402
+from cut_cases import Case, Shot, _Builder, encode, make_cut_cases  # noqa: E402
 
 # The cases the cheap detectors get wrong (flashes, lighting ramps, impact frames, dissolve-like ramps) and the
 # ones that test the verify step's recall (cuts between views of one scene, slides, dissolves, letterboxing).
@@ -51,11 +52,56 @@ def test_verify_cascade_is_precise_and_complete_on_hard_cases(scored):
     totals, network_share = scored
     verify, cheap = totals["verify"], totals["off"]
     assert verify.tp >= 20  # the cases hold this many boundaries to be found
-    # Seed 11 measured precision 1.0, recall 0.91 (21 of 23): one more miss, or one false cut in 20, fails.
-    assert verify.precision >= 0.95 and verify.recall >= 0.85, verify.as_dict()
+    # Seed 11 measured precision 1.0, recall 0.91 (21 of 23) before the colour drift found its two dissolves into a
+    # moving shot, 1.0 and 1.0 (23 of 23) with it: a third miss, or one false cut in 20, fails.
+    assert verify.precision >= 0.95 and verify.recall >= 0.9, verify.as_dict()
     assert "flash" not in verify.false_on and "lighting" not in verify.false_on, verify.as_dict()
     # The cases are hard for the cheap cascade alone: it cuts on flashes and lighting ramps.
     assert cheap.false_on.get("flash", 0) >= 2 and cheap.false_on.get("lighting", 0) >= 1, cheap.as_dict()
     assert verify.f1 > cheap.f1
     # The network only sees windows around uncertain candidates, not every frame (everywhere scores 2 a frame).
     assert network_share < 1.0
+
+
+def _verify(frames, fps, shots: ShotsConfig) -> ShotDetector:
+    detector = ShotDetector(shots, fps)
+    for index, picture in enumerate(frames):
+        detector.push(index, picture)
+    detector.finish()
+    return detector
+
+
+@pytest.mark.slow
+def test_verify_finds_dissolves_into_and_out_of_a_moving_shot(tmp_path, one_torch_thread):
+    """A still shot dissolves into a panning one, which dissolves into another panning one. Motion breaks the stride
+    test (the middle frame is no longer the average of the ends); the colour drift proposes the transition and the
+    network's all-frames head keeps it. Without the colour drift (its threshold above any distance) one is missed."""
+    b = _Builder(seed=31)
+    shots = [Shot(b.scene(sprites=2), 45),
+             Shot(b.scene(camera_speed=4, sprites=1), 70, enter="dissolve", transition_frames=22),
+             Shot(b.scene(camera_speed=3, sprites=2), 45, enter="dissolve", transition_frames=22)]
+    case = Case("moving_dissolves", "dissolves into and out of panning shots", shots)
+    _, truth = case.layout()
+    encode(tmp_path / "moving_dissolves.mp4", case.frames())
+    fps, frames = decode_once(str(tmp_path / "moving_dissolves.mp4"), CurateConfig())
+    found = _verify(frames, fps, ShotsConfig())
+    score = score_cuts(found.boundaries().cuts, truth)
+    assert (score.tp, score.fp, score.fn) == (2, 0, 0), (found.boundaries().cuts, truth["dissolves"])
+    assert any(d.get("source") == "colour" and d["kept"] for d in found.decisions), found.decisions
+    without = score_cuts(_verify(frames, fps, ShotsConfig(colour_min_change=2.0)).boundaries().cuts, truth)
+    assert without.fn >= 1, without.as_dict()
+
+
+@pytest.mark.slow
+def test_colour_drift_places_no_cut_on_pans_or_lighting_ramps(tmp_path, one_torch_thread):
+    """Fast pans, whip pans and lighting ramps change the colours too (a whip pan lands on another part of the
+    scene; brightening clips colours): the colour drift may propose them, the network must turn them down."""
+    truth = make_cut_cases(tmp_path, seed=12, names=["lighting", "fast_pans", "whip_pans"])
+    proposed = 0
+    for name, video in truth.items():
+        fps, frames = decode_once(str(tmp_path / name), CurateConfig())
+        found = _verify(frames, fps, ShotsConfig())
+        score = score_cuts(found.boundaries().cuts, video)
+        assert score.fp == 0 and score.fn == 0, (name, found.boundaries().cuts, video["hard_cuts"], found.decisions)
+        proposed += sum(d.get("source") == "colour" for d in found.decisions)
+    assert proposed >= 1  # the cases reach the network through the colour drift, so the test means something
