@@ -13,8 +13,8 @@ import av
 import numpy as np
 import pytest
 import torch
+from encode_here import encode_here
 from test_dataset import VERSION_1, _write_version
-from test_encode import _encode_here
 
 from models.causal_vae import CausalVAE, CausalVAEConfig
 from models.codec import CodecConfig, build_codec
@@ -78,7 +78,7 @@ def latent_run(ray_cluster, tmp_path_factory) -> dict:
                               norm_groups=4)).save_pretrained(root / "vae")
     codec = {"kind": "reelforge-vae", "model": str(root / "vae")}
     _write_version(root / "curated", 1, VERSION_1)
-    _encode_here(load_config(EncodeConfig, None, [f"curriculum=[{STAGE}]", "commit_clips=8"],
+    encode_here(load_config(EncodeConfig, None, [f"curriculum=[{STAGE}]", "commit_clips=8"],
                              base={"data": f"{root / 'curated'}@v1", "output": str(root / "latents"),
                                    "codec": codec}))
     small = ["deepspeed.micro_batch_size=2", "scaling.num_workers=1", "tracking.log_every_steps=1",

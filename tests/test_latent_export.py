@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from encode_here import encode_here
 from test_dataset import SHORT, VERSION_1, _write_version
-from test_encode import _encode_here
 
 from models.causal_vae import CausalVAE, CausalVAEConfig
 from models.codec import CodecConfig, build_codec
@@ -47,9 +47,9 @@ def test_a_vae_cache_holds_its_distribution_and_training_samples_from_it(vae, tm
     config = load_config(EncodeConfig, None, [f"curriculum=[{STAGE}]", "commit_clips=4"],
                          base={"data": f"{tmp_path / 'curated'}@v1", "output": str(tmp_path / "latents"),
                                "codec": {"kind": vae.kind, "model": vae.model}})
-    encoded = _encode_here(config)
+    encoded = encode_here(config)
     # every clip of version 1 but those too short for 5 frames and the undecodable one
-    assert encoded["committed"] == len(VERSION_1) - len(SHORT & set(VERSION_1)) - 1
+    assert encoded.committed == len(VERSION_1) - len(SHORT & set(VERSION_1)) - 1
     table = LatentTable.open(str(tmp_path / "latents"))
     codec = build_codec(vae)
     assert table.codec == codec.id and codec.id != "pixels"
