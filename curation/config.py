@@ -128,11 +128,14 @@ class ShotsConfig:
     # verify also finds dissolves into or out of a moving shot, which the gradual test (stage 4) misses: frames
     # colour_span_seconds apart whose hue-saturation histograms differ by at least colour_min_change (Bhattacharyya
     # distance) while no frame-to-frame step in between is over colour_max_step of that (no cut, flash or strobe)
-    # propose a dissolve; the network keeps it when the median of its all-frames head (a transition's every frame)
-    # over the span is at least colour_min_transition. Measured on the hard cases, tuning seeds 0-2 (bench/README.md).
+    # and the middle frame's histogram is at least colour_min_blend from every mixture of the two ends' (a dissolve
+    # blends pixels; motion only rearranges them) propose a dissolve; the network keeps it when the median of its
+    # all-frames head (a transition's every frame) over the span is at least colour_min_transition. Measured on the
+    # hard cases, tuning seeds 0-2 (bench/README.md).
     colour_span_seconds: float = 0.5
     colour_min_change: float = 0.5
     colour_max_step: float = 0.6
+    colour_min_blend: float = 0.25
     colour_min_transition: float = 0.3
 
     def __post_init__(self) -> None:

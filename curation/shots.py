@@ -22,7 +22,8 @@ window around it, agrees. With `everywhere` the network scores every frame and i
 Verify also proposes dissolves into or out of a moving shot, which stage 4 misses (motion breaks its "middle frame is
 the average" test): the colour distribution (a hue-saturation histogram, which motion within one scene hardly moves)
 of frames half a second apart changes a lot, and it changes step by step rather than at one frame (which would be a
-cut, a flash or a strobe). A pan or a lighting ramp can pass that test too, so the network's all-frames head, which
+cut, a flash or a strobe), and the middle frame's colours are blends rather than a mixture of the two ends' colours
+(motion only rearranges colours). A lighting ramp can pass those tests too, so the network's all-frames head, which
 marks every frame of a gradual transition but only a frame or two of a whip pan, decides each one (_ColourDrift).
 """
 
@@ -93,17 +94,21 @@ class _HsvDeltas:
 
 class _ColourDrift:
     """Proposes gradual transitions from the colour distribution: the hue-saturation histograms of the frames `half`
-    before and after a centre are at least `min_change` apart (Bhattacharyya distance), and no step between
+    before and after a centre are at least `min_change` apart (Bhattacharyya distance), no step between
     consecutive frames in between is more than `max_step` of that change. Where a run of centres passes, the one of
-    the largest change is proposed (at the latest after `max_run` centres, so boundaries stay `lag_frames` behind).
+    the largest change is proposed (at the latest after `max_run` centres, so boundaries stay `lag_frames` behind)
+    if its middle frame's histogram is at least `min_blend` from every mixture of its ends' histograms.
     A dissolve moves the colours from one shot's to the next one's step by step whatever the motion in either; a
-    cut, a flash or a strobe moves them at one frame; a pan within one scene keeps most of them."""
+    cut, a flash or a strobe moves them at one frame; a pan within one scene keeps most of them. And a dissolve
+    blends pixels, so its middle frame shows colours neither end has in those amounts, where motion (a pan, a whip
+    pan, something entering the frame) only rearranges them: its middle frame's colours are a mixture of the ends'."""
 
-    def __init__(self, half: int, min_change: float, max_step: float, max_run: int):
+    def __init__(self, half: int, min_change: float, max_step: float, min_blend: float, max_run: int):
         self.half, self.min_change, self.max_step, self.max_run = half, min_change, max_step, max_run
+        self.min_blend = min_blend
         self._histograms: deque[tuple[int, np.ndarray]] = deque(maxlen=2 * half + 1)
         self._steps: deque[float] = deque(maxlen=2 * half)  # each frame's distance from the previous one
-        self._run: list[tuple[float, int]] = []  # (change, centre) of the current run of passing centres
+        self._run: list[tuple[float, int, float]] = []  # (change, centre, unmixed) of the run of passing centres
 
     def push(self, index: int, hsv: np.ndarray) -> list[int]:
         """Add the next frame's HSV picture; returns the centres proposed (none, or one when a run closes)."""
@@ -113,17 +118,22 @@ class _ColourDrift:
         self._histograms.append((index, histogram))
         if len(self._histograms) < self._histograms.maxlen:
             return []
-        centre = self._histograms[self.half][0]
-        change = _distance(self._histograms[0][1], histogram)
+        (centre, middle), first = self._histograms[self.half], self._histograms[0][1]
+        change = _distance(first, histogram)
         if change < self.min_change or max(self._steps) > self.max_step * change:
             return self.close()
-        self._run.append((change, centre))
+        self._run.append((change, centre, _unmixed(middle, first, histogram)))
         return self.close() if len(self._run) >= self.max_run else []
 
     def close(self) -> list[int]:
-        """End the current run (at a failing centre, or at the end of the video): its centre of largest change."""
+        """End the current run (at a failing centre, or at the end of the video): its centre of largest change, if
+        the middle frame there is a blend of the ends (a motion-blurred frame of a whip pan is one too, but only
+        where the change is not yet the largest)."""
         run, self._run = self._run, []
-        return [max(run)[1]] if run else []
+        if not run:
+            return []
+        _, centre, unmixed = max(run)
+        return [centre] if unmixed >= self.min_blend else []
 
 
 _STEP_FRAMES = 3  # frames either side of a cut that must stand still for a step between still pictures
@@ -171,7 +181,7 @@ class ShotDetector:
         self._pending_dissolves: list[tuple[Transition, float, str]] = []
         self._colour_half = max(1, round(config.colour_span_seconds * self.fps / 2))
         self._colour = _ColourDrift(self._colour_half, config.colour_min_change, config.colour_max_step,
-                                    max(1, round(config.max_transition_seconds * self.fps)))
+                                    config.colour_min_blend, max(1, round(config.max_transition_seconds * self.fps)))
         self._grey_history: deque[tuple[int, np.ndarray]] = deque(
             maxlen=round(config.max_transition_seconds * self.fps) + 4 * max(self._stride, self._colour_half) + 8)
         self._verified_cuts: list[int] = []
@@ -475,6 +485,15 @@ def _hue_sat_histogram(hsv: np.ndarray) -> np.ndarray:
 def _distance(a: np.ndarray, b: np.ndarray) -> float:
     """Bhattacharyya distance of two normalised histograms: 0 for the same colours, 1 for none in common."""
     return cv2.compareHist(a, b, cv2.HISTCMP_BHATTACHARYYA)
+
+
+_MIX_WEIGHTS = np.linspace(0.0, 1.0, 11, dtype=np.float32)
+
+
+def _unmixed(middle: np.ndarray, first: np.ndarray, last: np.ndarray) -> float:
+    """How far a histogram is from the nearest mixture w * first + (1 - w) * last (w in steps of 0.1): near 0 when
+    the middle picture's pixels come from either end's picture (motion), large when they are blends (a dissolve)."""
+    return min(_distance(middle, w * first + (1 - w) * last) for w in _MIX_WEIGHTS)
 
 
 class _ModelLoader:

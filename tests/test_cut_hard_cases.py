@@ -4,6 +4,7 @@ bench/cut_accuracy.py: +-1 frame, predictions inside fades and dissolves neutral
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from curation.config import CurateConfig, ShotsConfig
@@ -12,7 +13,7 @@ from curation.shots import ShotDetector
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
 from cut_accuracy import Score, decode_once, run_cascade, score_cuts  # noqa: E402
-from cut_cases import Case, Shot, _Builder, encode, make_cut_cases  # noqa: E402
+from cut_cases import Case, Shot, _Builder, encode, make_cut_cases, textured_canvas  # noqa: E402
 
 # The cases the cheap detectors get wrong (flashes, lighting ramps, impact frames, dissolve-like ramps) and the
 # ones that test the verify step's recall (cuts between views of one scene, slides, dissolves, letterboxing).
@@ -63,6 +64,22 @@ def test_verify_cascade_is_precise_and_complete_on_hard_cases(scored):
     assert network_share < 1.0
 
 
+def test_blend_test_tells_a_dissolve_from_motion():
+    """A dissolve's middle frame blends two pictures' pixels: its colours are no mixture of theirs. A frame whose
+    pixels come from either picture (a pan, something entering the frame) is one (weight 0.5 here: distance 0)."""
+    import cv2
+
+    from curation.shots import _hue_sat_histogram, _unmixed
+
+    rng = np.random.default_rng(0)
+    pictures = [textured_canvas(rng, 128, 72) for _ in range(2)]
+    blend = cv2.addWeighted(pictures[0], 0.5, pictures[1], 0.5, 0)
+    moved = np.concatenate([pictures[0][:, ::2], pictures[1][:, 1::2]], axis=1)  # half of each picture's pixels
+    first, last, blended, mixed = (_hue_sat_histogram(cv2.cvtColor(p, cv2.COLOR_RGB2HSV))
+                                   for p in (*pictures, blend, moved))
+    assert _unmixed(mixed, first, last) < 0.1 < ShotsConfig().colour_min_blend < _unmixed(blended, first, last)
+
+
 def _verify(frames, fps, shots: ShotsConfig) -> ShotDetector:
     detector = ShotDetector(shots, fps)
     for index, picture in enumerate(frames):
@@ -95,13 +112,16 @@ def test_verify_finds_dissolves_into_and_out_of_a_moving_shot(tmp_path, one_torc
 @pytest.mark.slow
 def test_colour_drift_places_no_cut_on_pans_or_lighting_ramps(tmp_path, one_torch_thread):
     """Fast pans, whip pans and lighting ramps change the colours too (a whip pan lands on another part of the
-    scene; brightening clips colours): the colour drift may propose them, the network must turn them down."""
+    scene; brightening clips colours). Motion only rearranges colours, so the blend test stops most of them before
+    the network; with that test off, the network's all-frames head must turn down what the colour drift proposes."""
     truth = make_cut_cases(tmp_path, seed=12, names=["lighting", "fast_pans", "whip_pans"])
     proposed = 0
     for name, video in truth.items():
         fps, frames = decode_once(str(tmp_path / name), CurateConfig())
-        found = _verify(frames, fps, ShotsConfig())
-        score = score_cuts(found.boundaries().cuts, video)
-        assert score.fp == 0 and score.fn == 0, (name, found.boundaries().cuts, video["hard_cuts"], found.decisions)
-        proposed += sum(d.get("source") == "colour" for d in found.decisions)
-    assert proposed >= 1  # the cases reach the network through the colour drift, so the test means something
+        for shots in (ShotsConfig(), ShotsConfig(colour_min_blend=0.0)):
+            found = _verify(frames, fps, shots)
+            score = score_cuts(found.boundaries().cuts, video)
+            assert score.fp == 0 and score.fn == 0, (name, shots.colour_min_blend, found.boundaries().cuts,
+                                                     video["hard_cuts"], found.decisions)
+            proposed += sum(d.get("source") == "colour" for d in found.decisions if not shots.colour_min_blend)
+    assert proposed >= 1  # without the blend test the cases do reach the network, so the test means something
