@@ -321,7 +321,9 @@ class CaptionConfig:
     preprocess: str = "tensor"
     batch_size: int = 16  # clips per model call
     videos_per_batch: int = 1  # staged video records per Ray Data batch (raise it to fill batch_size on GPUs)
-    skip_dropped: bool = False  # leave clips already dropped (static, too short) uncaptioned
+    # Clips the video stage already dropped (too short, static) are not captioned: the cascade runs the cheap
+    # filters first. false: caption every clip (histograms and drop reasons over all of them).
+    skip_dropped: bool = True
     device: str = "auto"  # "auto": the GPU Ray assigned, else CPU; or "cpu", "cuda"
     precision: str = "fp32"  # fp32 | fp16 | bf16: forward passes under torch.autocast; weights stay fp32
     cache_dir: str | None = None  # where open_clip puts downloaded weights; None: the Hugging Face cache
@@ -350,7 +352,7 @@ class ClipScoreConfig:
     # (models/image_batch.py); "pil": open_clip's own per-image transform on the CPU.
     preprocess: str = "tensor"
     videos_per_batch: int = 1  # staged video records per Ray Data batch
-    skip_dropped: bool = False  # leave clips already dropped (static, too short) unscored
+    skip_dropped: bool = True  # clips already dropped (static, too short) are not scored; false: score all
     device: str = "auto"  # "auto": the GPU Ray assigned, else CPU; or "cpu", "cuda"
     precision: str = "fp32"  # fp32 | fp16 | bf16: forward passes under torch.autocast; weights stay fp32
     cache_dir: str | None = None  # downloads: open_clip weights (None: HF cache), the aesthetic head (~/.cache)
@@ -372,7 +374,7 @@ class OcrConfig:
     text_score: float = 0.5  # recognised lines less confident than this are left out of ocr_text
     max_lines: int = 8  # the largest boxes read per clip (end credits hold dozens of lines; ~50 ms a line)
     max_text_chars: int = 512  # ocr_text is cut to this length
-    skip_dropped: bool = False  # leave clips already dropped (static, too short) unread
+    skip_dropped: bool = True  # clips already dropped (static, too short) are not read; false: read all
     videos_per_batch: int = 1  # staged video records per Ray Data batch
     device: str = "cpu"  # "cpu", or "cuda" with onnxruntime-gpu installed in place of onnxruntime
     num_cpus: float = 0.5  # per actor; also its onnxruntime thread count (at least 1)

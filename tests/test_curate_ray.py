@@ -12,6 +12,7 @@ import pytest
 from curation.config import CurateConfig
 from curation.dataset import KEYS, KINDS, CuratedDataset
 from curation.embedding_index import EmbeddingIndex
+from curation.filters import STRUCTURAL, reason_filters
 from pipelines.config import load_config
 from pipelines.curate import run_curate, summary_text
 
@@ -41,11 +42,15 @@ def test_curate_sample_dump_writes_tables_and_version_and_reruns_as_noop(sample_
         assert videos[name]["status"] == "ok" and len(videos[name]["cut_frames"]) == len(video["cuts"])
     for name, reasons in truth["bad_files"].items():
         assert videos[name]["status"] == "quarantined" and videos[name]["error_class"] in reasons
-    # Every sample video has a sidecar, so every clip keeps a sidecar caption; the tiny models score every clip.
+    # Every sample video has a sidecar, so every clip keeps a sidecar caption; the tiny models score every clip
+    # that the early filters (the video stage's) kept, and none that they dropped (skip_dropped, the default).
     assert all(c["caption"] and c["caption_source"] == "sidecar" for c in tables["clips"])
-    assert all(len(c["clip_embedding"]) == 64 and c["caption_match"] is not None for c in tables["clips"])
+    early = [bool(set(reason_filters(c["drop_reason"])) & set(STRUCTURAL)) for c in tables["clips"]]
+    scored = [c["clip_embedding"] is not None and c["caption_match"] is not None for c in tables["clips"]]
+    assert scored == [not e for e in early] and any(early) and any(scored)
+    assert all(len(c["clip_embedding"]) == 64 for c, s in zip(tables["clips"], scored, strict=True) if s)
     untrained = "open_clip:tiny (untrained); aesthetic:random init (untrained)"
-    assert {c["score_model"] for c in tables["clips"]} == {untrained}
+    assert {c["score_model"] for c, s in zip(tables["clips"], scored, strict=True) if s} == {untrained}
     # Every verdict is final; the shards hold exactly the kept clips, with their bytes.
     assert all(c["kept"] is not None for c in tables["clips"])
     kept = [c["clip_id"] for c in tables["clips"] if c["kept"]]

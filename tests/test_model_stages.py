@@ -135,7 +135,7 @@ def test_sidecar_captions_win_and_the_captioner_never_sees_their_clips(tmp_path)
         _video(str(tmp_path / "bare.mp4"), [_clip("b", 0.0, 2.0, 40), _clip("b", 2.0, 4.0, 50, kept=False)]),
         _video(str(tmp_path / "quarantined.mp4"), []),
     ]
-    stage = CaptionStage(CaptionConfig(batch_size=1))
+    stage = CaptionStage(CaptionConfig(batch_size=1, skip_dropped=False))  # the dropped clip is captioned too
     stage.captioner = CountingCaptioner()  # instead of setup(): no model
     out = stage(_batch(videos))
     assert out.schema.equals(schema.STAGED)
@@ -207,7 +207,7 @@ def test_caption_stage_setup_loads_the_configured_captioner(tmp_path):
 
 @pytest.fixture(scope="module")
 def score_stage():
-    stage = ClipScoreStage(ClipScoreConfig(batch_size=2))
+    stage = ClipScoreStage(ClipScoreConfig(batch_size=2, skip_dropped=False))  # every clip scored, dropped or not
     stage.setup()
     return stage
 
