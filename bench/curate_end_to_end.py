@@ -163,7 +163,7 @@ def run(args: argparse.Namespace) -> dict:
     for r in ratios.values():
         r["meets_target"] = None if r["target_min"] is None else r["value"] >= r["target_min"]
     return {
-        "dir": os.path.abspath(args.dir), "cores": cpus, "repeats": args.repeats, "config": args.config,
+        "dir": args.dir, "cores": cpus, "repeats": args.repeats, "config": args.config,
         "overrides": args.set, "files": len(videos), "rejected_by_probe": rejected,
         "baseline_failures": sorted(failed), "video_seconds": seconds, "wall_s": best, "video_s_per_wall_s": speed,
         "ratios": ratios,
@@ -203,6 +203,7 @@ def main() -> None:
                         help="also time curate with these overrides (a row each, no target), e.g. encode.fps=0")
     parser.add_argument("--json", metavar="OUT", help="write every figure to this JSON file")
     args = parser.parse_args()
+    args.dir = os.path.abspath(args.dir)  # curate runs in a work directory of its own
     if args.cores < 1 or args.cores > len(os.sched_getaffinity(0)):
         raise SystemExit(f"--cores must be between 1 and the {len(os.sched_getaffinity(0))} CPUs this process has")
     result = run(args)
