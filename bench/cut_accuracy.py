@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import numpy as np  # noqa: E402
 
-from curation.config import CurateConfig  # noqa: E402
+from curation.config import CurateConfig, ShotsConfig  # noqa: E402
 from curation.decode import DecodeFailed, VideoRejected, decode_frames, probe  # noqa: E402
 from curation.shots import ShotDetector  # noqa: E402
 from curation.transnet import cuts_from_probabilities, load_transnet, score_video, small_frame  # noqa: E402
@@ -118,10 +118,12 @@ def decode_once(path: str, config: CurateConfig) -> tuple[float, list[np.ndarray
     raise DecodeFailed("; ".join(failures))
 
 
-def run_cascade(frames: list[np.ndarray], fps: float, mode: str, context: int = 0) -> tuple[list[int], dict]:
+def run_cascade(frames: list[np.ndarray], fps: float, mode: str, shots: dict | None = None) -> tuple[list[int], dict]:
+    """The cascade in `mode` (off, verify, everywhere) with `shots` overriding ShotsConfig fields."""
     config = CurateConfig()
     config.shots.learned = mode
-    config.shots.learned_context = context or config.shots.learned_context
+    for key, value in (shots or {}).items():
+        setattr(config.shots, key, value)
     detector = ShotDetector(config.shots, fps)
     for index, picture in enumerate(frames):
         detector.push(index, picture)
@@ -132,18 +134,19 @@ def run_cascade(frames: list[np.ndarray], fps: float, mode: str, context: int = 
     return detector.boundaries().cuts, cost
 
 
-def run_detector(name: str, frames: list[np.ndarray], fps: float, model, context: int = 0) -> tuple[list[int], dict]:
+def run_detector(name: str, frames: list[np.ndarray], fps: float, model,
+                 shots: dict | None = None) -> tuple[list[int], dict]:
     if name == "cheap":
         return run_cascade(frames, fps, "off")
     if name == "transnetv2":
         probabilities = score_video(model, np.stack([small_frame(f) for f in frames]))
         return cuts_from_probabilities(probabilities, CurateConfig().shots.learned_threshold), {
             "network_frames": 2 * len(frames), "frames": len(frames)}
-    return run_cascade(frames, fps, name, context)
+    return run_cascade(frames, fps, name, shots)
 
 
 def score_set(label: str, videos: dict[str, dict], root: Path, detectors: tuple[str, ...], model,
-              context: int = 0) -> dict:
+              shots: dict | None = None) -> dict:
     """Every detector over one set of videos: per-detector totals and per-video predictions."""
     config = CurateConfig()
     totals = {d: Score() for d in detectors}
@@ -158,7 +161,7 @@ def score_set(label: str, videos: dict[str, dict], root: Path, detectors: tuple[
         per_video[name] = {}
         for detector in detectors:
             start = time.perf_counter()
-            cuts, cost = run_detector(detector, frames, fps, model, context)
+            cuts, cost = run_detector(detector, frames, fps, model, shots)
             score = score_cuts(cuts, truth)
             totals[detector].add(score)
             network[detector][0] += cost["network_frames"]
@@ -188,6 +191,19 @@ def print_table(label: str, result: dict) -> None:
               f"{s['f1']:>6.3f} {s['network_frames_per_frame']:>17.2f}  {s['false_on'] or '-'}")
 
 
+def shots_overrides(pairs: list[str], parser: argparse.ArgumentParser) -> dict:
+    """KEY=VALUE pairs as ShotsConfig fields, each value of its field's type; an unknown key is an error."""
+    defaults = ShotsConfig()
+    out = {}
+    for pair in pairs:
+        key, _, value = pair.partition("=")
+        try:
+            out[key] = type(getattr(defaults, key))(value)
+        except (AttributeError, ValueError):
+            parser.error(f"--shots {pair!r}: expected KEY=VALUE, KEY a ShotsConfig field and VALUE of its type")
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2],
@@ -197,8 +213,14 @@ def main() -> None:
     parser.add_argument("--detectors", nargs="+", default=list(DETECTORS), choices=DETECTORS)
     parser.add_argument("--learned-context", type=int, default=0,
                         help="shots.learned_context for verify and everywhere (default: the config's)")
+    parser.add_argument("--shots", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="ShotsConfig fields for the cascade detectors, e.g. colour_min_change=2 (a threshold "
+                             "above any histogram distance switches the colour drift off)")
     parser.add_argument("--json", metavar="OUT", help="write every figure to this JSON file")
     args = parser.parse_args()
+    shots = shots_overrides(args.shots, parser)
+    if args.learned_context:
+        shots["learned_context"] = args.learned_context
     from cut_cases import make_cut_cases
 
     model = load_transnet("cpu", threads=1)
@@ -213,11 +235,11 @@ def main() -> None:
             else:
                 truth = make_cut_cases(out, seed)
             results[f"hard cases, seed {seed}"] = score_set(f"seed {seed}", truth, out, tuple(args.detectors), model,
-                                                            args.learned_context)
+                                                            shots)
     shared = Path(args.shared)
     if (shared / "GROUND_TRUTH.json").is_file():
         results["shared/videos"] = score_set("shared", shared_truth(shared), shared, tuple(args.detectors), model,
-                                             args.learned_context)
+                                             shots)
     else:
         print(f"{shared} is absent: the shared videos are skipped", file=sys.stderr)
     for label, result in results.items():
