@@ -96,6 +96,9 @@ def test_windows_and_batches_give_upstreams_scores(model, cut_videos):
     cut = truth["fast_pans.mp4"]["hard_cuts"][1]
     assert lone.scores(cut - 2, cut).max() == pytest.approx(whole[cut - 2:cut + 1].max(), abs=0.05)
     assert lone.windows_run == 1
+    # The all-frames head (the colour drift's judge) comes from the same forward pass and marks the cut too.
+    inside = lone.transition_scores(cut - 2, cut)
+    assert lone.windows_run == 1 and inside.shape == (3,) and inside.max() > 0.5, inside
 
 
 def test_wrong_weights_and_settings_are_one_line_errors(tmp_path):
