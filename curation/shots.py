@@ -94,7 +94,7 @@ class _HsvDeltas:
 
 class _ColourDrift:
     """Proposes gradual transitions from the colour distribution: the hue-saturation histograms of the frames `half`
-    before and after a centre are at least `min_change` apart (Bhattacharyya distance), no step between
+    before and after a centre are at least `min_change` apart (Bhattacharyya distance), and no step between
     consecutive frames in between is more than `max_step` of that change. Where a run of centres passes, the one of
     the largest change is proposed (at the latest after `max_run` centres, so boundaries stay `lag_frames` behind)
     if its middle frame's histogram is at least `min_blend` from every mixture of its ends' histograms.
